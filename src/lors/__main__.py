@@ -1,0 +1,5 @@
+import sys
+
+from lors.cli import main
+
+sys.exit(main())
