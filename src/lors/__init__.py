@@ -1,2 +1,17 @@
-"""lors: parameter-efficient network stacking with low-rank residuals."""
+"""lors: parameter-efficient network stacking with low-rank residuals (LORS).
+
+Core API::
+
+    lors.StaticLors, lors.AdaptiveLors      # the two LORS forms (paper eq. 7-12)
+    lors.share_layers(stack, targets, rank, groups)
+    lors.merge(model)                       # plain nn.Linears, outputs unchanged
+    lors.count_parameters(model)            # shared tensors counted once
+    lors.save(model, path) / lors.load(model, path)
+"""
+from lors.checkpoint import load, save
+from lors.core import (AdaptiveLors, LorsLinear, ParamCount, StaticLors, count_parameters,
+                       find_layers, merge, share_layers)
+
 __version__ = "0.1.0"
+__all__ = ["AdaptiveLors", "LorsLinear", "ParamCount", "StaticLors", "count_parameters",
+           "find_layers", "load", "merge", "save", "share_layers"]

@@ -1,0 +1,8 @@
+"""LORS maths: static and adaptive low-rank residual sharing. Depends on torch alone."""
+from lors.core.adaptive import AdaptiveLors
+from lors.core.count import ParamCount, count_parameters
+from lors.core.share import LorsLinear, find_layers, merge, share_layers
+from lors.core.static import StaticLors
+
+__all__ = ["AdaptiveLors", "LorsLinear", "ParamCount", "StaticLors", "count_parameters",
+           "find_layers", "merge", "share_layers"]

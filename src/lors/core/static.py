@@ -1,0 +1,146 @@
+"""Static LORS (LORS^T): one shared weight for N stacked layers plus private low-rank terms.
+
+Paper section 3.2, eq. 7-8: ``W_i = W_shared + sum_k B_ik A_ik``.
+
+Weights follow ``nn.Linear``'s layout, ``(out_features, in_features)``, so ``B_ik`` is the
+output-side factor ``(out, r)`` and ``A_ik`` the input-side factor ``(r, in)``, as in LoRA.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INITS = ("paper", "official")
+
+
+def per_layer(value: int | Sequence[int], num_layers: int, what: str) -> list[int]:
+    """Expand an int to one value per layer, or check a per-layer list's length."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value] * num_layers
+    values = list(value)
+    if len(values) != num_layers or not all(isinstance(v, int) for v in values):
+        raise ValueError(
+            f"{what} must be an int or a list of {num_layers} ints (one per layer), got {value!r}")
+    return values
+
+
+def check_ranks(ranks: list[int], groups: list[int], d: int, h: int, name: str) -> None:
+    """Ranks must satisfy 1 <= r < min(d, h); groups must be >= 1."""
+    for i, (r, k) in enumerate(zip(ranks, groups)):
+        if not 1 <= r < min(d, h):
+            raise ValueError(
+                f"{name}: rank {r} for layer {i} is out of range for a ({d}, {h}) weight; "
+                f"use 1 <= rank < {min(d, h)}")
+        if k < 1:
+            raise ValueError(f"{name}: groups {k} for layer {i} must be >= 1")
+
+
+def kaiming_(tensor: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's default Kaiming-uniform init, applied to each (rows, fan_in) slice."""
+    bound = 1.0 / math.sqrt(tensor.shape[-1])
+    return nn.init.uniform_(tensor, -bound, bound)
+
+
+class StaticLors(nn.Module):
+    """The weights of N stacked Linears: a shared part and per-layer low-rank residuals.
+
+    Args:
+        num_layers: N, the number of stacked layers.
+        in_features, out_features: shape of each layer's Linear.
+        rank: r, an int or one per layer.
+        groups: K, the number of low-rank pairs per layer, an int or one per layer
+            (the paper uses ``[1, 1, 2, 2, 3, 3]`` for its adaptive parts).
+        bias: give each layer a bias (per-layer, since biases are cheap and layer-specific).
+        shared_bias: with ``bias``, keep one bias for all layers instead.
+        init: ``"paper"`` (section 4.1: Kaiming W_shared and B, zero A) or ``"official"``
+            (the authors' code: Kaiming W_shared and A, zero B, as LoRA does). Both start
+            every layer equal to the shared weight; ``"paper"`` is the default because it is
+            what the paper reports.
+
+    Parameters: ``shared_weight`` (out, in); ``A[i]`` (K_i, r_i, in) and ``B[i]``
+    (K_i, out, r_i) private; ``bias`` (N, out), or (1, out) when shared.
+    """
+
+    def __init__(self, num_layers: int, in_features: int, out_features: int,
+                 rank: int | Sequence[int] = 8, groups: int | Sequence[int] = 1,
+                 bias: bool = True, shared_bias: bool = False, init: str = "paper",
+                 device=None, dtype=None, name: str = "StaticLors"):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"{name}: num_layers must be >= 1, got {num_layers}")
+        if init not in INITS:
+            raise ValueError(f"{name}: init must be one of {INITS}, got {init!r}")
+        self.num_layers, self.in_features, self.out_features = num_layers, in_features, out_features
+        self.ranks = per_layer(rank, num_layers, f"{name}: rank")
+        self.groups = per_layer(groups, num_layers, f"{name}: groups")
+        check_ranks(self.ranks, self.groups, out_features, in_features, name)
+        self.init, self.shared_bias = init, shared_bias
+        kw = dict(device=device, dtype=dtype)
+        self.shared_weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
+        self.A = nn.ParameterList(
+            nn.Parameter(torch.empty(k, r, in_features, **kw)) for r, k in zip(self.ranks, self.groups))
+        self.B = nn.ParameterList(
+            nn.Parameter(torch.empty(k, out_features, r, **kw)) for r, k in zip(self.ranks, self.groups))
+        rows = 1 if shared_bias else num_layers
+        self.bias = nn.Parameter(torch.empty(rows, out_features, **kw)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        kaiming_(self.shared_weight)
+        for a, b in zip(self.A, self.B):
+            if self.init == "paper":
+                kaiming_(b), nn.init.zeros_(a)
+            else:
+                kaiming_(a), nn.init.zeros_(b)
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's K groups folded into one pair: B (out, K*r) and A (K*r, in)."""
+        a, b = self.A[i], self.B[i]  # (K, r, in), (K, out, r)
+        return b.permute(1, 0, 2).reshape(self.out_features, -1), a.reshape(-1, self.in_features)
+
+    def delta(self, i: int) -> torch.Tensor:
+        """W_i^private = sum_k B_ik A_ik (eq. 8), shape (out, in)."""
+        b, a = self.factors(i)
+        return b @ a
+
+    def weight(self, i: int) -> torch.Tensor:
+        """W_i = W_shared + W_i^private (eq. 7), shape (out, in)."""
+        b, a = self.factors(i)
+        return torch.addmm(self.shared_weight, b, a)  # the sum over k is folded into one matmul
+
+    def layer_bias(self, i: int) -> torch.Tensor | None:
+        if self.bias is None:
+            return None
+        return self.bias[0 if self.shared_bias else i]
+
+    def forward(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Apply layer i. x: (..., in) -> (..., out).
+
+        Uses whichever of two equal computations needs fewer multiply-adds: with few rows,
+        ``x W^T + (x A^T) B^T`` never forms the (out, in) private matrix; with many rows,
+        materialising ``W_i`` once and calling one ``F.linear`` is cheaper.
+        """
+        b, a = self.factors(i)
+        rows = x.numel() // self.in_features
+        if rows * (self.in_features + self.out_features) < self.in_features * self.out_features:
+            y = F.linear(x, self.shared_weight, self.layer_bias(i))
+            return y + F.linear(F.linear(x, a), b)  # (..., K*r) -> (..., out)
+        return F.linear(x, torch.addmm(self.shared_weight, b, a), self.layer_bias(i))
+
+    def extra_repr(self) -> str:
+        return (f"num_layers={self.num_layers}, in_features={self.in_features}, "
+                f"out_features={self.out_features}, rank={self.ranks}, groups={self.groups}, "
+                f"bias={self.bias is not None}, shared_bias={self.shared_bias}, init={self.init!r}")
+
+    def config(self) -> dict:
+        """Constructor arguments, for checkpoints."""
+        return dict(num_layers=self.num_layers, in_features=self.in_features,
+                    out_features=self.out_features, rank=self.ranks, groups=self.groups,
+                    bias=self.bias is not None, shared_bias=self.shared_bias, init=self.init)
