@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lors.core.adaptive import AdaptiveLors
-from lors.core.share import LorsLinear, share_layers
+from lors.core.share import LorsLinear, find_layers, share_layers
 from lors.core.static import StaticLors
 
 FORMAT_VERSION = 1
@@ -88,6 +88,11 @@ def apply_layout(model: nn.Module, layout: dict) -> None:
         except AttributeError:
             raise ValueError(f"the checkpoint shares layers at '{entry['layers']}', which this "
                              "model does not have: load it into the model it was saved from") from None
+        found = len(find_layers(layers)[1])
+        if found != cfg["num_layers"]:
+            raise ValueError(f"the checkpoint shares {cfg['num_layers']} layers at "
+                             f"'{entry['layers']}', this model has {found} there: build the model "
+                             "with the configuration it was saved with")
         share_layers(layers, targets=entry["target"], rank=cfg["rank"], groups=cfg["groups"],
                      init=cfg["init"], shared_bias=cfg["shared_bias"])
 

@@ -34,9 +34,10 @@ class AdaptiveLors(nn.Module):
         groups: K, the number of (B, E, A) triples per layer, an int or one per layer.
         bias: give the generator and the E-generators a bias.
         init: ``"paper"`` (section 4.1: Kaiming generator, B and A; zero E-generators) or
-            ``"official"`` (the authors' code: zero generator weight, zero B, zero
-            E-generators, Kaiming A). Either way a fresh module's private part is zero, so
-            it equals its shared part.
+            ``"official"`` (the authors' code: zero generator weight and E-generators,
+            Kaiming B and A). Either way a fresh module's private part is zero, so it equals
+            its shared part. B and A stay non-zero in both: with E zero, a zero B would
+            leave B and E without gradient for ever. ``"paper"`` is the default.
 
     Parameters: ``generator`` Linear(d_q, G*d*h) shared; per layer ``A[i]`` (G, K_i, r_i, h),
     ``B[i]`` (G, K_i, d, r_i) and ``E[i]`` Linear(d_q, G*K_i*r_i*r_i), private.
@@ -80,8 +81,7 @@ class AdaptiveLors(nn.Module):
                 bound = 1.0 / math.sqrt(self.query_dim)
                 nn.init.uniform_(self.generator.bias, -bound, bound)
         for a, b, e in zip(self.A, self.B, self.E):
-            kaiming_(a)
-            kaiming_(b) if self.init == "paper" else nn.init.zeros_(b)
+            kaiming_(a), kaiming_(b)
             nn.init.zeros_(e.weight)
             if e.bias is not None:
                 nn.init.zeros_(e.bias)

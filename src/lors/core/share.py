@@ -70,6 +70,9 @@ def find_layers(module: nn.Module) -> tuple[str, nn.Module]:
     Returns (path relative to ``module``, the list).
     """
     if isinstance(module, STACK_TYPES):
+        if len(module) < 2:
+            raise ValueError(f"a stack needs at least 2 layers, this {type(module).__name__} "
+                             f"has {len(module)}")
         return "", module
     best, best_size = None, -1
     for path, child in module.named_modules():
@@ -87,9 +90,15 @@ def find_layers(module: nn.Module) -> tuple[str, nn.Module]:
     return best
 
 
-def _signature(layer: nn.Module) -> list[tuple[str, str, tuple]]:
-    return [(name, type(m).__name__, tuple((p, tuple(t.shape)) for p, t in m.named_parameters(recurse=False)))
-            for name, m in layer.named_modules()]
+def _signature(module: nn.Module, prefix: str = "") -> list[tuple[str, str, tuple]]:
+    """(name, class, parameter shapes) of every submodule; a LorsLinear counts as a leaf."""
+    if isinstance(module, LorsLinear):
+        return [(prefix, "LorsLinear", (("weight", (module.out_features, module.in_features)),))]
+    own = tuple((p, tuple(t.shape)) for p, t in module.named_parameters(recurse=False))
+    sig = [(prefix, type(module).__name__, own)]
+    for name, child in module.named_children():
+        sig += _signature(child, f"{prefix}.{name}" if prefix else name)
+    return sig
 
 
 def check_identical(layers: Sequence[nn.Module]) -> None:

@@ -1,0 +1,182 @@
+"""share_layers and merge on stacks from torch, a GPT-style model, timm and transformers."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lors
+from lors import LorsLinear, count_parameters, merge, share_layers
+
+
+class Block(nn.Module):
+    """A GPT-style pre-norm block with a fused qkv projection."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.ModuleDict({"qkv": nn.Linear(d, 3 * d), "proj": nn.Linear(d, d)})
+        self.mlp = nn.Sequential()
+        self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)
+
+    def forward(self, x):  # (B, T, d)
+        B, T, d = x.shape
+        q, k, v = self.attn["qkv"](self.ln1(x)).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn["proj"](y.transpose(1, 2).reshape(B, T, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, n_layer=4, d=32, vocab=50):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.h = nn.ModuleList(Block(d) for _ in range(n_layer))
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        for block in self.h:
+            x = block(x)
+        return self.head(x)
+
+
+def perturb(model):
+    """Non-zero private factors, so merged/unmerged comparisons test something."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lors.A." in name or ".lors.B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def check_merge(model, inputs, run=lambda m, x: m(x)):
+    model.eval()
+    perturb(model)
+    with torch.no_grad():
+        before = run(model, inputs)
+        merge(model)
+        after = run(model, inputs)
+    assert not any(isinstance(m, LorsLinear) for m in model.modules())
+    assert rel_err(after, before) <= 1e-6
+
+
+def test_gpt_stack_all_linears():
+    torch.manual_seed(0)
+    model = GPT()
+    stacks = share_layers(model, rank=4, groups=[1, 1, 2, 2])  # finds model.h
+    assert set(stacks) == {"attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"}
+    assert all(isinstance(b.mlp.fc1, LorsLinear) for b in model.h)
+    assert model.h[3].mlp.fc1.lors is model.h[0].mlp.fc1.lors
+    idx = torch.randint(0, 50, (2, 7))
+    model(idx).sum().backward()
+    assert model.h[0].mlp.fc1.lors.shared_weight.grad is not None
+    check_merge(model, idx)
+
+
+def test_shared_tensor_is_counted_and_stored_once():
+    model = GPT(n_layer=4, d=32)
+    share_layers(model.h, targets="mlp.fc1", rank=4)
+    keys = [k for k in model.state_dict() if "shared_weight" in k]
+    assert keys == ["h.0.mlp.fc1.lors.shared_weight"]
+    counts = count_parameters(model)
+    assert counts.shared == 128 * 32
+    assert counts.private == 4 * (4 * 32 + 128 * 4) + 4 * 128  # factors and per-layer biases
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    ids = [id(p) for p in model.parameters()]
+    assert len(ids) == len(set(ids))
+
+
+def test_torch_transformer_encoder_including_attention_out_proj():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False)
+    stacks = share_layers(enc, rank=4)
+    assert set(stacks) == {"self_attn.out_proj", "linear1", "linear2"}
+    x = torch.randn(2, 5, 32)
+    enc(x).sum().backward()  # out_proj is read through .weight/.bias by MultiheadAttention
+    assert enc.layers[0].self_attn.out_proj.lors.shared_weight.grad is not None
+    check_merge(enc, x)
+
+
+def test_timm_vit_blocks():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=4, num_classes=5)
+    share_layers(vit.blocks, targets=["attn.qkv", "mlp.fc1", "mlp.fc2"], rank=4)
+    x = torch.randn(2, 3, 32, 32)
+    vit(x).sum().backward()
+    check_merge(vit, x)
+
+
+def test_transformers_bert_layers():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3,
+                                  num_attention_heads=4, intermediate_size=64)
+    bert = transformers.BertModel(cfg)
+    share_layers(bert, targets=["attention.self.query", "attention.self.value",
+                                "intermediate.dense"], rank=4)
+    assert isinstance(bert.encoder.layer[2].attention.self.query, LorsLinear)
+    ids = torch.randint(0, 64, (2, 6))
+    check_merge(bert, ids, run=lambda m, x: m(input_ids=x).last_hidden_state)
+
+
+def test_transformers_llama_layers():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=64)
+    llama = transformers.LlamaForCausalLM(cfg)
+    share_layers(llama.model.layers, rank=4)
+    ids = torch.randint(0, 64, (2, 6))
+    llama(input_ids=ids).logits.sum().backward()
+    check_merge(llama, ids, run=lambda m, x: m(input_ids=x).logits)
+
+
+def test_deepcopy_keeps_one_shared_stack():
+    model = GPT(n_layer=3)
+    share_layers(model, targets="mlp.fc2", rank=2)
+    twin = copy.deepcopy(model)
+    assert twin.h[2].mlp.fc2.lors is twin.h[0].mlp.fc2.lors
+    assert twin.h[2].mlp.fc2.lors is not model.h[0].mlp.fc2.lors
+
+
+def test_layers_that_differ_are_named():
+    layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8)) for _ in range(3)])
+    layers[2][0] = nn.Linear(8, 16)
+    with pytest.raises(ValueError, match=r"layer 2 of 3 has Linear '0' with parameters weight "
+                                         r"\(16, 8\).*layer 0 has weight \(8, 8\)"):
+        share_layers(layers)
+    layers[2][0] = nn.Conv1d(8, 8, 1)
+    with pytest.raises(ValueError, match="layer 2 of 3 has Conv1d '0' where layer 0 has Linear"):
+        share_layers(layers)
+
+
+def test_bad_targets_are_named():
+    model = GPT(n_layer=2)
+    with pytest.raises(ValueError, match="target 'mlp.fc3' matches nothing.*'mlp.fc1'"):
+        share_layers(model, targets="mlp.fc3")
+    with pytest.raises(ValueError, match="target 'ln1' is a LayerNorm, not an nn.Linear"):
+        share_layers(model, targets="ln1")
+    with pytest.raises(ValueError, match=r"target 'attn.proj': rank 32 .*use 1 <= rank < 32"):
+        share_layers(model, targets="attn.proj", rank=32)
+    with pytest.raises(ValueError, match="rank must be an int or a list of 2 ints"):
+        share_layers(model, targets="attn.proj", rank=[2, 2, 2])
+    share_layers(model, targets="attn.proj", rank=2)
+    with pytest.raises(ValueError, match="target 'attn.proj' is already shared"):
+        share_layers(model, targets="attn.proj")
+
+
+def test_module_without_a_stack_is_rejected():
+    with pytest.raises(ValueError, match="a stack needs at least 2 layers"):
+        share_layers(nn.ModuleList([nn.Linear(4, 4)]))
+    with pytest.raises(ValueError, match="no stack of identical layers found"):
+        share_layers(nn.Linear(4, 4))
