@@ -18,7 +18,9 @@ file or id and the fix.
 Skipped annotations (documented, not errors):
 - crowd regions (`iscrowd=1`): not trained on; COCOeval still uses them to ignore detections;
 - degenerate boxes (width or height <= 0 after clipping to the image size stated in the json):
-  one `warnings.warn` at construction lists their image and annotation ids.
+  one `warnings.warn` at construction lists their image and annotation ids. For a json without
+  image sizes, boxes that become empty only when clipped to the decoded image are dropped at
+  load time without a warning.
 """
 from __future__ import annotations
 

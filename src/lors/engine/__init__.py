@@ -1,0 +1,1 @@
+"""Training, fine-tuning and evaluation loops."""
