@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lors.commands import params
+from lors.commands import finetune, params
 
-COMMANDS = (params,)
+COMMANDS = (params, finetune)
 
 
 def build_parser() -> argparse.ArgumentParser:
