@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -189,15 +190,15 @@ def evaluate(model: TextClassifier, data: dict[str, torch.Tensor], device: torch
 
 
 def finetune(cfg: FinetuneConfig, train: TextSplit, test: TextSplit, device: str = "cpu",
-             progress: bool = True) -> dict:
-    """Train one classifier and return its numbers.
+             progress: bool = True, load: Callable[[], tuple[nn.Module, object]] = load_minilm) -> dict:
+    """Train one classifier and return its numbers. `load` returns (encoder, tokenizer).
 
     Returns a dict: the config fields plus trainable_params (encoder + head), adapter_params
     (encoder only), accuracy (%), train_time_s, peak_mem_mib, final_loss, device.
     """
     dev = torch.device(device)
     torch.manual_seed(cfg.seed)
-    encoder, tokenizer = load_minilm()
+    encoder, tokenizer = load()
     model = build_classifier(cfg, encoder, len(train.classes)).to(dev)
     train_data, test_data = tokenize(tokenizer, train, cfg.max_len), tokenize(tokenizer, test, cfg.max_len)
     opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=0.0)
