@@ -1,0 +1,175 @@
+"""Benchmark of the LORS core at the paper's shapes: prints ratios measured in one run.
+
+(a) forward+backward of a 6-layer stack after ``share_layers`` versus the same plain stack;
+(b) inference after ``merge`` versus the plain stack;
+(c) ``AdaptiveLors.mix`` forward+backward versus materialising the weight by concatenation
+    and sum, as in the paper's Figure 3 pseudo-code (results compared too).
+
+Times are medians over interleaved repeats after warm-up. Raw numbers go to --out (JSON).
+
+    python benchmarks/bench_core.py [--repeats 30] [--out docs/results/core.json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import lors
+
+TARGETS = {"a": 1.10, "b": 1.02, "c": 1 / 1.3}  # ratio LORS/baseline must be <= target
+# "a0" has no target: it shows what sharing one weight costs without any LORS term
+
+
+class Stage(nn.Module):
+    """One stage's Linear; the stack applies every stage to its own input, as AdaMixer's
+    output projection does."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class Stack(nn.Module):
+    def __init__(self, n: int, d_in: int, d_out: int):
+        super().__init__()
+        self.layers = nn.ModuleList(Stage(d_in, d_out) for _ in range(n))
+
+    def forward(self, xs):  # xs: (N, rows, d_in)
+        return torch.stack([layer(x) for layer, x in zip(self.layers, xs)])
+
+
+def timed(fn, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def compare(fn_a, fn_b, repeats: int, warmup: int = 3) -> tuple[float, float]:
+    """Median seconds of fn_a and fn_b, run alternately so drift hits both alike."""
+    for _ in range(warmup):
+        fn_a(), fn_b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(timed(fn_a, 0))
+        tb.append(timed(fn_b, 0))
+    return statistics.median(ta), statistics.median(tb)
+
+
+def bench_stack(name, n, d_in, d_out, rows, rank, repeats):
+    torch.manual_seed(0)
+    plain = Stack(n, d_in, d_out)
+    shared = copy.deepcopy(plain)
+    lors.share_layers(shared, targets="proj", rank=rank)
+    tied = copy.deepcopy(plain)
+    for layer in tied.layers:  # plain weight tying: the cost of sharing alone
+        layer.proj = tied.layers[0].proj
+    xs, gy = torch.randn(n, rows, d_in), torch.randn(n, rows, d_out)
+
+    def step(model):
+        def run():
+            model.zero_grad(set_to_none=True)
+            model(xs).backward(gy)  # a fixed upstream gradient: time the layers, not a loss
+        return run
+
+    t_lors, t_plain = compare(step(shared), step(plain), repeats)
+    t_tied, t_plain2 = compare(step(tied), step(plain), repeats)
+    merged = lors.merge(copy.deepcopy(shared))
+
+    def infer(model):
+        def run():
+            with torch.inference_mode():
+                model(xs)
+        return run
+
+    t_merged, t_plain_inf = compare(infer(merged), infer(plain), repeats * 2)
+    return [
+        dict(case="a", name=f"{name}: fwd+bwd, share_layers vs plain", lors_s=t_lors,
+             base_s=t_plain, ratio=t_lors / t_plain),
+        dict(case="a0", name=f"{name}: fwd+bwd, one tied Linear vs plain", lors_s=t_tied,
+             base_s=t_plain2, ratio=t_tied / t_plain2),
+        dict(case="b", name=f"{name}: inference, merged vs plain", lors_s=t_merged,
+             base_s=t_plain_inf, ratio=t_merged / t_plain_inf),
+    ]
+
+
+def figure3_weight(lors_a: lors.AdaptiveLors, q: torch.Tensor, i: int) -> torch.Tensor:
+    """The paper's Figure 3: stack the shared weight and the K products B E A, then sum."""
+    n, G, K, r = q.shape[0], lors_a.heads, lors_a.groups[i], lors_a.ranks[i]
+    shared = lors_a.generator(q).view(n, G, 1, lors_a.d, lors_a.h)
+    e = lors_a.E[i](q).view(n, G, K, r, r)
+    private = lors_a.B[i] @ e @ lors_a.A[i]  # (n, G, K, d, h)
+    return torch.cat([shared, private], dim=2).sum(dim=2)
+
+
+def bench_adaptive(name, queries, heads, points, d, h, rank, groups, repeats):
+    torch.manual_seed(0)
+    mod = lors.AdaptiveLors(6, 256, (heads, d, h), rank=rank, groups=[groups] * 6)
+    with torch.no_grad():  # trained-looking private parts
+        for e in mod.E:
+            e.weight.normal_(0, 0.02)
+    q = torch.randn(queries, 256)
+    x, gy = torch.randn(queries, heads, points, d), torch.randn(queries, heads, points, h)
+    i = 5
+    ours, ref = mod.mix(x, q, i), x @ figure3_weight(mod, q, i)
+    rel = ((ours - ref).norm() / ref.norm()).item()
+
+    def step(use_mix):
+        def run():
+            mod.zero_grad(set_to_none=True)
+            y = mod.mix(x, q, i) if use_mix else x @ figure3_weight(mod, q, i)
+            y.backward(gy)
+        return run
+
+    t_mix, t_fig3 = compare(step(True), step(False), repeats)
+    return dict(case="c", name=f"{name}: fwd+bwd, mix vs Figure 3", lors_s=t_mix,
+                base_s=t_fig3, ratio=t_mix / t_fig3, rel_err=rel)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--out", default="docs/results/core.json")
+    args = parser.parse_args()
+    rows = []
+    # the paper's LORS^T: output projection 2*128*128 -> 256, 6 stages, r=8, K=1;
+    # 2 images x 100 queries per step
+    rows += bench_stack("L_output 32768->256, 200 rows", 6, 32768, 256, 200, 8, args.repeats)
+    # a transformer FFN projection at many tokens, where W_i is materialised
+    rows += bench_stack("FFN 256->2048, 4096 rows", 6, 256, 2048, 4096, 8, args.repeats)
+    # the paper's LORS^A, r=16, K=3 (the largest K of [1,1,2,2,3,3]), 2 groups, 200 queries
+    rows.append(bench_adaptive("ASM 64->128 (P=128 ch.)", 200, 2, 128, 64, 128, 16, 3, args.repeats))
+    rows.append(bench_adaptive("ACM 128->128 (P=64 pts)", 200, 2, 64, 128, 128, 16, 3, args.repeats))
+
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    print(f"machine: {machine}; medians of {args.repeats} interleaved repeats after 3 warm-ups")
+    print(f"{'case':<64s} {'lors ms':>9s} {'base ms':>9s} {'ratio':>7s} {'target':>8s}  ok")
+    for row in rows:
+        target = TARGETS.get(row["case"])
+        row["target"] = target
+        row["ok"] = None if target is None else row["ratio"] <= target
+        verdict = "info" if target is None else ("yes" if row["ok"] else "NO")
+        extra = f"  rel.err {row['rel_err']:.1e}" if "rel_err" in row else ""
+        goal = "-" if target is None else "<=" + format(target, ".2f")
+        print(f"{'(' + row['case'] + ')':<5s} {row['name']:<58s} {row['lors_s'] * 1e3:>9.2f} "
+              f"{row['base_s'] * 1e3:>9.2f} {row['ratio']:>7.3f} {goal:>8s}  {verdict}{extra}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "repeats": args.repeats, "rows": rows}, indent=2))
+    print(f"raw numbers: {out}")
+
+
+if __name__ == "__main__":
+    main()
