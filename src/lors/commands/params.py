@@ -84,3 +84,17 @@ def register(sub) -> None:
     t1 = reports.add_parser("table1", help="the paper's Table 1 (LORS^T and LORS^A per-layer counts)")
     t1.add_argument("--json", action="store_true", help="exact integer counts as JSON")
     t1.set_defaults(func=run_table1)
+
+    def run_detect(args: argparse.Namespace) -> int:
+        from lors.models.adamixer.report import main as detect_main  # torchvision only when asked
+        return detect_main(args)
+
+    det = reports.add_parser("detect", help="AdaMixer (+ LORS) detector parameters by component, and MACs")
+    det.add_argument("--config", required=True, metavar="NAME_OR_PATH",
+                     help="a preset in configs/detect (e.g. adamixer_lors_r50_1x) or a YAML file")
+    det.add_argument("--json", action="store_true", help="exact integer counts as JSON")
+    det.add_argument("--flops", action="store_true",
+                     help="also count multiply-accumulates (FLOPs / 2) at 1333x800 with torch's FlopCounterMode")
+    det.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                     help="config overrides with dotted keys, e.g. decoder.num_queries=300")
+    det.set_defaults(func=run_detect)

@@ -1,0 +1,1 @@
+"""Models built on the LORS core. ``lors.models.adamixer``: the AdaMixer detector."""
