@@ -6,7 +6,8 @@
 - A name without a slash or suffix resolves to ``configs/KIND/NAME.yaml`` (see
   ``resolve_config``); a path is read as given.
 - Override values are parsed as YAML (``lors.adaptive.groups=[2,2,2,2,2,2]``,
-  ``backbone.weights=null``); keys are dotted paths into the dataclasses.
+  ``backbone.weights=null``); keys are dotted paths into the dataclasses. Float fields also
+  take numbers that YAML 1.1 leaves as strings, such as ``1e-4``.
 - An unknown key or a value of the wrong type raises ``ValueError`` naming the key, the
   valid keys or the expected type.
 """
@@ -70,6 +71,11 @@ def _check(value: Any, tp: Any, key: str) -> Any:
             raise ValueError(f"config key '{key}' expects an int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config key '{key}' expects a number, got {value!r}")
         return float(value)

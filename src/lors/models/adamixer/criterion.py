@@ -49,7 +49,7 @@ class SetCriterion(nn.Module):
 
     def stage_losses(self, outputs: dict, targets: list[dict], num_boxes: float) -> dict[str, Tensor]:
         """The three terms for one stage's ``pred_logits`` (B, Q, C) and ``pred_boxes`` (B, Q, 4)."""
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()  # loss in fp32 under autocast
         indices = self.matcher(outputs, targets)
         batch = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]).to(logits.device)
         query = torch.cat([q for q, _ in indices]).to(logits.device)

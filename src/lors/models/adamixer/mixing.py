@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lors.core import AdaptiveLors, StaticLors
-from lors.core.static import kaiming_
 
 GENERATOR_INITS = ("official", "paper")
 
@@ -136,15 +135,8 @@ class LorsGenerator(nn.Module):
         self.channel = AdaptiveLors(shape=(num_groups, channels, channels), name="lors.adaptive (channel mixing)", **kw)
         self.spatial = AdaptiveLors(shape=(num_groups, in_points, out_points), name="lors.adaptive (spatial mixing)", **kw)
         self.use_shared = use_shared
-        for lors in (self.channel, self.spatial):
-            if init == "official":
-                # The authors' code Kaiming-initialises both factors. lors.core's "official"
-                # AdaptiveLors init zeroes B as well as the E-generators, which leaves every
-                # gradient of the private part at zero (B E A with B = E = 0), so B is redone here.
-                for b in lors.B:
-                    with torch.no_grad():
-                        kaiming_(b)
-            if not use_shared:
+        if not use_shared:  # lors.core has no switch for the shared term: replace its generator
+            for lors in (self.channel, self.spatial):
                 lors.generator = ZeroWeights(lors.generator.out_features)
 
     def forward(self, x: Tensor, query: Tensor, stage: int) -> Tensor:
