@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lors.commands import finetune, params
+from lors.commands import detect, finetune, params
 
-COMMANDS = (params, finetune)
+COMMANDS = (params, detect, finetune)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,295 @@
+"""Training and evaluation of the detector on COCO-format data.
+
+``train(cfg)`` runs the paper's recipe (AdamW, linear warm-up, step decay, gradient clipping,
+every stage supervised), single-process or under torchrun, logging to CSV and TensorBoard and
+checkpointing atomically. A run resumes exactly: the learning rate is a function of the step,
+the sampler's order a function of (seed, epoch), each image's random augmentation a function
+of (seed, epoch, index), and the RNG state is stored in every checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from lors.config import save_config, to_dict
+from lors.data.coco import CocoDetection, collate_fn
+from lors.data.transforms import make_coco_transforms
+from lors.engine import distributed
+from lors.engine.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from lors.engine.evaluate import coco_evaluate
+from lors.models.adamixer import DetectorConfig, PostProcess, build_criterion, build_detector
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last checkpoint is left as it was."""
+
+
+class EpochSampler(Sampler[int]):
+    """This process's share of a permutation drawn from (seed, epoch), from ``start`` on.
+
+    Every process takes every ``world``-th index of the same permutation (trimmed to a
+    multiple of ``world * batch``, so all processes run the same number of steps).
+    """
+
+    def __init__(self, size: int, batch: int, seed: int, rank: int = 0, world: int = 1):
+        self.size, self.batch, self.seed, self.rank, self.world = size, batch, seed, rank, world
+        self.epoch, self.start = 0, 0
+        self.steps = size // (batch * world)
+        if self.steps == 0:
+            raise ValueError(f"the data set has {size} images, fewer than one global batch of "
+                             f"{batch * world}: lower train.batch_size")
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start = epoch, start_step
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        order = torch.randperm(self.size, generator=g)[: self.steps * self.batch * self.world]
+        mine = order[self.rank:: self.world]
+        return iter(mine[self.start * self.batch:].tolist())
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.batch
+
+
+class SeededItems(Dataset):
+    """Wraps a data set so item ``i`` of epoch ``e`` is augmented with RNG seed (seed, e, i),
+    whichever process or worker loads it, without touching the caller's RNG."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1000003 + self.epoch) * 1000003 + index)
+            return self.dataset[index]
+
+
+def learning_rate(step: int, cfg: DetectorConfig, steps_per_epoch: int) -> float:
+    """Linear warm-up, then the learning rate times ``lr_gamma`` at each epoch in ``lr_steps``."""
+    t = cfg.train
+    lr = t.lr * t.lr_gamma ** sum(step >= e * steps_per_epoch for e in t.lr_steps)
+    if step < t.warmup_iters:
+        lr *= t.warmup_ratio + (1 - t.warmup_ratio) * step / t.warmup_iters
+    return lr
+
+
+def autocast_dtype(cfg: DetectorConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 on GPU by default; float32 (None) on CPU, where bf16 is slow without bf16 units."""
+    amp = cfg.train.amp
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+
+
+def build_datasets(cfg: DetectorConfig, train: bool = True, val: bool = True):
+    """(train, val) CocoDetection data sets of ``cfg.data``; checks the class count."""
+    d = cfg.data
+    out = []
+    for wanted, images, ann, is_train in ((train, d.train_images, d.train_annotations, True),
+                                          (val, d.val_images, d.val_annotations, False)):
+        if not wanted:
+            out.append(None)
+            continue
+        tf = make_coco_transforms(is_train, (d.min_size,), d.max_size, d.flip_prob)
+        ds = CocoDetection(images, ann, transforms=tf)
+        if ds.num_classes != cfg.decoder.num_classes:
+            raise ValueError(f"{ann} has {ds.num_classes} categories but decoder.num_classes is "
+                             f"{cfg.decoder.num_classes}: set decoder.num_classes={ds.num_classes}")
+        out.append(ds)
+    return tuple(out)
+
+
+def to_device(images, sizes, targets, device):
+    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    return images.to(device, non_blocking=True), sizes.to(device), targets
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: CocoDetection, cfg: DetectorConfig, device: torch.device,
+             batch_size: int = 2, progress: bool = True, verbose: bool = True) -> dict[str, float]:
+    """COCOeval AP, AP50, AP75, APs, APm, APl of ``model`` on ``dataset``."""
+    model.eval()
+    post = PostProcess(cfg.test.max_detections)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+                        num_workers=cfg.data.num_workers)
+    predictions = []
+    for images, sizes, targets in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        images, sizes, targets = to_device(images, sizes, targets, device)
+        dtype = autocast_dtype(cfg, device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            outputs = model(images, sizes)
+        orig = torch.stack([t["orig_size"] for t in targets])
+        for t, det in zip(targets, post(outputs, sizes, orig)):
+            predictions.append({"image_id": t["image_id"], **{k: v.float().cpu() for k, v in det.items()}})
+    return coco_evaluate(dataset.coco, predictions, dataset.label_to_cat_id, verbose=verbose)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log rows after ``step`` (written after the checkpoint a resumed run starts from)."""
+    if not path.exists():
+        return
+    with path.open() as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= step]
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(kept)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional; the CSV log is always written
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def train(cfg: DetectorConfig, run_dir: str | Path | None = None, resume: bool = True,
+          stop_after: int | None = None, device: str | None = None, progress: bool = True,
+          evaluate_at_end: bool = True) -> dict:
+    """Train ``cfg``'s detector; returns a summary (steps, seconds per step, peak memory, AP...).
+
+    Args:
+        run_dir: where checkpoints and logs go (default ``cfg.train.output_dir``).
+        resume: continue from ``run_dir``'s last checkpoint if there is one.
+        stop_after: end after this global step (checkpointing there), as an interruption would.
+        device: "cpu", "cuda:0", ... (default: the GPU of this process if any, else CPU).
+    """
+    rank, world, dev = distributed.init_distributed(device)
+    t = cfg.train
+    run_dir = Path(run_dir or t.output_dir)
+    main = rank == 0
+    if t.batch_size % world:
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the {world} "
+                         "processes: make it a multiple of the process count")
+    per_process = t.batch_size // world
+    train_set, val_set = build_datasets(cfg, val=evaluate_at_end and main)
+    torch.manual_seed(t.seed)
+    model = build_detector(cfg).to(dev)
+    criterion = build_criterion(cfg)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
+                                  weight_decay=t.weight_decay)
+    step = 0
+    ckpt = find_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        step = load_checkpoint(ckpt, model, optimizer, restore_rng=True)["step"]
+    ddp = DistributedDataParallel(model) if world > 1 else model
+    items = SeededItems(train_set, t.seed)
+    sampler = EpochSampler(len(train_set), per_process, t.seed, rank, world)
+    total = t.epochs * sampler.steps
+    last = min(total, stop_after) if stop_after is not None else total
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        _trim_log(run_dir / "log.csv", step)
+    log_file = (run_dir / "log.csv").open("a", newline="") if main else None
+    log = csv.writer(log_file) if main else None
+    if main and step == 0:
+        log.writerow(["step", "epoch", "lr", "loss", "loss_cls", "loss_l1", "loss_giou", "seconds"])
+    writer = _tensorboard(run_dir) if main else None
+    dtype = autocast_dtype(cfg, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    state = {"config": to_dict(cfg), "class_names": train_set.class_names,
+             "label_to_cat_id": train_set.label_to_cat_id}
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    bar = tqdm(total=last, initial=step, desc="train", disable=not (progress and main), dynamic_ncols=True)
+    step_times = []
+    ddp.train()
+    while step < last:
+        epoch, offset = divmod(step, sampler.steps)
+        sampler.set_epoch(epoch, offset)
+        items.epoch = epoch
+        loader = DataLoader(items, batch_size=per_process, sampler=sampler, collate_fn=collate_fn,
+                            num_workers=cfg.data.num_workers, drop_last=True)
+        for images, sizes, targets in loader:
+            tic = time.perf_counter()
+            images, sizes, targets = to_device(images, sizes, targets, dev)
+            lr = learning_rate(step, cfg, sampler.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+                outputs = ddp(images, sizes)
+                losses = criterion(outputs, targets)
+                loss = criterion.total(losses)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at step {step} (epoch {epoch}); the last checkpoint in "
+                    f"{run_dir} is intact. Lower train.lr, keep train.clip_grad on, or check the "
+                    "data for broken boxes, then resume")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if t.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            step_times.append(time.perf_counter() - tic)
+            if main:
+                n = len(outputs["stages"])
+                terms = {k: sum(v.item() for key, v in losses.items() if key.startswith(k + "_")) / n
+                         for k in ("loss_cls", "loss_l1", "loss_giou")}
+                log.writerow([step, epoch, f"{lr:.6g}", f"{loss.item():.6f}",
+                              *(f"{v:.6f}" for v in terms.values()), f"{step_times[-1]:.4f}"])
+                if writer is not None and step % t.log_every == 0:
+                    writer.add_scalar("train/loss", loss.item(), step)
+                    writer.add_scalar("train/lr", lr, step)
+                    for k, v in terms.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            if step % t.checkpoint_every == 0 or step == last:
+                if main:
+                    log_file.flush()
+                    save_checkpoint(run_dir, step, model, optimizer, {**state, "epoch": epoch})
+                distributed.barrier()
+            if step >= last:
+                break
+    bar.close()
+    summary = {"steps": step, "total_steps": total, "run_dir": str(run_dir),
+               "seconds_per_step": _median(step_times[1:] or step_times),
+               "peak_memory_mb": peak_memory_mb(dev)}
+    if main:
+        log_file.close()
+        if evaluate_at_end and step == total:
+            summary["metrics"] = evaluate(model, val_set, cfg, dev, progress=progress)
+            if writer is not None:
+                for k, v in summary["metrics"].items():
+                    writer.add_scalar(f"val/{k}", v, step)
+        if writer is not None:
+            writer.close()
+    distributed.barrier()
+    return summary
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2] if values else math.nan
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or this process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def replace_config(cfg: DetectorConfig, **sections) -> DetectorConfig:
+    """A copy of ``cfg`` with some fields of its sections replaced (``train={"lr": 1e-4}``)."""
+    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)
+                                       for name, values in sections.items()})

@@ -1,0 +1,119 @@
+"""Detector training engine: exact resume, NaN loss, DDP gradients, overfitting 4 images."""
+import csv
+import json
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lors.engine import train as train_module
+from lors.engine.checkpoint import find_checkpoint, load_checkpoint
+from lors.engine.train import EpochSampler, NonFiniteLossError, train
+from lors.models.adamixer import build_criterion, build_detector, load_detector_config
+from shapes_data import write_shapes
+
+
+def tiny_config(tmp_path, name="tiny_lors", *extra, num_images=4):
+    images, ann = write_shapes(tmp_path / "data", num_images=num_images, size=64)
+    return load_detector_config(name, [
+        f"data.train_images={images}", f"data.train_annotations={ann}",
+        f"data.val_images={images}", f"data.val_annotations={ann}",
+        "data.min_size=64", "data.max_size=64", "train.batch_size=2", "train.epochs=3",
+        "train.lr_steps=[2]", "train.warmup_iters=2", "train.checkpoint_every=2", *extra])
+
+
+def losses(run_dir):
+    with open(run_dir / "log.csv") as f:
+        return [(int(r["step"]), r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_sampler_shards_one_permutation_and_resumes_mid_epoch():
+    full = list(EpochSampler(10, 2, seed=3))
+    a, b = EpochSampler(10, 1, 3, rank=0, world=2), EpochSampler(10, 1, 3, rank=1, world=2)
+    assert sorted(list(a) + list(b)) == sorted(full[:10])
+    later = EpochSampler(10, 2, seed=3)
+    later.set_epoch(0, start_step=2)
+    assert list(later) == full[4:]
+
+
+def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(tmp_path):
+    cfg = tiny_config(tmp_path, "tiny_lors", "train.lr=1e-3")  # flip and dropout-free by default
+    whole = train(cfg, run_dir=tmp_path / "whole", progress=False, evaluate_at_end=False)
+    assert whole["steps"] == 6
+    # run to step 3, then lose everything after the checkpoint of step 2, as a crash would
+    run = tmp_path / "cut"
+    train(cfg, run_dir=run, stop_after=3, progress=False, evaluate_at_end=False)
+    shutil.rmtree(run / "ckpt_00000003")
+    (run / "last.json").write_text(json.dumps({"checkpoint": "ckpt_00000002", "step": 2}))
+    assert [s for s, _ in losses(run)] == [1, 2, 3]
+    train(cfg, run_dir=run, progress=False, evaluate_at_end=False)
+    assert losses(run) == losses(tmp_path / "whole")
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, "tiny")
+    real = train_module.build_criterion
+
+    def poisoned(cfg):
+        criterion = real(cfg)
+        calls = {"n": 0}
+        total = criterion.total
+
+        def nan_at_third(losses):
+            calls["n"] += 1
+            value = total(losses)
+            return value * float("nan") if calls["n"] == 3 else value
+        criterion.total = nan_at_third
+        return criterion
+    monkeypatch.setattr(train_module, "build_criterion", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 2 .*checkpoint .* is intact"):
+        train(cfg, run_dir=run, progress=False, evaluate_at_end=False)
+    ckpt = find_checkpoint(run)
+    assert ckpt.name == "ckpt_00000002"
+    model = build_detector(cfg)
+    assert load_checkpoint(ckpt, model)["step"] == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg, batch, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = build_detector(cfg)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    images, sizes, targets = batch
+    half = slice(rank * 2, rank * 2 + 2)
+    criterion = build_criterion(cfg)
+    loss = criterion.total(criterion(ddp(images[half], sizes[half]), targets[half]))
+    loss.backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_step_equals_one_process_on_the_combined_batch(tmp_path):
+    cfg = tiny_config(tmp_path, "tiny_lors")
+    train_set, _ = train_module.build_datasets(cfg, val=False)
+    from lors.data.coco import collate_fn
+    batch = collate_fn([train_set[i] for i in range(4)])  # 4 images of one size
+    out = tmp_path / "grads.pt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, batch, out), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = build_detector(cfg)
+    criterion = build_criterion(cfg)
+    criterion.total(criterion(model(batch[0], batch[1]), batch[2])).backward()
+    ddp_grads = torch.load(out)
+    assert len(ddp_grads) == sum(p.grad is not None for p in model.parameters()) > 0
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
