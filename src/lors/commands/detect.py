@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lors.commands.detect_bench import add_bench_parsers
 from lors.commands.detect_data import add_data_parser
 from lors.config import load_config
 
@@ -110,6 +111,7 @@ def register(sub) -> None:
     p.set_defaults(func=run_eval)
 
     add_data_parser(cmds)
+    add_bench_parsers(cmds)
 
     p = cmds.add_parser("predict", help="draw a checkpoint's detections on an image")
     p.add_argument("--checkpoint", required=True, help="a run directory or a ckpt_* folder")

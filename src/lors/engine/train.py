@@ -195,7 +195,8 @@ def train(cfg: DetectorConfig, run_dir: str | Path | None = None, resume: bool =
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         _trim_log(run_dir / "log.csv", step)
-    log_file = (run_dir / "log.csv").open("a", newline="") if main else None
+    # a fresh start (step 0) replaces any earlier log; a resumed run appends to the trimmed one
+    log_file = (run_dir / "log.csv").open("a" if step else "w", newline="") if main else None
     log = csv.writer(log_file) if main else None
     if main and step == 0:
         log.writerow(["step", "epoch", "lr", "loss", "loss_cls", "loss_l1", "loss_giou", "seconds"])

@@ -1,0 +1,370 @@
+"""`lors detect compare` and `lors detect ablate`: AdaMixer against AdaMixer + LORS on the
+digits-on-photos benchmark, on a CPU, in minutes.
+
+`compare` builds the benchmark (cached), trains the two bench configs with the same schedule
+and seeds, scores them with COCOeval and writes a table, ``summary.json``, a plot of AP against
+decoder parameters and a picture of predictions. `ablate` runs the paper's Tables 4-8 as
+overrides of the LORS bench config and writes a markdown table and a plot per suite.
+`add_bench_parsers(subparsers)` adds both to the `detect` command's sub-parsers.
+
+Each training run happens in a child process, so that its peak resident memory (what
+``peak_memory_mb`` reports on a CPU) is its own and not the largest of all runs so far.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from lors.config import apply_overrides
+
+VANILLA, LORS = "bench_adamixer", "bench_adamixer_lors"
+METRICS = ("AP", "AP50", "AP75")
+# per model, in summary.json and the table
+KEYS = ("decoder_params", "total_params", "AP", "AP50", "AP75", "seconds_per_step", "peak_memory_mb")
+
+# The paper's ablations (section 4.3) as overrides of the LORS bench config (4 stages, LORS^A
+# r=4 with K=[1,1,2,3], LORS^T r=4). The default row of each table is the bench config itself.
+SUITES: dict[str, dict] = {
+    "table4": {
+        "title": "Table 4: LORS^A and LORS^T",
+        "variants": [
+            ("no LORS (AdaMixer)", ["lors.adaptive.enabled=false", "lors.static.enabled=false"]),
+            ("LORS^A only", ["lors.static.enabled=false"]),
+            ("LORS^T only", ["lors.adaptive.enabled=false"]),
+            ("LORS^A + LORS^T", []),
+        ]},
+    "table5": {
+        "title": "Table 5: W^shared and W^private in LORS^A",
+        "variants": [
+            ("W^shared only", ["lors.adaptive.use_private=false"]),
+            ("W^private only", ["lors.adaptive.use_shared=false"]),
+            ("W^shared + W^private", []),
+        ]},
+    "table6": {
+        "title": "Table 6: LORS^A groups K and rank r",
+        "variants": [
+            ("K=1, r=2", ["lors.adaptive.groups=1", "lors.adaptive.rank=2"]),
+            ("K=1, r=4", ["lors.adaptive.groups=1", "lors.adaptive.rank=4"]),
+            ("K=2, r=4", ["lors.adaptive.groups=2", "lors.adaptive.rank=4"]),
+            ("K=[1,1,2,3], r=4", []),
+            ("K=1, r=8", ["lors.adaptive.groups=1", "lors.adaptive.rank=8"]),
+        ]},
+    "table7": {
+        "title": "Table 7: LORS^T rank r",
+        "variants": [(f"r={r}", [f"lors.static.rank={r}"]) for r in (1, 2, 4, 8, 16)]},
+    "table8": {
+        "title": "Table 8: number of decoder stages (with LORS)",
+        "variants": [
+            ("2 stages", ["decoder.num_stages=2", "lors.adaptive.groups=[1,2]"]),
+            ("4 stages", []),
+            ("6 stages", ["decoder.num_stages=6", "lors.adaptive.groups=[1,1,2,2,3,3]"]),
+        ]},
+}
+
+
+def suite_variants(suite: str) -> list[tuple[str, list[str]]]:
+    """(label, overrides) of each row of an ablation suite; ValueError for an unknown suite."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown ablation suite {suite!r}: choose one of {', '.join(SUITES)}")
+    return [(label, list(ov)) for label, ov in SUITES[suite]["variants"]]
+
+
+def data_overrides(data_dir: str | Path) -> list[str]:
+    """Config overrides pointing a detector config at a benchmark folder."""
+    d = Path(data_dir)
+    return [f"data.train_images={d / 'train' / 'images'}",
+            f"data.train_annotations={d / 'train' / 'annotations.json'}",
+            f"data.val_images={d / 'val' / 'images'}",
+            f"data.val_annotations={d / 'val' / 'annotations.json'}"]
+
+
+def build_data(data_dir: str | Path, data_sets: Sequence[str] = (), progress: bool = True) -> Path:
+    """Build (or reuse) the benchmark in ``data_dir`` with BenchmarkConfig overrides."""
+    from lors.data.benchmark import BenchmarkConfig, build_benchmark
+    return build_benchmark(data_dir, apply_overrides(BenchmarkConfig(), list(data_sets)), progress=progress)
+
+
+@dataclass
+class Run:
+    """One training run: a model label, its config (name or path), overrides and seed."""
+    label: str
+    config: str
+    overrides: list[str]
+    seed: int
+
+    def load(self, data_dir: Path):
+        from lors.models.adamixer import load_detector_config
+        return load_detector_config(self.config, [*self.overrides, *data_overrides(data_dir),
+                                                  f"train.seed={self.seed}"])
+
+
+def _train_child(cfg, run_dir: str, progress: bool) -> None:
+    """Child-process body: train, evaluate, write ``result.json``; COCOeval's text to ``eval.txt``."""
+    from lors.engine.train import train
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "eval.txt").open("w") as text, contextlib.redirect_stdout(text):
+        summary = train(cfg, run_dir, resume=False, progress=progress)
+    (run_dir / "result.json").write_text(json.dumps(summary, indent=2))
+
+
+def train_and_score(run: Run, data_dir: Path, run_dir: Path, progress: bool = True,
+                    isolate: bool = True) -> dict:
+    """Train ``run`` (in a child process if ``isolate``); its KEYS (params, AP..., time per
+    step, peak memory) plus steps and run_dir."""
+    from lors.models.adamixer.report import detect_report
+    cfg = run.load(data_dir)
+    (run_dir / "result.json").unlink(missing_ok=True)
+    if isolate:
+        child = multiprocessing.get_context("spawn").Process(target=_train_child, args=(cfg, str(run_dir), progress))
+        child.start()
+        child.join()
+        exitcode = child.exitcode
+    else:
+        _train_child(cfg, str(run_dir), progress)
+        exitcode = 0
+    if exitcode != 0 or not (run_dir / "result.json").exists():
+        raise RuntimeError(f"training {run.label} (seed {run.seed}) failed with exit code "
+                           f"{exitcode}: see the traceback above and {run_dir / 'log.csv'}")
+    summary = json.loads((run_dir / "result.json").read_text())
+    report = detect_report(cfg)
+    return {"decoder_params": report["decoder"], "total_params": report["total"],
+            **{k: summary["metrics"][k] for k in METRICS},
+            "seconds_per_step": summary["seconds_per_step"],
+            "peak_memory_mb": summary["peak_memory_mb"], "steps": summary["steps"],
+            "run_dir": str(run_dir)}
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """Mean of each KEY over seeds, with ``KEY_std`` (sample std, 0 for one seed) for the metrics."""
+    out = {k: statistics.fmean(r[k] for r in per_seed) for k in KEYS}
+    for k in (*METRICS, "seconds_per_step"):
+        values = [r[k] for r in per_seed]
+        out[f"{k}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    out["decoder_params"], out["total_params"] = per_seed[0]["decoder_params"], per_seed[0]["total_params"]
+    return out
+
+
+def _fmt(row: dict, key: str) -> str:
+    v = row[key]
+    if key.endswith("params"):
+        return f"{int(v):,}"
+    if key in METRICS:
+        std = row.get(f"{key}_std", 0.0)
+        return f"{100 * v:.1f}" + (f" ± {100 * std:.1f}" if row.get("n_seeds", 1) > 1 else "")
+    if key == "seconds_per_step":
+        return f"{v:.2f}"
+    return f"{v:.0f}"
+
+
+HEADERS = {"decoder_params": "Decoder params", "total_params": "Total params", "AP": "AP",
+           "AP50": "AP50", "AP75": "AP75", "seconds_per_step": "s / step", "peak_memory_mb": "Peak mem (MB)"}
+
+
+def markdown_table(rows: dict[str, dict], first: str = "Model") -> str:
+    """A markdown table of ``rows`` (label -> aggregated KEYS); AP columns in percent."""
+    lines = ["| " + " | ".join([first, *(HEADERS[k] for k in KEYS)]) + " |",
+             "|" + "---|" * (len(KEYS) + 1)]
+    for label, row in rows.items():
+        lines.append("| " + " | ".join([label, *(_fmt(row, k) for k in KEYS)]) + " |")
+    return "\n".join(lines)
+
+
+def plot_ap(rows: dict[str, dict], path: Path, title: str) -> Path:
+    """AP and AP50 (percent, with the spread over seeds) against decoder parameters."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, marker in (("AP", "o"), ("AP50", "s")):
+        xs = [r["decoder_params"] / 1e6 for r in rows.values()]
+        ys = [100 * r[key] for r in rows.values()]
+        errs = [100 * r.get(f"{key}_std", 0.0) for r in rows.values()]
+        ax.errorbar(xs, ys, yerr=errs, fmt=marker, capsize=3, label=key)
+        for x, y, label in zip(xs, ys, rows):
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("decoder parameters (M)")
+    ax.set_ylabel("COCO metric on val (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def draw_predictions(runs: dict[str, Path], data_dir: Path, path: Path, num_images: int = 4,
+                     score_threshold: float = 0.3, scale: int = 3) -> Path:
+    """A grid of val images: ground truth in the first row, then one row per trained run
+    (label -> run directory) with its detections scoring >= ``score_threshold``."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from lors.data.coco import CocoDetection, collate_fn
+    from lors.data.transforms import make_coco_transforms
+    from lors.engine.checkpoint import find_checkpoint, load_checkpoint, read_state
+    from lors.config import load_config
+    from lors.models.adamixer import DetectorConfig, PostProcess, build_detector
+    from lors.plots import draw_boxes
+
+    def enlarge(image, det):
+        image = image.resize((image.width * scale, image.height * scale), Image.BILINEAR)
+        return draw_boxes(image, {**det, "boxes": det["boxes"] * scale}, names)
+
+    rows = {}
+    for label, run_dir in runs.items():
+        ckpt = find_checkpoint(run_dir)
+        cfg = load_config(DetectorConfig, read_state(ckpt)["config"])
+        val = CocoDetection(data_dir / "val" / "images", data_dir / "val" / "annotations.json",
+                            make_coco_transforms(False, (cfg.data.min_size,), cfg.data.max_size))
+        names = val.class_names
+        if "ground truth" not in rows:
+            gt = []
+            for i in range(min(num_images, len(val))):
+                image = val.load_image(val.ids[i])
+                target = val.load_target(val.ids[i], *image.size)
+                gt.append(enlarge(image, {"boxes": target["boxes"], "labels": target["labels"]}))
+            rows["ground truth"] = gt
+        model = build_detector(cfg).eval()
+        load_checkpoint(ckpt, model)
+        images, sizes, targets = collate_fn([val[i] for i in range(len(rows["ground truth"]))])
+        with torch.no_grad():
+            outputs = model(images, sizes)
+        orig = torch.stack([t["orig_size"] for t in targets])
+        tiles = []
+        for i, det in enumerate(PostProcess(cfg.test.max_detections)(outputs, sizes, orig)):
+            keep = det["scores"] >= score_threshold
+            tiles.append(enlarge(val.load_image(val.ids[i]), {k: v[keep] for k, v in det.items()}))
+        rows[label] = tiles
+    tile_w, tile_h = rows["ground truth"][0].size
+    num_images = len(rows["ground truth"])
+    margin, head = 6, 16
+    grid = Image.new("RGB", (num_images * (tile_w + margin) + margin, len(rows) * (tile_h + head + margin) + margin), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, tiles) in enumerate(rows.items()):
+        y = margin + r * (tile_h + head + margin)
+        caption = label if label == "ground truth" else f"{label} (score >= {score_threshold})"
+        draw.text((margin, y), caption, fill="black")
+        for c, tile in enumerate(tiles):
+            grid.paste(tile, (margin + c * (tile_w + margin), y + head))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Train and score the vanilla and LORS bench configs for each seed; write the outputs."""
+    tic = time.perf_counter()
+    out = Path(args.out)
+    data_dir = build_data(args.data_dir, args.data_set, progress=not args.quiet)
+    models = {"AdaMixer": args.vanilla, "AdaMixer + LORS": args.lors}
+    per_model: dict[str, list[dict]] = {m: [] for m in models}
+    for seed in args.seeds:
+        for label, config in models.items():
+            run = Run(label, config, list(args.overrides), seed)
+            slug = "lors" if "LORS" in label else "vanilla"
+            print(f"== {label} ({config}), seed {seed}", flush=True)
+            per_model[label].append(train_and_score(run, data_dir, out / f"{slug}_seed{seed}", not args.quiet,
+                                                    isolate=not args.in_process))
+    rows = {m: {**aggregate(r), "n_seeds": len(r), "per_seed": r} for m, r in per_model.items()}
+    table = markdown_table(rows)
+    plot = plot_ap(rows, out / "ap_vs_decoder_params.png",
+                   f"digits-on-photos val, mean over seeds {list(args.seeds)}")
+    first = args.seeds[0]
+    preds = draw_predictions({m: out / f"{'lors' if 'LORS' in m else 'vanilla'}_seed{first}" for m in models},
+                             data_dir, out / "predictions.png")
+    summary = {"models": {m: {k: r[k] for k in (*KEYS, *(f"{k}_std" for k in (*METRICS, "seconds_per_step")),
+                                                 "per_seed")} | {"config": models[m]}
+                          for m, r in rows.items()},
+               "seeds": list(args.seeds), "data_dir": str(data_dir), "overrides": list(args.overrides),
+               "wall_seconds": time.perf_counter() - tic}
+    summary["decoder_params_ratio"] = (rows["AdaMixer + LORS"]["decoder_params"] / rows["AdaMixer"]["decoder_params"])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "table.md").write_text(table + "\n")
+    print(f"\nAdaMixer vs AdaMixer + LORS, seeds {list(args.seeds)} "
+          f"(AP in %, mean ± sample std over seeds; CPU time per training step):\n")
+    print(table)
+    print(f"\nLORS decoder / vanilla decoder = {summary['decoder_params_ratio']:.1%}; "
+          f"wall time {summary['wall_seconds'] / 60:.1f} min")
+    print(f"wrote {out / 'summary.json'}, {out / 'table.md'}, {plot}, {preds}")
+    return 0
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    """Train every variant of a suite for each seed; write ablation_SUITE.md and .png."""
+    variants = suite_variants(args.suite)
+    tic = time.perf_counter()
+    data_dir = build_data(args.data_dir, args.data_set, progress=not args.quiet)
+    rows = {}
+    for label, overrides in variants:
+        per_seed = []
+        for seed in args.seeds:
+            print(f"== {args.suite}: {label}, seed {seed}", flush=True)
+            slug = "".join(c if c.isalnum() else "_" for c in label).strip("_")
+            run = Run(label, args.config, [*overrides, *args.overrides], seed)
+            per_seed.append(train_and_score(run, data_dir, Path(args.runs) / args.suite / f"{slug}_seed{seed}",
+                                            not args.quiet, isolate=not args.in_process))
+        rows[label] = {**aggregate(per_seed), "n_seeds": len(per_seed), "per_seed": per_seed,
+                       "overrides": overrides}
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = SUITES[args.suite]["title"]
+    table = markdown_table(rows, "Variant")
+    command = " ".join(["lors detect ablate --suite", args.suite, "--seeds", *map(str, args.seeds),
+                        *(["--config", args.config] if args.config != LORS else []), *args.overrides])
+    md = (f"# {title}\n\nCommand: `{command}`  \nBase config: `{args.config}` plus each row's "
+          f"overrides; seeds {list(args.seeds)} (AP in %, mean ± sample std over seeds); "
+          f"wall time {(time.perf_counter() - tic) / 60:.1f} min.\n\n{table}\n\n"
+          + "\n".join(f"- {label}: `{' '.join(r['overrides']) or '(the base config)'}`" for label, r in rows.items())
+          + "\n")
+    (out / f"ablation_{args.suite}.md").write_text(md)
+    (out / f"ablation_{args.suite}.json").write_text(json.dumps(rows, indent=2))
+    plot = plot_ap(rows, out / f"ablation_{args.suite}.png", title)
+    print(md)
+    print(f"wrote {out / f'ablation_{args.suite}.md'} and {plot}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="train.seed values (default 0)")
+    p.add_argument("--data-dir", default="runs/bench_data", help="benchmark folder, built if missing (cached)")
+    p.add_argument("--data-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="BenchmarkConfig override for the data, e.g. num_train=100 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--in-process", action="store_true",
+                   help="train in this process (starts faster; peak memory is then the largest so far)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="detector config overrides for every run")
+
+
+def add_bench_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Add `compare` and `ablate` to the `detect` command's sub-parsers."""
+    p = subparsers.add_parser(
+        "compare", help="train and score AdaMixer and AdaMixer + LORS on the digits benchmark",
+        description="Build the benchmark (cached), train the vanilla and LORS bench configs with the "
+                    "same schedule and seeds, evaluate with COCOeval, print a table and write "
+                    "summary.json, table.md, ap_vs_decoder_params.png and predictions.png to --out.")
+    p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
+    p.add_argument("--vanilla", default=VANILLA, help=f"vanilla config (default {VANILLA})")
+    p.add_argument("--lors", default=LORS, help=f"LORS config (default {LORS})")
+    _common(p)
+    p.set_defaults(func=run_compare)
+
+    p = subparsers.add_parser(
+        "ablate", help="the paper's ablation tables 4-8 at small scale",
+        description="Train each variant of a suite (overrides of the LORS bench config) and write "
+                    "ablation_SUITE.md, .json and .png to --out-dir.")
+    p.add_argument("--suite", required=True, help=f"one of {', '.join(SUITES)}")
+    p.add_argument("--config", default=LORS, help=f"base config (default {LORS})")
+    p.add_argument("--out-dir", default="docs/results", help="where the table and plot go")
+    p.add_argument("--runs", default="runs/ablate", help="run directories")
+    _common(p)
+    p.set_defaults(func=run_ablate)

@@ -1,0 +1,89 @@
+"""`lors detect compare` / `ablate`: outputs on a tiny benchmark, suite configs, clear errors."""
+import csv
+import json
+
+import pytest
+
+from lors.cli import main
+from lors.commands.detect_bench import KEYS, LORS, SUITES, VANILLA, suite_variants
+from lors.config import to_dict
+from lors.engine.train import train
+from lors.models.adamixer import load_detector_config
+from lors.models.adamixer.report import detect_report
+from shapes_data import write_shapes
+
+TINY_DATA = ["--data-set", "num_train=4", "--data-set", "num_val=2", "--data-set", "image_size=64",
+             "--data-set", "max_digit_size=32"]
+TINY_MODEL = ["decoder.num_classes=10", "train.batch_size=2", "train.epochs=1", "train.lr_steps=[1]",
+              "train.warmup_iters=0", "data.min_size=64", "data.max_size=64", "test.max_detections=10"]
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_compare_on_a_tiny_benchmark_writes_summary_table_and_pngs(tmp_path):
+    out = tmp_path / "compare"
+    rc = main(["detect", "compare", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--quiet",
+               "--in-process", "--vanilla", "tiny", "--lors", "tiny_lors", *TINY_DATA, *TINY_MODEL])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["models"]) == {"AdaMixer", "AdaMixer + LORS"}
+    for name, row in summary["models"].items():
+        assert set(KEYS) <= set(row), name
+        assert row["per_seed"][0]["steps"] == 2
+        assert row["seconds_per_step"] > 0 and row["peak_memory_mb"] > 0
+    assert summary["models"]["AdaMixer"]["decoder_params"] == detect_report(
+        load_detector_config("tiny", TINY_MODEL))["decoder"]
+    for png in ("ap_vs_decoder_params.png", "predictions.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| AdaMixer + LORS |" in (out / "table.md").read_text()
+
+
+def test_table5_variants_differ_from_the_base_only_in_the_shared_private_flags():
+    base = _flatten(to_dict(load_detector_config(LORS)))
+    flags = {"lors.adaptive.use_shared", "lors.adaptive.use_private"}
+    seen = []
+    for label, overrides in suite_variants("table5"):
+        cfg = _flatten(to_dict(load_detector_config(LORS, overrides)))
+        changed = {k for k in base if cfg[k] != base[k]}
+        assert changed <= flags, label
+        seen.append((cfg["lors.adaptive.use_shared"], cfg["lors.adaptive.use_private"]))
+    assert sorted(seen) == [(False, True), (True, False), (True, True)]
+
+
+@pytest.mark.parametrize("suite", sorted(SUITES))
+def test_every_suite_variant_builds_a_valid_config(suite):
+    decoders = [detect_report(load_detector_config(LORS, ov))["decoder"] for _, ov in suite_variants(suite)]
+    assert len(decoders) == len(SUITES[suite]["variants"]) and all(d > 0 for d in decoders)
+
+
+def test_bench_lors_config_keeps_at_most_40_percent_of_the_vanilla_decoder_and_the_same_schedule():
+    vanilla, lors = load_detector_config(VANILLA), load_detector_config(LORS)
+    assert to_dict(vanilla)["train"] == to_dict(lors)["train"] and vanilla.data == lors.data
+    ratio = detect_report(lors)["decoder"] / detect_report(vanilla)["decoder"]
+    assert ratio <= 0.40
+
+
+def test_unknown_suite_is_a_clear_error(capsys):
+    with pytest.raises(ValueError, match="unknown ablation suite 'table9': choose one of table4"):
+        suite_variants("table9")
+    assert main(["detect", "ablate", "--suite", "table9"]) == 2
+    assert "unknown ablation suite" in capsys.readouterr().err
+
+
+def test_a_fresh_run_in_a_used_run_dir_rewrites_the_log(tmp_path):
+    images, ann = write_shapes(tmp_path / "data", num_images=2, size=64)
+    cfg = load_detector_config("tiny", [
+        f"data.train_images={images}", f"data.train_annotations={ann}", f"data.val_images={images}",
+        f"data.val_annotations={ann}", "data.min_size=64", "data.max_size=64", "train.batch_size=2"])
+    for _ in range(2):  # the second fresh start used to append a second header, breaking resume
+        train(cfg, tmp_path / "run", resume=False, progress=False, evaluate_at_end=False)
+    rows = list(csv.reader((tmp_path / "run" / "log.csv").open()))
+    assert [r[0] for r in rows] == ["step", "1"]
