@@ -5,7 +5,8 @@
 (c) ``AdaptiveLors.mix`` forward+backward versus materialising the weight by concatenation
     and sum, as in the paper's Figure 3 pseudo-code (results compared too).
 
-Times are medians over interleaved repeats after warm-up. Raw numbers go to --out (JSON).
+Times are medians over interleaved repeats after warm-up; a ratio is the median of the
+ratios of adjacent runs. Raw numbers go to --out (JSON).
 
     python benchmarks/bench_core.py [--repeats 30] [--out docs/results/core.json]
 """
@@ -57,15 +58,19 @@ def timed(fn, warmup: int) -> float:
     return time.perf_counter() - t0
 
 
-def compare(fn_a, fn_b, repeats: int, warmup: int = 3) -> tuple[float, float]:
-    """Median seconds of fn_a and fn_b, run alternately so drift hits both alike."""
+def compare(fn_a, fn_b, repeats: int, warmup: int = 3) -> tuple[float, float, float]:
+    """Median seconds of fn_a and of fn_b, run alternately, and the median of the ratios of
+    adjacent runs, which drift and load on a shared machine affect least."""
     for _ in range(warmup):
         fn_a(), fn_b()
     ta, tb = [], []
-    for _ in range(repeats):
-        ta.append(timed(fn_a, 0))
-        tb.append(timed(fn_b, 0))
-    return statistics.median(ta), statistics.median(tb)
+    for k in range(repeats):
+        first, second = (fn_a, fn_b) if k % 2 == 0 else (fn_b, fn_a)  # alternate who goes first
+        t1, t2 = timed(first, 0), timed(second, 0)
+        ta.append(t1 if k % 2 == 0 else t2)
+        tb.append(t2 if k % 2 == 0 else t1)
+    ratio = statistics.median(a / b for a, b in zip(ta, tb))
+    return statistics.median(ta), statistics.median(tb), ratio
 
 
 def bench_stack(name, n, d_in, d_out, rows, rank, repeats):
@@ -84,8 +89,8 @@ def bench_stack(name, n, d_in, d_out, rows, rank, repeats):
             model(xs).backward(gy)  # a fixed upstream gradient: time the layers, not a loss
         return run
 
-    t_lors, t_plain = compare(step(shared), step(plain), repeats)
-    t_tied, t_plain2 = compare(step(tied), step(plain), repeats)
+    t_lors, t_plain, r_lors = compare(step(shared), step(plain), repeats)
+    t_tied, t_plain2, r_tied = compare(step(tied), step(plain), repeats)
     merged = lors.merge(copy.deepcopy(shared))
 
     def infer(model):
@@ -94,14 +99,14 @@ def bench_stack(name, n, d_in, d_out, rows, rank, repeats):
                 model(xs)
         return run
 
-    t_merged, t_plain_inf = compare(infer(merged), infer(plain), repeats * 2)
+    t_merged, t_plain_inf, r_merged = compare(infer(merged), infer(plain), repeats * 2)
     return [
         dict(case="a", name=f"{name}: fwd+bwd, share_layers vs plain", lors_s=t_lors,
-             base_s=t_plain, ratio=t_lors / t_plain),
+             base_s=t_plain, ratio=r_lors),
         dict(case="a0", name=f"{name}: fwd+bwd, one tied Linear vs plain", lors_s=t_tied,
-             base_s=t_plain2, ratio=t_tied / t_plain2),
+             base_s=t_plain2, ratio=r_tied),
         dict(case="b", name=f"{name}: inference, merged vs plain", lors_s=t_merged,
-             base_s=t_plain_inf, ratio=t_merged / t_plain_inf),
+             base_s=t_plain_inf, ratio=r_merged),
     ]
 
 
@@ -133,9 +138,9 @@ def bench_adaptive(name, queries, heads, points, d, h, rank, groups, repeats):
             y.backward(gy)
         return run
 
-    t_mix, t_fig3 = compare(step(True), step(False), repeats)
+    t_mix, t_fig3, ratio = compare(step(True), step(False), repeats)
     return dict(case="c", name=f"{name}: fwd+bwd, mix vs Figure 3", lors_s=t_mix,
-                base_s=t_fig3, ratio=t_mix / t_fig3, rel_err=rel)
+                base_s=t_fig3, ratio=ratio, rel_err=rel)
 
 
 def main() -> None:
@@ -154,7 +159,8 @@ def main() -> None:
     rows.append(bench_adaptive("ACM 128->128 (P=64 pts)", 200, 2, 64, 128, 128, 16, 3, args.repeats))
 
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(f"machine: {machine}; medians of {args.repeats} interleaved repeats after 3 warm-ups")
+    print(f"machine: {machine}; medians of {args.repeats} interleaved repeats after 3 warm-ups "
+          "(ratio: median of adjacent-run ratios)")
     print(f"{'case':<64s} {'lors ms':>9s} {'base ms':>9s} {'ratio':>7s} {'target':>8s}  ok")
     for row in rows:
         target = TARGETS.get(row["case"])
