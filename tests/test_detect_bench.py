@@ -29,15 +29,17 @@ def _flatten(d, prefix=""):
 
 
 def test_compare_on_a_tiny_benchmark_writes_summary_table_and_pngs(tmp_path):
+    # two tiny models, 64 px, 4 train / 2 val images, stopped after 1 of 2 steps
     out = tmp_path / "compare"
     rc = main(["detect", "compare", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--quiet",
-               "--in-process", "--vanilla", "tiny", "--lors", "tiny_lors", *TINY_DATA, *TINY_MODEL])
+               "--in-process", "--max-steps", "1", "--vanilla", "tiny", "--lors", "tiny_lors", *TINY_DATA,
+               *TINY_MODEL])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["models"]) == {"AdaMixer", "AdaMixer + LORS"}
     for name, row in summary["models"].items():
         assert set(KEYS) <= set(row), name
-        assert row["per_seed"][0]["steps"] == 2
+        assert row["per_seed"][0]["steps"] == 1  # --max-steps 1 of 2, then evaluated there
         assert row["seconds_per_step"] > 0 and row["peak_memory_mb"] > 0
     assert summary["models"]["AdaMixer"]["decoder_params"] == detect_report(
         load_detector_config("tiny", TINY_MODEL))["decoder"]

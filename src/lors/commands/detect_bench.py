@@ -105,30 +105,40 @@ class Run:
                                                   f"train.seed={self.seed}"])
 
 
-def _train_child(cfg, run_dir: str, progress: bool) -> None:
-    """Child-process body: train, evaluate, write ``result.json``; COCOeval's text to ``eval.txt``."""
-    from lors.engine.train import train
+def _train_child(cfg, run_dir: str, progress: bool, max_steps: int | None = None) -> None:
+    """Child-process body: train (to ``max_steps`` at most), evaluate, write ``result.json``;
+    COCOeval's text goes to ``eval.txt``."""
+    import torch
+
+    from lors.engine.checkpoint import find_checkpoint, load_checkpoint
+    from lors.engine.train import build_datasets, evaluate, train
+    from lors.models.adamixer import build_detector
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / "eval.txt").open("w") as text, contextlib.redirect_stdout(text):
-        summary = train(cfg, run_dir, resume=False, progress=progress)
+        summary = train(cfg, run_dir, resume=False, progress=progress, stop_after=max_steps)
+        if "metrics" not in summary:  # stopped before the end of the schedule: evaluate here
+            model = build_detector(cfg)
+            load_checkpoint(find_checkpoint(run_dir), model)
+            _, val_set = build_datasets(cfg, train=False)
+            summary["metrics"] = evaluate(model, val_set, cfg, torch.device("cpu"), progress=progress)
     (run_dir / "result.json").write_text(json.dumps(summary, indent=2))
 
 
 def train_and_score(run: Run, data_dir: Path, run_dir: Path, progress: bool = True,
-                    isolate: bool = True) -> dict:
+                    isolate: bool = True, max_steps: int | None = None) -> dict:
     """Train ``run`` (in a child process if ``isolate``); its KEYS (params, AP..., time per
     step, peak memory) plus steps and run_dir."""
     from lors.models.adamixer.report import detect_report
     cfg = run.load(data_dir)
     (run_dir / "result.json").unlink(missing_ok=True)
     if isolate:
-        child = multiprocessing.get_context("spawn").Process(target=_train_child, args=(cfg, str(run_dir), progress))
+        child = multiprocessing.get_context("spawn").Process(target=_train_child, args=(cfg, str(run_dir), progress, max_steps))
         child.start()
         child.join()
         exitcode = child.exitcode
     else:
-        _train_child(cfg, str(run_dir), progress)
+        _train_child(cfg, str(run_dir), progress, max_steps)
         exitcode = 0
     if exitcode != 0 or not (run_dir / "result.json").exists():
         raise RuntimeError(f"training {run.label} (seed {run.seed}) failed with exit code "
@@ -203,9 +213,10 @@ def plot_ap(rows: dict[str, dict], path: Path, title: str) -> Path:
 
 
 def draw_predictions(runs: dict[str, Path], data_dir: Path, path: Path, num_images: int = 4,
-                     score_threshold: float = 0.3, scale: int = 3) -> Path:
+                     score_threshold: float = 0.3, min_shown: int = 2, scale: int = 3) -> Path:
     """A grid of val images: ground truth in the first row, then one row per trained run
-    (label -> run directory) with its detections scoring >= ``score_threshold``."""
+    (label -> run directory) with its detections scoring >= ``score_threshold``, and at least
+    its ``min_shown`` best, so that a weak model still shows what it predicts."""
     import torch
     from PIL import Image, ImageDraw
 
@@ -242,7 +253,8 @@ def draw_predictions(runs: dict[str, Path], data_dir: Path, path: Path, num_imag
         orig = torch.stack([t["orig_size"] for t in targets])
         tiles = []
         for i, det in enumerate(PostProcess(cfg.test.max_detections)(outputs, sizes, orig)):
-            keep = det["scores"] >= score_threshold
+            keep = det["scores"] >= score_threshold  # PostProcess sorts by score
+            keep[:min_shown] = True
             tiles.append(enlarge(val.load_image(val.ids[i]), {k: v[keep] for k, v in det.items()}))
         rows[label] = tiles
     tile_w, tile_h = rows["ground truth"][0].size
@@ -252,7 +264,8 @@ def draw_predictions(runs: dict[str, Path], data_dir: Path, path: Path, num_imag
     draw = ImageDraw.Draw(grid)
     for r, (label, tiles) in enumerate(rows.items()):
         y = margin + r * (tile_h + head + margin)
-        caption = label if label == "ground truth" else f"{label} (score >= {score_threshold})"
+        caption = label if label == "ground truth" else \
+            f"{label}: detections with score >= {score_threshold}, and at least the best {min_shown}"
         draw.text((margin, y), caption, fill="black")
         for c, tile in enumerate(tiles):
             grid.paste(tile, (margin + c * (tile_w + margin), y + head))
@@ -274,7 +287,7 @@ def run_compare(args: argparse.Namespace) -> int:
             slug = "lors" if "LORS" in label else "vanilla"
             print(f"== {label} ({config}), seed {seed}", flush=True)
             per_model[label].append(train_and_score(run, data_dir, out / f"{slug}_seed{seed}", not args.quiet,
-                                                    isolate=not args.in_process))
+                                                    isolate=not args.in_process, max_steps=args.max_steps))
     rows = {m: {**aggregate(r), "n_seeds": len(r), "per_seed": r} for m, r in per_model.items()}
     table = markdown_table(rows)
     plot = plot_ap(rows, out / "ap_vs_decoder_params.png",
@@ -285,7 +298,7 @@ def run_compare(args: argparse.Namespace) -> int:
     summary = {"models": {m: {k: r[k] for k in (*KEYS, *(f"{k}_std" for k in (*METRICS, "seconds_per_step")),
                                                  "per_seed")} | {"config": models[m]}
                           for m, r in rows.items()},
-               "seeds": list(args.seeds), "data_dir": str(data_dir), "overrides": list(args.overrides),
+               "seeds": list(args.seeds), "max_steps": args.max_steps, "data_dir": str(data_dir), "overrides": list(args.overrides),
                "wall_seconds": time.perf_counter() - tic}
     summary["decoder_params_ratio"] = (rows["AdaMixer + LORS"]["decoder_params"] / rows["AdaMixer"]["decoder_params"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -312,15 +325,18 @@ def run_ablate(args: argparse.Namespace) -> int:
             slug = "".join(c if c.isalnum() else "_" for c in label).strip("_")
             run = Run(label, args.config, [*overrides, *args.overrides], seed)
             per_seed.append(train_and_score(run, data_dir, Path(args.runs) / args.suite / f"{slug}_seed{seed}",
-                                            not args.quiet, isolate=not args.in_process))
+                                            not args.quiet, isolate=not args.in_process,
+                                            max_steps=args.max_steps))
         rows[label] = {**aggregate(per_seed), "n_seeds": len(per_seed), "per_seed": per_seed,
                        "overrides": overrides}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = SUITES[args.suite]["title"]
     table = markdown_table(rows, "Variant")
-    command = " ".join(["lors detect ablate --suite", args.suite, "--seeds", *map(str, args.seeds),
-                        *(["--config", args.config] if args.config != LORS else []), *args.overrides])
+    command = " ".join(["lors detect ablate --suite", args.suite,
+                        *(["--config", args.config] if args.config != LORS else []),
+                        *([f"--max-steps {args.max_steps}"] if args.max_steps else []), *args.overrides,
+                        "--seeds", *map(str, args.seeds)])
     md = (f"# {title}\n\nCommand: `{command}`  \nBase config: `{args.config}` plus each row's "
           f"overrides; seeds {list(args.seeds)} (AP in %, mean ± sample std over seeds); "
           f"wall time {(time.perf_counter() - tic) / 60:.1f} min.\n\n{table}\n\n"
@@ -342,6 +358,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--in-process", action="store_true",
                    help="train in this process (starts faster; peak memory is then the largest so far)")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="stop each run after N steps (the schedule is unchanged) and evaluate there")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="detector config overrides for every run")
 
 
