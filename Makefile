@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(VENV)/bin/lors params table1
+	$(VENV)/bin/lors detect compare --seeds 0 1 --out runs/compare
 
 test: setup
 	$(PY) -m pytest -q
