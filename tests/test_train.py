@@ -16,12 +16,12 @@ from lors.models.adamixer import build_criterion, build_detector, load_detector_
 from shapes_data import write_shapes
 
 
-def tiny_config(tmp_path, name="tiny_lors", *extra, num_images=4):
-    images, ann = write_shapes(tmp_path / "data", num_images=num_images, size=64)
+def tiny_config(tmp_path, name="tiny_lors", *extra, num_images=4, size=64):
+    images, ann = write_shapes(tmp_path / "data", num_images=num_images, size=size)
     return load_detector_config(name, [
         f"data.train_images={images}", f"data.train_annotations={ann}",
         f"data.val_images={images}", f"data.val_annotations={ann}",
-        "data.min_size=64", "data.max_size=64", "train.batch_size=2", "train.epochs=3",
+        f"data.min_size={size}", f"data.max_size={size}", "train.batch_size=2", "train.epochs=3",
         "train.lr_steps=[2]", "train.warmup_iters=2", "train.checkpoint_every=2", *extra])
 
 
@@ -117,3 +117,13 @@ def test_two_process_ddp_step_equals_one_process_on_the_combined_batch(tmp_path)
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_tiny_config_overfits_four_images(tmp_path):
+    # the random-init backbone is frozen to keep the test short: the decoder does the learning
+    cfg = tiny_config(tmp_path, "tiny", "train.lr=1e-3", "train.batch_size=4", "train.epochs=120",
+                      "train.lr_steps=[120]", "train.warmup_iters=10", "train.checkpoint_every=1000",
+                      "backbone.frozen_stages=4", "data.flip_prob=0.0", size=96)
+    summary = train(cfg, run_dir=tmp_path / "run", progress=False)
+    assert summary["steps"] == 120
+    assert summary["metrics"]["AP50"] >= 0.9
