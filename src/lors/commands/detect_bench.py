@@ -200,6 +200,9 @@ def plot_ap(rows: dict[str, dict], path: Path, title: str) -> Path:
         ax.errorbar(xs, ys, yerr=errs, fmt=marker, capsize=3, label=key)
         for x, y, label in zip(xs, ys, rows):
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    top = max(100 * (r[k] + r.get(f"{k}_std", 0.0)) for r in rows.values() for k in ("AP", "AP50"))
+    ax.set_ylim(0, max(5.0, 1.15 * top))  # a fixed floor of scale, so noise near 0 looks like 0
+    ax.set_xlim(0, 1.15 * max(r["decoder_params"] for r in rows.values()) / 1e6)
     ax.set_xlabel("decoder parameters (M)")
     ax.set_ylabel("COCO metric on val (%)")
     ax.set_title(title, fontsize=10)
@@ -360,7 +363,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="train in this process (starts faster; peak memory is then the largest so far)")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="stop each run after N steps (the schedule is unchanged) and evaluate there")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="detector config overrides for every run")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="detector config overrides for every run (put them before --seeds)")
 
 
 def add_bench_parsers(subparsers: argparse._SubParsersAction) -> None:
