@@ -127,3 +127,25 @@ def test_tiny_config_overfits_four_images(tmp_path):
     summary = train(cfg, run_dir=tmp_path / "run", progress=False)
     assert summary["steps"] == 120
     assert summary["metrics"]["AP50"] >= 0.9
+
+
+def test_cli_eval_and_predict_read_a_run_directory(tmp_path, capsys):
+    from PIL import Image
+
+    from lors.cli import main
+    cfg = tiny_config(tmp_path, "tiny")
+    run = tmp_path / "run"
+    train(cfg, run_dir=run, stop_after=2, progress=False, evaluate_at_end=False)
+    assert main(["detect", "eval", "--checkpoint", str(run), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    image = next((tmp_path / "data" / "images").glob("*.png"))
+    out = tmp_path / "pred.png"
+    assert main(["detect", "predict", "--checkpoint", str(run), "--image", str(image),
+                 "--out", str(out), "--score-threshold", "0"]) == 0
+    assert Image.open(out).size == Image.open(image).size
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    assert main(["detect", "predict", "--checkpoint", str(run), "--image", str(broken),
+                 "--out", str(out)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
