@@ -115,6 +115,17 @@ def test_adaptive_mix_equals_paper_pseudocode(points):
         torch.testing.assert_close(lors.mix(x, q, i), x @ w, rtol=1e-5, atol=1e-4)
 
 
+def test_adaptive_without_shared_term_is_the_private_part():
+    lors = AdaptiveLors(3, 16, (2, 6, 5), rank=2, groups=[1, 2, 1], shared=False)
+    randomize_private(lors)
+    q, x = torch.randn(4, 16), torch.randn(4, 2, 3, 6)
+    assert lors.generator is None
+    assert count_parameters(lors).shared == 0
+    for i in range(3):
+        torch.testing.assert_close(lors.weight(q, i), lors.delta(q, i))
+        torch.testing.assert_close(lors.mix(x, q, i), x @ lors.delta(q, i), rtol=1e-5, atol=1e-6)
+
+
 def test_adaptive_two_dim_shape_has_no_head_axis():
     lors = AdaptiveLors(2, 8, (6, 5), rank=2)
     q, x = torch.randn(4, 8), torch.randn(4, 3, 6)

@@ -33,6 +33,8 @@ class AdaptiveLors(nn.Module):
         rank: r, an int or one per layer.
         groups: K, the number of (B, E, A) triples per layer, an int or one per layer.
         bias: give the generator and the E-generators a bias.
+        shared: keep the shared term; ``False`` drops it, so W_i(q) is the private part alone
+            (the paper's Table 5 ablation) and there is no ``generator``.
         init: ``"paper"`` (section 4.1: Kaiming generator, B and A; zero E-generators) or
             ``"official"`` (the authors' code: zero generator weight and E-generators,
             Kaiming B and A). Either way a fresh module's private part is zero, so it equals
@@ -45,8 +47,8 @@ class AdaptiveLors(nn.Module):
 
     def __init__(self, num_layers: int, query_dim: int, shape: Sequence[int],
                  rank: int | Sequence[int] = 16, groups: int | Sequence[int] = 1,
-                 bias: bool = True, init: str = "paper", device=None, dtype=None,
-                 name: str = "AdaptiveLors"):
+                 bias: bool = True, init: str = "paper", shared: bool = True, device=None,
+                 dtype=None, name: str = "AdaptiveLors"):
         super().__init__()
         shape = tuple(int(s) for s in shape)
         if len(shape) not in (2, 3):
@@ -63,7 +65,8 @@ class AdaptiveLors(nn.Module):
         check_ranks(self.ranks, self.groups, self.d, self.h, name)
         kw = dict(device=device, dtype=dtype)
         G, d, h = self.heads, self.d, self.h
-        self.generator = nn.Linear(query_dim, G * d * h, bias=bias, **kw)  # eq. 10
+        self.has_bias = bias
+        self.generator = nn.Linear(query_dim, G * d * h, bias=bias, **kw) if shared else None  # eq. 10
         self.A = nn.ParameterList(
             nn.Parameter(torch.empty(G, k, r, h, **kw)) for r, k in zip(self.ranks, self.groups))
         self.B = nn.ParameterList(
@@ -73,7 +76,9 @@ class AdaptiveLors(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.init == "paper":
+        if self.generator is None:
+            pass
+        elif self.init == "paper":
             self.generator.reset_parameters()  # nn.Linear's Kaiming-uniform
         else:
             nn.init.zeros_(self.generator.weight)
@@ -87,11 +92,13 @@ class AdaptiveLors(nn.Module):
                 nn.init.zeros_(e.bias)
 
     def _parts(self, q: torch.Tensor, i: int):
-        """Shared weight (..., G, d, h), B E (..., G, d, K*r) and A (G, K*r, h) for layer i."""
+        """Shared weight (..., G, d, h) or None, B E (..., G, d, K*r) and A (G, K*r, h) for layer i."""
         if q.shape[-1] != self.query_dim:
             raise ValueError(f"query has width {q.shape[-1]}, expected {self.query_dim}")
         lead, G, K, r = q.shape[:-1], self.heads, self.groups[i], self.ranks[i]
-        shared = self.generator(q).view(*lead, G, self.d, self.h)          # eq. 10
+        shared = None
+        if self.generator is not None:
+            shared = self.generator(q).view(*lead, G, self.d, self.h)     # eq. 10
         e = self.E[i](q).view(*lead, G, K, r, r)                          # eq. 12
         be = torch.einsum("gkdr,...gkrs->...gdks", self.B[i], e)           # (..., G, d, K, r)
         return shared, be.reshape(*lead, G, self.d, K * r), self.A[i].reshape(G, K * r, self.h)
@@ -99,7 +106,8 @@ class AdaptiveLors(nn.Module):
     def weight(self, q: torch.Tensor, i: int) -> torch.Tensor:
         """Layer i's generated weight W_i(q) (eq. 9). q: (..., d_q) -> (..., [G,] d, h)."""
         shared, be, a = self._parts(q, i)
-        w = shared + _per_head(be, a)  # eq. 11: the sum over k is folded into one matmul
+        w = _per_head(be, a)  # eq. 11: the sum over k is folded into one matmul
+        w = w if shared is None else shared + w
         return w if len(self.shape) == 3 else w.squeeze(-3)
 
     def delta(self, q: torch.Tensor, i: int) -> torch.Tensor:
@@ -124,9 +132,11 @@ class AdaptiveLors(nn.Module):
         shared, be, a = self._parts(q, i)
         P, kr, d, h = x.shape[-2], a.shape[-2], self.d, self.h
         if P * kr * (d + h) < d * kr * h + d * h:
-            y = x @ shared + _per_head(x @ be, a)  # (..., G, P, h)
+            y = _per_head(x @ be, a)  # (..., G, P, h)
+            y = y if shared is None else x @ shared + y
         else:
-            y = x @ (shared + _per_head(be, a))
+            w = _per_head(be, a)
+            y = x @ (w if shared is None else shared + w)
         return y if len(self.shape) == 3 else y.squeeze(-3)
 
     def extra_repr(self) -> str:
@@ -135,5 +145,5 @@ class AdaptiveLors(nn.Module):
 
     def config(self) -> dict:
         return dict(num_layers=self.num_layers, query_dim=self.query_dim, shape=list(self.shape),
-                    rank=self.ranks, groups=self.groups, bias=self.generator.bias is not None,
-                    init=self.init)
+                    rank=self.ranks, groups=self.groups, bias=self.has_bias, init=self.init,
+                    shared=self.generator is not None)

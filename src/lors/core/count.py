@@ -31,7 +31,7 @@ def lors_split(lors: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]
         if lors.bias is not None and lors.shared_bias:
             shared.append(lors.bias)
     elif isinstance(lors, AdaptiveLors):
-        shared = list(lors.generator.parameters())
+        shared = [] if lors.generator is None else list(lors.generator.parameters())
     else:
         raise TypeError(f"{type(lors).__name__} is not a LORS module")
     ids = {id(p) for p in shared}

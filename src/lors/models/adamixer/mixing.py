@@ -93,20 +93,6 @@ class PlainGenerator(nn.Module):
         return mix_channels_then_points(x, lambda t: t @ m_c, lambda t: t @ m_s)
 
 
-class ZeroWeights(nn.Module):
-    """Stands in for an AdaptiveLors generator when the shared term is off (Table 5): it
-    returns zeros, holds no parameters, so the generated weight is the private part alone."""
-
-    def __init__(self, out_features: int):
-        super().__init__()
-        self.out_features = out_features
-        # AdaptiveLors.config() reports ``generator.bias is not None``; the E-generators keep theirs
-        self.register_buffer("bias", torch.zeros(0), persistent=False)
-
-    def forward(self, q: Tensor) -> Tensor:
-        return q.new_zeros(*q.shape[:-1], self.out_features)
-
-
 class LorsGenerator(nn.Module):
     """LORS^A generators for all stages: W_i(q) = Linear(q) + sum_k B_ik E_ik(q) A_ik (eq. 9-12).
 
@@ -131,13 +117,11 @@ class LorsGenerator(nn.Module):
         super().__init__()
         if init not in GENERATOR_INITS:
             raise ValueError(f"lors.init must be one of {GENERATOR_INITS}, got {init!r}")
-        kw = dict(num_layers=num_stages, query_dim=query_dim, rank=rank, groups=groups, init=init)
+        kw = dict(num_layers=num_stages, query_dim=query_dim, rank=rank, groups=groups, init=init,
+                  shared=use_shared)
         self.channel = AdaptiveLors(shape=(num_groups, channels, channels), name="lors.adaptive (channel mixing)", **kw)
         self.spatial = AdaptiveLors(shape=(num_groups, in_points, out_points), name="lors.adaptive (spatial mixing)", **kw)
         self.use_shared = use_shared
-        if not use_shared:  # lors.core has no switch for the shared term: replace its generator
-            for lors in (self.channel, self.spatial):
-                lors.generator = ZeroWeights(lors.generator.out_features)
 
     def forward(self, x: Tensor, query: Tensor, stage: int) -> Tensor:
         """x (B, N, G, P_in, c), query (B, N, d) -> (B, N, G, c, P_out)."""
