@@ -55,6 +55,27 @@ def test_static_gradients_reach_every_tensor():
         assert p.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_static_factored_path_gradients_equal_autograd(bias):
+    torch.manual_seed(0)
+    lors = StaticLors(2, 64, 40, rank=3, groups=[1, 2], bias=bias).double()
+    randomize_private(lors)
+    for i in range(2):
+        x = torch.randn(2, 3, 64, dtype=torch.float64, requires_grad=True)  # 6 rows: factored
+        g = torch.randn(2, 3, 40, dtype=torch.float64)
+        params = [x] + list(lors.parameters())
+        ours = torch.autograd.grad(lors(x, i), params, g, allow_unused=True)
+        b, a = lors.factors(i)
+        ref_y = x @ lors.shared_weight.T + (x @ a.T) @ b.T
+        if bias:
+            ref_y = ref_y + lors.bias[i]
+        ref = torch.autograd.grad(ref_y, params, g, allow_unused=True)
+        for o, r in zip(ours, ref):
+            assert (o is None) == (r is None)
+            if o is not None:
+                torch.testing.assert_close(o, r)
+
+
 def test_static_shared_bias_is_one_vector():
     lors = StaticLors(3, 8, 6, rank=2, shared_bias=True)
     assert lors.bias.shape == (1, 6)

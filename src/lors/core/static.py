@@ -45,6 +45,37 @@ def kaiming_(tensor: torch.Tensor) -> torch.Tensor:
     return nn.init.uniform_(tensor, -bound, bound)
 
 
+class _FactoredLinear(torch.autograd.Function):
+    """y = x W^T + (x A^T) B^T + bias with a leaner backward than autograd's composite: the
+    gradients of W and A come from one product that reads x once, ``[g, g B]^T x``, and the
+    input gradient ``g W + (g B) A`` is accumulated in place. x: (M, in)."""
+
+    @staticmethod
+    def forward(ctx, x, w, a, b, bias):
+        xa = x @ a.t()                                                   # (M, K*r)
+        y = torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
+        y.addmm_(xa, b.t())
+        ctx.save_for_backward(x, w, a, b, xa)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, a, b, xa = ctx.saved_tensors
+        gb = g @ b                                                       # (M, K*r)
+        grad_x = grad_w = grad_a = grad_b = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ w).addmm_(gb, a)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            gwa = torch.cat([g, gb], dim=1).t() @ x                      # (out + K*r, in)
+            grad_w, grad_a = gwa[: w.shape[0]], gwa[w.shape[0]:]
+        if ctx.needs_input_grad[3]:
+            grad_b = g.t() @ xa
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            grad_bias = g.sum(0)
+        return grad_x, grad_w, grad_a, grad_b, grad_bias
+
+
 class StaticLors(nn.Module):
     """The weights of N stacked Linears: a shared part and per-layer low-rank residuals.
 
@@ -130,8 +161,12 @@ class StaticLors(nn.Module):
         b, a = self.factors(i)
         rows = x.numel() // self.in_features
         if rows * (self.in_features + self.out_features) < self.in_features * self.out_features:
-            y = F.linear(x, self.shared_weight, self.layer_bias(i))
-            return y + F.linear(F.linear(x, a), b)  # (..., K*r) -> (..., out)
+            if torch.is_autocast_enabled(x.device.type):  # mixed dtypes: let autograd handle them
+                y = F.linear(x, self.shared_weight, self.layer_bias(i))
+                return y + F.linear(F.linear(x, a), b)  # (..., K*r) -> (..., out)
+            y = _FactoredLinear.apply(x.reshape(rows, self.in_features), self.shared_weight, a, b,
+                                      self.layer_bias(i))
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, torch.addmm(self.shared_weight, b, a), self.layer_bias(i))
 
     def extra_repr(self) -> str:
