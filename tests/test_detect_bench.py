@@ -31,7 +31,7 @@ def _flatten(d, prefix=""):
 def test_compare_on_a_tiny_benchmark_writes_summary_table_and_pngs(tmp_path):
     # two tiny models, 64 px, 4 train / 2 val images, stopped after 1 of 2 steps
     out = tmp_path / "compare"
-    rc = main(["detect", "compare", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--quiet",
+    rc = main(["detect", "compare", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--quiet", "--no-pretrain",
                "--in-process", "--max-steps", "1", "--vanilla", "tiny", "--lors", "tiny_lors", *TINY_DATA,
                *TINY_MODEL])
     assert rc == 0

@@ -25,6 +25,7 @@ from typing import Sequence
 from lors.config import apply_overrides
 
 VANILLA, LORS = "bench_adamixer", "bench_adamixer_lors"
+PRETRAINED_NAME = "resnet18_digits.pth"  # cached in the benchmark folder by `lors detect compare --pretrain`
 METRICS = ("AP", "AP50", "AP75")
 # per model, in summary.json and the table
 KEYS = ("decoder_params", "total_params", "AP", "AP50", "AP75", "seconds_per_step", "peak_memory_mb")
@@ -282,11 +283,19 @@ def run_compare(args: argparse.Namespace) -> int:
     tic = time.perf_counter()
     out = Path(args.out)
     data_dir = build_data(args.data_dir, args.data_set, progress=not args.quiet)
+    overrides = list(args.overrides)
+    pretrained = None
+    if args.pretrain:
+        from lors.data.pretrain import pretrain_digit_backbone
+        pretrained = pretrain_digit_backbone(data_dir / PRETRAINED_NAME, seconds=args.pretrain_seconds,
+                                             progress=not args.quiet)
+        overrides = [f"backbone.weights={pretrained}", *overrides]  # a later override still wins
+        print(f"backbone: {pretrained} (ResNet-18 pretrained on the train split's digits)", flush=True)
     models = {"AdaMixer": args.vanilla, "AdaMixer + LORS": args.lors}
     per_model: dict[str, list[dict]] = {m: [] for m in models}
     for seed in args.seeds:
         for label, config in models.items():
-            run = Run(label, config, list(args.overrides), seed)
+            run = Run(label, config, overrides, seed)
             slug = "lors" if "LORS" in label else "vanilla"
             print(f"== {label} ({config}), seed {seed}", flush=True)
             per_model[label].append(train_and_score(run, data_dir, out / f"{slug}_seed{seed}", not args.quiet,
@@ -301,7 +310,8 @@ def run_compare(args: argparse.Namespace) -> int:
     summary = {"models": {m: {k: r[k] for k in (*KEYS, *(f"{k}_std" for k in (*METRICS, "seconds_per_step")),
                                                  "per_seed")} | {"config": models[m]}
                           for m, r in rows.items()},
-               "seeds": list(args.seeds), "max_steps": args.max_steps, "data_dir": str(data_dir), "overrides": list(args.overrides),
+               "seeds": list(args.seeds), "max_steps": args.max_steps, "data_dir": str(data_dir), "overrides": overrides,
+               "pretrained_backbone": str(pretrained) if pretrained else None,
                "wall_seconds": time.perf_counter() - tic}
     summary["decoder_params_ratio"] = (rows["AdaMixer + LORS"]["decoder_params"] / rows["AdaMixer"]["decoder_params"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -376,6 +386,12 @@ def add_bench_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
     p.add_argument("--vanilla", default=VANILLA, help=f"vanilla config (default {VANILLA})")
     p.add_argument("--lors", default=LORS, help=f"LORS config (default {LORS})")
+    p.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"start both backbones from a ResNet-18 pretrained as a digit classifier on the "
+                        f"train split's digits only (DATA_DIR/{PRETRAINED_NAME}, built once, then cached; "
+                        f"default on)")
+    p.add_argument("--pretrain-seconds", type=float, default=240.0, metavar="S",
+                   help="wall-clock budget of that pretraining when it is built (default 240)")
     _common(p)
     p.set_defaults(func=run_compare)
 
