@@ -161,7 +161,8 @@ class StaticLors(nn.Module):
         b, a = self.factors(i)
         rows = x.numel() // self.in_features
         if rows * (self.in_features + self.out_features) < self.in_features * self.out_features:
-            if torch.is_autocast_enabled(x.device.type):  # mixed dtypes: let autograd handle them
+            if x.device.type == "meta" or torch.is_autocast_enabled(x.device.type):
+                # meta tensors (FLOP counts) and autocast's mixed dtypes: autograd's composite
                 y = F.linear(x, self.shared_weight, self.layer_bias(i))
                 return y + F.linear(F.linear(x, a), b)  # (..., K*r) -> (..., out)
             y = _FactoredLinear.apply(x.reshape(rows, self.in_features), self.shared_weight, a, b,
