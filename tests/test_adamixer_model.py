@@ -6,7 +6,6 @@ import torch
 import torchvision
 
 from lors import cli
-from lors.core import count_parameters
 from lors.models.adamixer import build_criterion, build_detector, load_detector_config
 from lors.models.adamixer.mixing import LorsGenerator, PlainGenerator
 from lors.models.adamixer.report import count_macs, detect_report

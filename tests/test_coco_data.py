@@ -10,7 +10,6 @@ from lors.data.transforms import (
     Compose,
     Normalize,
     RandomHorizontalFlip,
-    RandomResize,
     ToTensor,
     make_coco_transforms,
     resized_size,

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-import lors
 from lors import LorsLinear, count_parameters, merge, share_layers
 
 

@@ -9,24 +9,11 @@ import torch
 
 from lors.commands.detect_bench import add_bench_parsers
 from lors.commands.detect_data import add_data_parser
-from lors.config import load_config
 
 
 def _config(args: argparse.Namespace):
     from lors.models.adamixer import load_detector_config
     return load_detector_config(args.config, args.overrides)
-
-
-def _checkpoint_config(path: str, overrides=()):
-    """The DetectorConfig and state stored with a checkpoint (folder or run directory)."""
-    from lors.engine.checkpoint import find_checkpoint, read_state
-    from lors.models.adamixer import DetectorConfig
-    ckpt = find_checkpoint(path)
-    if ckpt is None:
-        raise ValueError(f"{path} holds no checkpoint (no state.json or last.json): pass a run "
-                         "directory written by `lors detect train` or one of its ckpt_* folders")
-    state = read_state(ckpt)
-    return ckpt, load_config(DetectorConfig, state["config"], overrides), state
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -40,20 +27,13 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from lors.engine.checkpoint import load_checkpoint
     from lors.engine.distributed import init_distributed
-    from lors.engine.train import build_datasets, evaluate
-    from lors.models.adamixer import build_detector
+    from lors.engine.train import evaluate_checkpoint, run_config
+    ckpt, cfg, _ = run_config(args.checkpoint, args.overrides)
     if args.config:
         cfg = _config(args)
-        ckpt, _, _ = _checkpoint_config(args.checkpoint)
-    else:
-        ckpt, cfg, _ = _checkpoint_config(args.checkpoint, args.overrides)
     _, _, dev = init_distributed(args.device)
-    model = build_detector(cfg).to(dev)
-    load_checkpoint(ckpt, model)
-    _, val_set = build_datasets(cfg, train=False)
-    metrics = evaluate(model, val_set, cfg, dev, verbose=not args.json)
+    metrics = evaluate_checkpoint(ckpt, cfg, dev, verbose=not args.json)
     print(json.dumps(metrics, indent=2) if args.json else
           "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return 0
@@ -62,11 +42,13 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from lors.data.coco import collate_fn
     from lors.data.transforms import make_coco_transforms
     from lors.engine.checkpoint import load_checkpoint
+    from lors.engine.train import run_config
     from lors.models.adamixer import PostProcess, build_detector
     from lors.plots import draw_detections
-    ckpt, cfg, state = _checkpoint_config(args.checkpoint, args.overrides)
+    ckpt, cfg, state = run_config(args.checkpoint, args.overrides)
     path = Path(args.image)
     try:
         image = Image.open(path).convert("RGB")
@@ -74,10 +56,8 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot read image {path} ({err}): pass a PNG or JPEG file") from None
     model = build_detector(cfg).eval()
     load_checkpoint(ckpt, model)
-    tensor, _ = make_coco_transforms(False, (cfg.data.min_size,), cfg.data.max_size)(image, {"boxes": torch.zeros(0, 4)})
-    size = torch.tensor([tensor.shape[-2:]])
-    pad_h, pad_w = (-size[0, 0]) % 32, (-size[0, 1]) % 32
-    batch = torch.nn.functional.pad(tensor, (0, int(pad_w), 0, int(pad_h)))[None]
+    transform = make_coco_transforms(False, (cfg.data.min_size,), cfg.data.max_size)
+    batch, size, _ = collate_fn([transform(image, {"boxes": torch.zeros(0, 4)})], cfg.data.size_divisor)
     with torch.no_grad():
         outputs = model(batch, size)
     det = PostProcess(cfg.test.max_detections)(outputs, size, torch.tensor([[image.height, image.width]]))[0]

@@ -111,18 +111,15 @@ def _train_child(cfg, run_dir: str, progress: bool, max_steps: int | None = None
     COCOeval's text goes to ``eval.txt``."""
     import torch
 
-    from lors.engine.checkpoint import find_checkpoint, load_checkpoint
-    from lors.engine.train import build_datasets, evaluate, train
-    from lors.models.adamixer import build_detector
+    from lors.engine.checkpoint import find_checkpoint
+    from lors.engine.train import evaluate_checkpoint, train
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / "eval.txt").open("w") as text, contextlib.redirect_stdout(text):
         summary = train(cfg, run_dir, resume=False, progress=progress, stop_after=max_steps)
         if "metrics" not in summary:  # stopped before the end of the schedule: evaluate here
-            model = build_detector(cfg)
-            load_checkpoint(find_checkpoint(run_dir), model)
-            _, val_set = build_datasets(cfg, train=False)
-            summary["metrics"] = evaluate(model, val_set, cfg, torch.device("cpu"), progress=progress)
+            summary["metrics"] = evaluate_checkpoint(find_checkpoint(run_dir), cfg,
+                                                     torch.device("cpu"), progress=progress)
     (run_dir / "result.json").write_text(json.dumps(summary, indent=2))
 
 
@@ -226,9 +223,9 @@ def draw_predictions(runs: dict[str, Path], data_dir: Path, path: Path, num_imag
 
     from lors.data.coco import CocoDetection, collate_fn
     from lors.data.transforms import make_coco_transforms
-    from lors.engine.checkpoint import find_checkpoint, load_checkpoint, read_state
-    from lors.config import load_config
-    from lors.models.adamixer import DetectorConfig, PostProcess, build_detector
+    from lors.engine.checkpoint import load_checkpoint
+    from lors.engine.train import run_config
+    from lors.models.adamixer import PostProcess, build_detector
     from lors.plots import draw_boxes
 
     def enlarge(image, det):
@@ -237,8 +234,7 @@ def draw_predictions(runs: dict[str, Path], data_dir: Path, path: Path, num_imag
 
     rows = {}
     for label, run_dir in runs.items():
-        ckpt = find_checkpoint(run_dir)
-        cfg = load_config(DetectorConfig, read_state(ckpt)["config"])
+        ckpt, cfg, _ = run_config(run_dir)
         val = CocoDetection(data_dir / "val" / "images", data_dir / "val" / "annotations.json",
                             make_coco_transforms(False, (cfg.data.min_size,), cfg.data.max_size))
         names = val.class_names

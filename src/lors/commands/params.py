@@ -16,10 +16,6 @@ PAPER_TABLE1 = {
 NUM_LAYERS = 6
 
 
-def _count(module: nn.Module) -> int:
-    return count_parameters(module).total
-
-
 def table1() -> dict:
     """Paper Table 1 from real modules (built on the meta device, so nothing is allocated).
 
@@ -37,7 +33,7 @@ def table1() -> dict:
     }
     out = {}
     for kind, (plain, build) in cases.items():
-        without = _count(plain)
+        without = count_parameters(plain).total
         rows = []
         for r, (paper_m, paper_pct) in PAPER_TABLE1[kind].items():
             stack = build(r)

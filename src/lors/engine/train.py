@@ -9,9 +9,10 @@ of (seed, epoch, index), and the RNG state is stored in every checkpoint.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
+import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -21,11 +22,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from lors.config import save_config, to_dict
+from lors.config import load_config, save_config, to_dict
 from lors.data.coco import CocoDetection, collate_fn
 from lors.data.transforms import make_coco_transforms
 from lors.engine import distributed
-from lors.engine.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from lors.engine.checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
 from lors.engine.evaluate import coco_evaluate
 from lors.models.adamixer import DetectorConfig, PostProcess, build_criterion, build_detector
 
@@ -124,18 +125,38 @@ def evaluate(model: nn.Module, dataset: CocoDetection, cfg: DetectorConfig, devi
     """COCOeval AP, AP50, AP75, APs, APm, APl of ``model`` on ``dataset``."""
     model.eval()
     post = PostProcess(cfg.test.max_detections)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        collate_fn=partial(collate_fn, stride=cfg.data.size_divisor),
                         num_workers=cfg.data.num_workers)
-    predictions = []
+    predictions, dtype = [], autocast_dtype(cfg, device)
     for images, sizes, targets in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         images, sizes, targets = to_device(images, sizes, targets, device)
-        dtype = autocast_dtype(cfg, device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             outputs = model(images, sizes)
         orig = torch.stack([t["orig_size"] for t in targets])
         for t, det in zip(targets, post(outputs, sizes, orig)):
             predictions.append({"image_id": t["image_id"], **{k: v.float().cpu() for k, v in det.items()}})
     return coco_evaluate(dataset.coco, predictions, dataset.label_to_cat_id, verbose=verbose)
+
+
+def run_config(path: str | Path, overrides=()) -> tuple[Path, DetectorConfig, dict]:
+    """The checkpoint folder of ``path`` (a run directory or a ckpt_* folder), the
+    DetectorConfig stored with it (plus ``overrides``) and its state.json."""
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise ValueError(f"{path} holds no checkpoint (no state.json or last.json): pass a run "
+                         "directory written by `lors detect train` or one of its ckpt_* folders")
+    state = read_state(ckpt)
+    return ckpt, load_config(DetectorConfig, state["config"], overrides), state
+
+
+def evaluate_checkpoint(ckpt: str | Path, cfg: DetectorConfig, device: torch.device,
+                        progress: bool = True, verbose: bool = True) -> dict[str, float]:
+    """COCOeval metrics of the model in checkpoint folder ``ckpt`` on ``cfg``'s val split."""
+    model = build_detector(cfg).to(device)
+    load_checkpoint(ckpt, model)
+    _, val_set = build_datasets(cfg, train=False)
+    return evaluate(model, val_set, cfg, device, progress=progress, verbose=verbose)
 
 
 def _trim_log(path: Path, step: int) -> None:
@@ -215,7 +236,8 @@ def train(cfg: DetectorConfig, run_dir: str | Path | None = None, resume: bool =
         epoch, offset = divmod(step, sampler.steps)
         sampler.set_epoch(epoch, offset)
         items.epoch = epoch
-        loader = DataLoader(items, batch_size=per_process, sampler=sampler, collate_fn=collate_fn,
+        loader = DataLoader(items, batch_size=per_process, sampler=sampler,
+                            collate_fn=partial(collate_fn, stride=cfg.data.size_divisor),
                             num_workers=cfg.data.num_workers, drop_last=True)
         for images, sizes, targets in loader:
             tic = time.perf_counter()
@@ -263,7 +285,7 @@ def train(cfg: DetectorConfig, run_dir: str | Path | None = None, resume: bool =
                 break
     bar.close()
     summary = {"steps": step, "total_steps": total, "run_dir": str(run_dir),
-               "seconds_per_step": _median(step_times[1:] or step_times),
+               "seconds_per_step": statistics.median(step_times[1:] or step_times) if step_times else math.nan,
                "peak_memory_mb": peak_memory_mb(dev)}
     if main:
         log_file.close()
@@ -278,11 +300,6 @@ def train(cfg: DetectorConfig, run_dir: str | Path | None = None, resume: bool =
     return summary
 
 
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    return values[len(values) // 2] if values else math.nan
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated, or this process's peak resident memory on CPU."""
     if device.type == "cuda":
@@ -290,8 +307,3 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
-
-def replace_config(cfg: DetectorConfig, **sections) -> DetectorConfig:
-    """A copy of ``cfg`` with some fields of its sections replaced (``train={"lr": 1e-4}``)."""
-    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)
-                                       for name, values in sections.items()})
