@@ -155,3 +155,32 @@ def test_decoder_macs_match_the_papers_gflops_column():
     lors = count_macs(build_detector(load_detector_config("adamixer_lors_r50_1x"), device="meta"))
     assert round(plain["decoder"] / 1e9) == 12 and round(lors["decoder"] / 1e9) == 18
     assert plain["backbone_neck"] == lors["backbone_neck"]
+
+
+def test_fewer_levels_drop_the_deepest_stages(tmp_path):
+    """num_levels=3 builds C2..C4 only: layer4 is neither built, counted nor loaded, and the
+    detector trains on three maps (strides 4, 8, 16)."""
+    net = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(net.state_dict(), path)  # a full ResNet-18, layer4 and fc included
+    cfg = load_detector_config("tiny", [f"backbone.weights={path}", "backbone.num_levels=3"])
+    model = build_detector(cfg)
+    backbone = model.backbone
+    assert not hasattr(backbone, "layer4") and backbone.strides == [4, 8, 16]
+    assert torch.equal(backbone.layer3[1].conv2.weight, net.layer3[1].conv2.weight)
+    layer4 = sum(p.numel() for p in net.layer4.parameters())
+    full = build_detector(load_detector_config("tiny"))
+    assert detect_report(cfg)["backbone"] == detect_report(load_detector_config("tiny"))["backbone"] - layer4
+    maps = backbone(torch.zeros(1, 3, 64, 64))
+    assert [m.shape[-1] for m in maps] == [16, 8, 4]
+    images, sizes, targets = tiny_batch(cfg)
+    criterion = build_criterion(cfg)
+    losses = criterion(model(images, sizes), targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    criterion.total(losses).backward()
+    assert backbone.layer3[0].conv1.weight.grad is not None
+    assert len(full.neck.convs) == 4 and len(model.neck.convs) == 3
+    with pytest.raises(ValueError, match="frozen_stages 4 exceeds num_levels 3"):
+        build_detector(load_detector_config("tiny", ["backbone.num_levels=3", "backbone.frozen_stages=4"]))
+    with pytest.raises(ValueError, match="num_levels must be in 1..4"):
+        build_detector(load_detector_config("tiny", ["backbone.num_levels=5"]))

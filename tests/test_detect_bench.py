@@ -89,3 +89,25 @@ def test_a_fresh_run_in_a_used_run_dir_rewrites_the_log(tmp_path):
         train(cfg, tmp_path / "run", resume=False, progress=False, evaluate_at_end=False)
     rows = list(csv.reader((tmp_path / "run" / "log.csv").open()))
     assert [r[0] for r in rows] == ["step", "1"]
+
+
+def test_ablate_runs_two_child_processes_at_a_time_and_keeps_each_row_its_own(tmp_path, capsys):
+    # table5's three variants of a tiny LORS model, two at a time in child processes
+    rc = main(["detect", "ablate", "--suite", "table5", "--config", "tiny_lors", "--out-dir", str(tmp_path / "out"),
+               "--runs", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"), "--quiet", "--no-pretrain",
+               "--jobs", "2", "--max-steps", "1", *TINY_DATA, *TINY_MODEL])
+    assert rc == 0
+    rows = json.loads((tmp_path / "out" / "ablation_table5.json").read_text())
+    assert list(rows) == [label for label, _ in suite_variants("table5")]
+    for label, row in rows.items():
+        (result,) = row["per_seed"]
+        slug = "".join(c if c.isalnum() else "_" for c in label).strip("_")
+        assert result["run_dir"].endswith(f"{slug}_seed0") and result["steps"] == 1
+        cfg = json.loads((tmp_path / "runs" / "table5" / f"{slug}_seed0" / "result.json").read_text())
+        assert cfg["steps"] == 1
+    # the private-only row has no shared generator, so fewer decoder parameters than the full one
+    assert rows["W^private only"]["decoder_params"] < rows["W^shared + W^private"]["decoder_params"]
+    capsys.readouterr()
+    assert main(["detect", "ablate", "--suite", "table5", "--in-process", "--jobs", "2", "--quiet",
+                 "--no-pretrain", "--data-dir", str(tmp_path / "data"), *TINY_DATA]) == 2
+    assert "--in-process trains one run at a time" in capsys.readouterr().err

@@ -16,11 +16,15 @@ import argparse
 import contextlib
 import json
 import multiprocessing
+import os
 import statistics
 import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from tqdm import tqdm
 
 from lors.config import apply_overrides
 
@@ -106,13 +110,16 @@ class Run:
                                                   f"train.seed={self.seed}"])
 
 
-def _train_child(cfg, run_dir: str, progress: bool, max_steps: int | None = None) -> None:
-    """Child-process body: train (to ``max_steps`` at most), evaluate, write ``result.json``;
-    COCOeval's text goes to ``eval.txt``."""
+def _train_child(cfg, run_dir: str, progress: bool, max_steps: int | None = None,
+                 threads: int | None = None) -> None:
+    """Child-process body: train (to ``max_steps`` at most) with ``threads`` CPU threads,
+    evaluate, write ``result.json``; COCOeval's text goes to ``eval.txt``."""
     import torch
 
     from lors.engine.checkpoint import find_checkpoint
     from lors.engine.train import evaluate_checkpoint, train
+    if threads:
+        torch.set_num_threads(threads)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / "eval.txt").open("w") as text, contextlib.redirect_stdout(text):
@@ -124,14 +131,16 @@ def _train_child(cfg, run_dir: str, progress: bool, max_steps: int | None = None
 
 
 def train_and_score(run: Run, data_dir: Path, run_dir: Path, progress: bool = True,
-                    isolate: bool = True, max_steps: int | None = None) -> dict:
-    """Train ``run`` (in a child process if ``isolate``); its KEYS (params, AP..., time per
-    step, peak memory) plus steps and run_dir."""
+                    isolate: bool = True, max_steps: int | None = None,
+                    threads: int | None = None) -> dict:
+    """Train ``run`` (in a child process with ``threads`` CPU threads if ``isolate``); its KEYS
+    (params, AP..., time per step, peak memory) plus steps and run_dir."""
     from lors.models.adamixer.report import detect_report
     cfg = run.load(data_dir)
     (run_dir / "result.json").unlink(missing_ok=True)
     if isolate:
-        child = multiprocessing.get_context("spawn").Process(target=_train_child, args=(cfg, str(run_dir), progress, max_steps))
+        child = multiprocessing.get_context("spawn").Process(
+            target=_train_child, args=(cfg, str(run_dir), progress, max_steps, threads))
         child.start()
         child.join()
         exitcode = child.exitcode
@@ -148,6 +157,58 @@ def train_and_score(run: Run, data_dir: Path, run_dir: Path, progress: bool = Tr
             "seconds_per_step": summary["seconds_per_step"],
             "peak_memory_mb": summary["peak_memory_mb"], "steps": summary["steps"],
             "run_dir": str(run_dir)}
+
+
+def default_jobs() -> int:
+    """Concurrent runs by default: one per CPU core, at most 2 (each run then gets the
+    other cores' share of threads; two single-thread runs beat one two-thread run on 2 cores)."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def run_all(jobs: list[tuple[str, Run, Path]], data_dir: Path, args: argparse.Namespace) -> list[dict]:
+    """Train and score each (title, run, run_dir), ``args.jobs`` at a time, each in its own child
+    process with ``cpu_count // jobs`` threads; results in the order of ``jobs``."""
+    if args.in_process and (args.jobs or 1) > 1:
+        raise ValueError("--in-process trains one run at a time: drop it or pass --jobs 1")
+    width = 1 if args.in_process else max(1, args.jobs or default_jobs())
+    threads = max(1, (os.cpu_count() or 1) // width)
+
+    def one(job: tuple[str, Run, Path]) -> dict:
+        title, run, run_dir = job
+        print(f"== {title}", flush=True)
+        return train_and_score(run, data_dir, run_dir, not args.quiet and width == 1,
+                               isolate=not args.in_process, max_steps=args.max_steps,
+                               threads=threads if width > 1 else None)
+
+    if width == 1:
+        return [one(job) for job in jobs]
+    print(f"{len(jobs)} runs, {width} at a time with {threads} CPU thread(s) each", flush=True)
+    planned = [planned_steps(run.load(data_dir), args.max_steps) for _, run, _ in jobs]
+    with ThreadPoolExecutor(width) as pool, \
+            tqdm(total=sum(planned), desc=f"train {len(jobs)} runs", unit="step", disable=args.quiet) as bar:
+        futures = [pool.submit(one, job) for job in jobs]
+        while not all(f.done() for f in futures):
+            wait(futures, timeout=2.0, return_when=FIRST_EXCEPTION)
+            bar.update(sum(min(logged_step(d), n) for (_, _, d), n in zip(jobs, planned)) - bar.n)
+        return [f.result() for f in futures]
+
+
+def planned_steps(cfg, max_steps: int | None = None) -> int:
+    """Training steps of ``cfg``'s schedule on its train split (``max_steps`` at most)."""
+    num_images = len(json.loads(Path(cfg.data.train_annotations).read_text())["images"])
+    steps = cfg.train.epochs * (num_images // cfg.train.batch_size)
+    return min(steps, max_steps) if max_steps else steps
+
+
+def logged_step(run_dir: Path) -> int:
+    """The last step in ``run_dir/log.csv`` (0 if none yet): a running child's progress."""
+    try:
+        with (run_dir / "log.csv").open("rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 200))
+            last = f.read().decode(errors="replace").strip().splitlines()[-1]
+        return int(last.split(",")[0])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def aggregate(per_seed: list[dict]) -> dict:
@@ -274,28 +335,31 @@ def draw_predictions(runs: dict[str, Path], data_dir: Path, path: Path, num_imag
     return path
 
 
+def pretrained_backbone(args: argparse.Namespace, data_dir: Path) -> Path | None:
+    """With ``args.pretrain``: the digit-pretrained ResNet-18 in ``data_dir`` (built if missing)."""
+    if not args.pretrain:
+        return None
+    from lors.data.pretrain import pretrain_digit_backbone
+    path = pretrain_digit_backbone(data_dir / PRETRAINED_NAME, seconds=args.pretrain_seconds,
+                                   progress=not args.quiet)
+    print(f"backbone: {path} (ResNet-18 pretrained on the train split's digits)", flush=True)
+    return path
+
+
 def run_compare(args: argparse.Namespace) -> int:
     """Train and score the vanilla and LORS bench configs for each seed; write the outputs."""
     tic = time.perf_counter()
     out = Path(args.out)
     data_dir = build_data(args.data_dir, args.data_set, progress=not args.quiet)
-    overrides = list(args.overrides)
-    pretrained = None
-    if args.pretrain:
-        from lors.data.pretrain import pretrain_digit_backbone
-        pretrained = pretrain_digit_backbone(data_dir / PRETRAINED_NAME, seconds=args.pretrain_seconds,
-                                             progress=not args.quiet)
-        overrides = [f"backbone.weights={pretrained}", *overrides]  # a later override still wins
-        print(f"backbone: {pretrained} (ResNet-18 pretrained on the train split's digits)", flush=True)
+    pretrained = pretrained_backbone(args, data_dir)
+    overrides = [*([f"backbone.weights={pretrained}"] if pretrained else []), *args.overrides]
     models = {"AdaMixer": args.vanilla, "AdaMixer + LORS": args.lors}
+    jobs = [(f"{label} ({config}), seed {seed}", Run(label, config, overrides, seed),
+             out / f"{'lors' if 'LORS' in label else 'vanilla'}_seed{seed}")
+            for seed in args.seeds for label, config in models.items()]
     per_model: dict[str, list[dict]] = {m: [] for m in models}
-    for seed in args.seeds:
-        for label, config in models.items():
-            run = Run(label, config, overrides, seed)
-            slug = "lors" if "LORS" in label else "vanilla"
-            print(f"== {label} ({config}), seed {seed}", flush=True)
-            per_model[label].append(train_and_score(run, data_dir, out / f"{slug}_seed{seed}", not args.quiet,
-                                                    isolate=not args.in_process, max_steps=args.max_steps))
+    for (_, run, _), result in zip(jobs, run_all(jobs, data_dir, args)):
+        per_model[run.label].append(result)
     rows = {m: {**aggregate(r), "n_seeds": len(r), "per_seed": r} for m, r in per_model.items()}
     table = markdown_table(rows)
     plot = plot_ap(rows, out / "ap_vs_decoder_params.png",
@@ -326,16 +390,17 @@ def run_ablate(args: argparse.Namespace) -> int:
     variants = suite_variants(args.suite)
     tic = time.perf_counter()
     data_dir = build_data(args.data_dir, args.data_set, progress=not args.quiet)
+    pretrained = pretrained_backbone(args, data_dir)
+    common = [*([f"backbone.weights={pretrained}"] if pretrained else []), *args.overrides]
+    jobs = []
+    for label, overrides in variants:
+        slug = "".join(c if c.isalnum() else "_" for c in label).strip("_")
+        jobs += [(f"{args.suite}: {label}, seed {seed}", Run(label, args.config, [*overrides, *common], seed),
+                  Path(args.runs) / args.suite / f"{slug}_seed{seed}") for seed in args.seeds]
+    results = run_all(jobs, data_dir, args)
     rows = {}
     for label, overrides in variants:
-        per_seed = []
-        for seed in args.seeds:
-            print(f"== {args.suite}: {label}, seed {seed}", flush=True)
-            slug = "".join(c if c.isalnum() else "_" for c in label).strip("_")
-            run = Run(label, args.config, [*overrides, *args.overrides], seed)
-            per_seed.append(train_and_score(run, data_dir, Path(args.runs) / args.suite / f"{slug}_seed{seed}",
-                                            not args.quiet, isolate=not args.in_process,
-                                            max_steps=args.max_steps))
+        per_seed = [r for (_, run, _), r in zip(jobs, results) if run.label == label]
         rows[label] = {**aggregate(per_seed), "n_seeds": len(per_seed), "per_seed": per_seed,
                        "overrides": overrides}
     out = Path(args.out_dir)
@@ -369,6 +434,15 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="train in this process (starts faster; peak memory is then the largest so far)")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="stop each run after N steps (the schedule is unchanged) and evaluate there")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="runs trained at the same time, each in its own process with an equal share "
+                        "of the CPU threads (default: the number of CPU cores, at most 2)")
+    p.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"start the backbones from a ResNet-18 pretrained as a digit classifier on the "
+                        f"train split's digits only (DATA_DIR/{PRETRAINED_NAME}, built once, then cached; "
+                        f"default on)")
+    p.add_argument("--pretrain-seconds", type=float, default=240.0, metavar="S",
+                   help="wall-clock budget of that pretraining when it is built (default 240)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="detector config overrides for every run (put them before --seeds)")
 
 
@@ -382,12 +456,6 @@ def add_bench_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
     p.add_argument("--vanilla", default=VANILLA, help=f"vanilla config (default {VANILLA})")
     p.add_argument("--lors", default=LORS, help=f"LORS config (default {LORS})")
-    p.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=True,
-                   help=f"start both backbones from a ResNet-18 pretrained as a digit classifier on the "
-                        f"train split's digits only (DATA_DIR/{PRETRAINED_NAME}, built once, then cached; "
-                        f"default on)")
-    p.add_argument("--pretrain-seconds", type=float, default=240.0, metavar="S",
-                   help="wall-clock budget of that pretraining when it is built (default 240)")
     _common(p)
     p.set_defaults(func=run_compare)
 

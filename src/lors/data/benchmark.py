@@ -62,13 +62,13 @@ class BenchmarkConfig:
         seed: draws photos, crops, digits, sizes, positions and colours.
     """
 
-    image_size: int = 128
+    image_size: int = 64
     num_train: int = 800
     num_val: int = 200
     min_objects: int = 1
     max_objects: int = 4
     min_digit_size: int = 12
-    max_digit_size: int = 40
+    max_digit_size: int = 28
     max_overlap: float = 0.3
     seed: int = 0
 

@@ -74,13 +74,14 @@ def train_digit_indices() -> np.ndarray:
 def pretrain_digit_backbone(out_path: str | Path, data_dir: str | Path | None = None,
                             seconds: float = 240.0, steps: int | None = None, seed: int = 0,
                             batch_size: int = 128, image_size: int = 32, lr: float = 2e-3,
-                            progress: bool = True, rebuild: bool = False) -> Path:
+                            progress: bool = True, rebuild: bool = False,
+                            device: str | torch.device = "cpu") -> Path:
     """Train ``resnet18(num_classes=10)`` on train-split digits; save its state dict without ``fc``.
 
     Stops after ``steps`` steps if given, else after ``seconds`` of wall time (cosine learning
     rate over that budget). Reuses ``out_path`` if it exists (unless ``rebuild``).
     ``data_dir`` is unused except as the default home of ``out_path`` (a relative ``out_path``
-    is taken inside it). Returns the path.
+    is taken inside it). Batches are drawn on the CPU and trained on ``device``. Returns the path.
     """
     import torchvision
     out_path = Path(out_path)
@@ -95,7 +96,7 @@ def pretrain_digit_backbone(out_path: str | Path, data_dir: str | Path | None = 
     alphas = torch.from_numpy(alphas_np[train_idx])
     labels = torch.from_numpy(labels_np[train_idx])
     bank = _background_bank(np.random.default_rng(seed), 512 if steps is None else 16, image_size)
-    net = torchvision.models.resnet18(weights=None, num_classes=10)
+    net = torchvision.models.resnet18(weights=None, num_classes=10).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     net.train()
     # cosine lr over the budget (steps, or wall-clock seconds), after a 5 % linear warm-up
@@ -113,6 +114,7 @@ def pretrain_digit_backbone(out_path: str | Path, data_dir: str | Path | None = 
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (frac + 1e-3) / 0.05) * 0.5 * (1 + np.cos(np.pi * frac))
         x, y = make_batch(alphas, labels, bank, batch_size, image_size, gen)
+        x, y = x.to(device), y.to(device)
         logits = net(x)
         loss = F.cross_entropy(logits, y, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
@@ -126,7 +128,7 @@ def pretrain_digit_backbone(out_path: str | Path, data_dir: str | Path | None = 
             bar.set_postfix(step=done, loss=f"{loss.item():.3f}", acc=f"{correct / seen:.3f}")
             correct = seen = 0
     bar.close()
-    state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    state = {k: v.cpu() for k, v in net.state_dict().items() if not k.startswith("fc.")}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp")
     torch.save(state, tmp)

@@ -1,4 +1,5 @@
-"""ResNet backbone from torchvision, returning the C2..C5 feature maps (strides 4 to 32)."""
+"""ResNet backbone from torchvision, returning the C2..C5 feature maps (strides 4 to 32), or the
+first ``num_levels`` of them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,24 +24,34 @@ class ResNetBackbone(nn.Module):
             (AdaMixer and mmdetection use 1; -1 freezes nothing, 0 only the stem).
         norm_eval: keep every BatchNorm in eval mode (running statistics frozen) while
             training, as detectors trained with 2 images per GPU do.
+        num_levels: return C2..C(1+num_levels); 4 (the default) is AdaMixer's C2..C5. Fewer
+            levels drop the deepest stages altogether (for small images, where C5 is a few
+            cells), so they are neither computed nor counted.
 
     Batch norms stay ``nn.BatchNorm2d`` (not frozen copies) so that the parameter count is
     torchvision's: ResNet-50 without ``fc`` has 23,508,032 parameters.
     """
 
     def __init__(self, depth: int = 50, weights: str | None = None, frozen_stages: int = 1,
-                 norm_eval: bool = True):
+                 norm_eval: bool = True, num_levels: int = 4):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"backbone depth {depth} is not a torchvision ResNet; use one of {sorted(DEPTHS)}")
         if not -1 <= frozen_stages <= 4:
             raise ValueError(f"frozen_stages must be in -1..4, got {frozen_stages}")
+        if not 1 <= num_levels <= 4:
+            raise ValueError(f"num_levels must be in 1..4 (C2 up to C2..C5), got {num_levels}")
+        if frozen_stages > num_levels:
+            raise ValueError(f"frozen_stages {frozen_stages} exceeds num_levels {num_levels}: "
+                             f"only {num_levels} residual stages are built")
         net = getattr(torchvision.models, DEPTHS[depth])(weights=None)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        for k in range(1, num_levels + 1):  # torchvision's names, so its state dicts load as they are
+            setattr(self, f"layer{k}", getattr(net, f"layer{k}"))
+        self.num_levels = num_levels
         width = 64 if depth < 50 else 256  # BasicBlock vs Bottleneck expansion
-        self.out_channels = [width, 2 * width, 4 * width, 8 * width]
-        self.strides = list(STRIDES)
+        self.out_channels = [width, 2 * width, 4 * width, 8 * width][:num_levels]
+        self.strides = list(STRIDES[:num_levels])
         self.depth, self.frozen_stages, self.norm_eval = depth, frozen_stages, norm_eval
         if weights:
             self.load_weights(weights)
@@ -77,14 +88,20 @@ class ResNetBackbone(nn.Module):
             for old, new in (("conv1.", "stem.0."), ("bn1.", "stem.1.")):
                 if key.startswith(old):
                     key = new + key[len(old):]
+            if key.startswith("layer") and int(key[5]) > self.num_levels:
+                continue  # a stage this backbone does not build (num_levels < 4)
             renamed[key] = value
         missing, unexpected = self.load_state_dict(renamed, strict=False)
         if missing or unexpected:
             raise ValueError(f"backbone weights {weights!r} do not fit ResNet-{self.depth}: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
+    def stages(self) -> list[nn.Module]:
+        """The residual stages that are built: layer1 .. layer<num_levels>."""
+        return [getattr(self, f"layer{k}") for k in range(1, self.num_levels + 1)]
+
     def _frozen_modules(self) -> list[nn.Module]:
-        stages = [self.stem, self.layer1, self.layer2, self.layer3, self.layer4]
+        stages = [self.stem, *self.stages()]
         return stages[: self.frozen_stages + 1] if self.frozen_stages >= 0 else []
 
     def _freeze(self) -> None:
@@ -104,10 +121,11 @@ class ResNetBackbone(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """images (B, 3, H, W) -> [C2 (B, c, H/4, W/4), C3 (B, 2c, H/8, W/8), C4, C5 (B, 8c, H/32, W/32)],
-        c = 256 for ResNet-50 and deeper, 64 for ResNet-18/34 (sizes rounded up)."""
+        c = 256 for ResNet-50 and deeper, 64 for ResNet-18/34 (sizes rounded up); the first
+        ``num_levels`` of them."""
         x = self.stem(images)
-        c2 = self.layer1(x)
-        c3 = self.layer2(c2)
-        c4 = self.layer3(c3)
-        c5 = self.layer4(c4)
-        return [c2, c3, c4, c5]
+        features = []
+        for layer in self.stages():
+            x = layer(x)
+            features.append(x)
+        return features

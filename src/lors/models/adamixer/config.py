@@ -19,6 +19,7 @@ class BackboneConfig:
     weights: str | None = None            # None: random init; a local file; or a torchvision weights name
     frozen_stages: int = 1                # stem + layer1 frozen, as AdaMixer
     norm_eval: bool = True                # batch norms keep their running statistics
+    num_levels: int = 4                   # feature maps C2..C(1+num_levels); 4 = C2..C5
 
 
 @dataclass

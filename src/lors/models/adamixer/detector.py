@@ -159,7 +159,8 @@ def build_detector(cfg: DetectorConfig, device: torch.device | str | None = None
     adaptive, static = lors_options(cfg)
     with torch.device(device) if device is not None else nullcontext():
         backbone = ResNetBackbone(depth=cfg.backbone.depth, weights=cfg.backbone.weights,
-                                  frozen_stages=cfg.backbone.frozen_stages, norm_eval=cfg.backbone.norm_eval)
+                                  frozen_stages=cfg.backbone.frozen_stages, norm_eval=cfg.backbone.norm_eval,
+                                  num_levels=cfg.backbone.num_levels)
         neck = ChannelMapping(backbone.out_channels, out_channels=cfg.neck.dim, gn_groups=cfg.neck.gn_groups)
         stages = [DecoderStage(query_dim=dec.query_dim, num_heads=dec.num_heads, ffn_dim=dec.ffn_dim,
                                num_classes=dec.num_classes, num_groups=dec.num_groups,
