@@ -7,6 +7,7 @@ import pytest
 from lors.cli import main
 from lors.commands.detect_bench import KEYS, LORS, SUITES, VANILLA, suite_variants
 from lors.config import to_dict
+from lors.engine.checkpoint import find_checkpoint
 from lors.engine.train import train
 from lors.models.adamixer import load_detector_config
 from lors.models.adamixer.report import detect_report
@@ -89,6 +90,13 @@ def test_a_fresh_run_in_a_used_run_dir_rewrites_the_log(tmp_path):
         train(cfg, tmp_path / "run", resume=False, progress=False, evaluate_at_end=False)
     rows = list(csv.reader((tmp_path / "run" / "log.csv").open()))
     assert [r[0] for r in rows] == ["step", "1"]
+    # a fresh start drops the old run's checkpoints at once: a crash before its first checkpoint
+    # must not leave last.json pointing at the old run for a later resume
+    stale = tmp_path / "run" / "ckpt_00000099"
+    stale.mkdir()
+    (tmp_path / "run" / "last.json").write_text('{"checkpoint": "ckpt_00000099"}')
+    train(cfg, tmp_path / "run", resume=False, progress=False, evaluate_at_end=False, stop_after=0)
+    assert not stale.exists() and find_checkpoint(tmp_path / "run") is None
 
 
 def test_ablate_runs_two_child_processes_at_a_time_and_keeps_each_row_its_own(tmp_path, capsys):

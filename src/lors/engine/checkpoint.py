@@ -75,6 +75,19 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     return final
 
 
+def discard_checkpoints(run_dir: str | Path) -> int:
+    """Remove ``last.json`` (first, so no crash can leave it pointing at a removed folder) and
+    every ``ckpt_*`` folder of ``run_dir``; returns how many folders went."""
+    run_dir = Path(run_dir)
+    (run_dir / "last.json").unlink(missing_ok=True)
+    old = sorted(run_dir.glob("ckpt_*"))
+    for folder in old:
+        shutil.rmtree(folder)
+    if old:
+        print(f"fresh start in {run_dir}: removed {len(old)} checkpoint(s) of an earlier run", flush=True)
+    return len(old)
+
+
 def find_checkpoint(path: str | Path) -> Path | None:
     """A checkpoint folder, or the newest one of a run directory (None if it has none)."""
     path = Path(path)

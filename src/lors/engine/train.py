@@ -26,7 +26,8 @@ from lors.config import load_config, save_config, to_dict
 from lors.data.coco import CocoDetection, collate_fn
 from lors.data.transforms import make_coco_transforms
 from lors.engine import distributed
-from lors.engine.checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
+from lors.engine.checkpoint import (discard_checkpoints, find_checkpoint, load_checkpoint, read_state,
+                                   save_checkpoint)
 from lors.engine.evaluate import coco_evaluate
 from lors.models.adamixer import DetectorConfig, PostProcess, build_criterion, build_detector
 
@@ -215,6 +216,8 @@ def train(cfg: DetectorConfig, run_dir: str | Path | None = None, resume: bool =
     last = min(total, stop_after) if stop_after is not None else total
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if step == 0:
+            discard_checkpoints(run_dir)  # a fresh start must not resume the old run after a crash
         save_config(cfg, run_dir / "config.yaml")
         _trim_log(run_dir / "log.csv", step)
     # a fresh start (step 0) replaces any earlier log; a resumed run appends to the trimmed one
