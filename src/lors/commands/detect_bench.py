@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import multiprocessing
 import os
@@ -132,24 +133,26 @@ def _train_child(cfg, run_dir: str, progress: bool, max_steps: int | None = None
 
 def train_and_score(run: Run, data_dir: Path, run_dir: Path, progress: bool = True,
                     isolate: bool = True, max_steps: int | None = None,
-                    threads: int | None = None) -> dict:
+                    threads: int | None = None, reuse: bool = False) -> dict:
     """Train ``run`` (in a child process with ``threads`` CPU threads if ``isolate``); its KEYS
-    (params, AP..., time per step, peak memory) plus steps and run_dir."""
+    (params, AP..., time per step, peak memory) plus steps and run_dir. With ``reuse``, a
+    ``result.json`` already in ``run_dir`` is read instead of training again."""
     from lors.models.adamixer.report import detect_report
     cfg = run.load(data_dir)
-    (run_dir / "result.json").unlink(missing_ok=True)
-    if isolate:
+    if reuse and (run_dir / "result.json").exists():
+        print(f"   reusing the finished run in {run_dir}", flush=True)
+    elif isolate:
+        (run_dir / "result.json").unlink(missing_ok=True)
         child = multiprocessing.get_context("spawn").Process(
             target=_train_child, args=(cfg, str(run_dir), progress, max_steps, threads))
         child.start()
         child.join()
-        exitcode = child.exitcode
+        if child.exitcode != 0 or not (run_dir / "result.json").exists():
+            raise RuntimeError(f"training {run.label} (seed {run.seed}) failed with exit code "
+                               f"{child.exitcode}: see the traceback above and {run_dir / 'log.csv'}")
     else:
+        (run_dir / "result.json").unlink(missing_ok=True)
         _train_child(cfg, str(run_dir), progress, max_steps)
-        exitcode = 0
-    if exitcode != 0 or not (run_dir / "result.json").exists():
-        raise RuntimeError(f"training {run.label} (seed {run.seed}) failed with exit code "
-                           f"{exitcode}: see the traceback above and {run_dir / 'log.csv'}")
     summary = json.loads((run_dir / "result.json").read_text())
     report = detect_report(cfg)
     return {"decoder_params": report["decoder"], "total_params": report["total"],
@@ -159,15 +162,25 @@ def train_and_score(run: Run, data_dir: Path, run_dir: Path, progress: bool = Tr
             "run_dir": str(run_dir)}
 
 
+def run_key(cfg, max_steps: int | None) -> str:
+    """A short hash of a resolved config and step limit: runs that would train the same thing
+    (e.g. the base row that every ablation table repeats) share one run directory."""
+    from lors.config import to_dict
+    text = json.dumps({"config": to_dict(cfg), "max_steps": max_steps}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
 def default_jobs() -> int:
     """Concurrent runs by default: one per CPU core, at most 2 (each run then gets the
     other cores' share of threads; two single-thread runs beat one two-thread run on 2 cores)."""
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def run_all(jobs: list[tuple[str, Run, Path]], data_dir: Path, args: argparse.Namespace) -> list[dict]:
+def run_all(jobs: list[tuple[str, Run, Path]], data_dir: Path, args: argparse.Namespace,
+            reuse: bool = False) -> list[dict]:
     """Train and score each (title, run, run_dir), ``args.jobs`` at a time, each in its own child
-    process with ``cpu_count // jobs`` threads; results in the order of ``jobs``."""
+    process with ``cpu_count // jobs`` threads; results in the order of ``jobs``. With
+    ``reuse``, finished runs are read back (see `train_and_score`)."""
     if args.in_process and (args.jobs or 1) > 1:
         raise ValueError("--in-process trains one run at a time: drop it or pass --jobs 1")
     width = 1 if args.in_process else max(1, args.jobs or default_jobs())
@@ -178,7 +191,7 @@ def run_all(jobs: list[tuple[str, Run, Path]], data_dir: Path, args: argparse.Na
         print(f"== {title}", flush=True)
         return train_and_score(run, data_dir, run_dir, not args.quiet and width == 1,
                                isolate=not args.in_process, max_steps=args.max_steps,
-                               threads=threads if width > 1 else None)
+                               threads=threads if width > 1 else None, reuse=reuse)
 
     if width == 1:
         return [one(job) for job in jobs]
@@ -392,15 +405,18 @@ def run_ablate(args: argparse.Namespace) -> int:
     data_dir = build_data(args.data_dir, args.data_set, progress=not args.quiet)
     pretrained = pretrained_backbone(args, data_dir)
     common = [*([f"backbone.weights={pretrained}"] if pretrained else []), *args.overrides]
-    jobs = []
+    jobs = {}  # run directory -> job: rows that train the same config share one run
+    wanted = []
     for label, overrides in variants:
-        slug = "".join(c if c.isalnum() else "_" for c in label).strip("_")
-        jobs += [(f"{args.suite}: {label}, seed {seed}", Run(label, args.config, [*overrides, *common], seed),
-                  Path(args.runs) / args.suite / f"{slug}_seed{seed}") for seed in args.seeds]
-    results = run_all(jobs, data_dir, args)
+        for seed in args.seeds:
+            run = Run(label, args.config, [*overrides, *common], seed)
+            run_dir = Path(args.runs) / run_key(run.load(data_dir), args.max_steps)
+            jobs.setdefault(run_dir, (f"{args.suite}: {label}, seed {seed}", run, run_dir))
+            wanted.append((label, run_dir))
+    results = dict(zip(jobs, run_all(list(jobs.values()), data_dir, args, reuse=not args.retrain)))
     rows = {}
     for label, overrides in variants:
-        per_seed = [r for (_, run, _), r in zip(jobs, results) if run.label == label]
+        per_seed = [results[run_dir] for row, run_dir in wanted if row == label]
         rows[label] = {**aggregate(per_seed), "n_seeds": len(per_seed), "per_seed": per_seed,
                        "overrides": overrides}
     out = Path(args.out_dir)
@@ -466,6 +482,9 @@ def add_bench_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--suite", required=True, help=f"one of {', '.join(SUITES)}")
     p.add_argument("--config", default=LORS, help=f"base config (default {LORS})")
     p.add_argument("--out-dir", default="docs/results", help="where the table and plot go")
-    p.add_argument("--runs", default="runs/ablate", help="run directories")
+    p.add_argument("--runs", default="runs/ablate",
+                   help="run directories, one per resolved config (a hash of it): a finished run is "
+                        "reused by every row and later call that trains the same config")
+    p.add_argument("--retrain", action="store_true", help="train every row again, even if finished")
     _common(p)
     p.set_defaults(func=run_ablate)
