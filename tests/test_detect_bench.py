@@ -125,3 +125,31 @@ def test_ablate_runs_two_child_processes_at_a_time_and_keeps_each_row_its_own(tm
     assert main(["detect", "ablate", "--suite", "table5", "--in-process", "--jobs", "2", "--quiet",
                  "--no-pretrain", "--data-dir", str(tmp_path / "data"), *TINY_DATA]) == 2
     assert "--in-process trains one run at a time" in capsys.readouterr().err
+
+
+def _child_peak(queue) -> None:
+    import torch
+
+    from lors.engine.train import peak_memory_mb
+    queue.put(peak_memory_mb(torch.device("cpu")))
+
+
+def test_a_child_run_reports_its_own_peak_memory_not_its_parents():
+    """compare/ablate train in spawned children; ru_maxrss would carry the parent's peak into
+    each child (fork + exec keeps it), so every run would report the parent's memory."""
+    import multiprocessing
+
+    import numpy as np
+    import torch
+
+    from lors.engine.train import peak_memory_mb
+    big = np.ones(2_000_000_000 // 8)  # 2 GB touched in the parent
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_peak, args=(queue,))
+    child.start()
+    child_peak = queue.get(timeout=120)
+    child.join()
+    parent_peak = peak_memory_mb(torch.device("cpu"))
+    assert parent_peak > 2000 and child_peak < parent_peak - 1000, (parent_peak, child_peak)
+    del big

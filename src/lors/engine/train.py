@@ -304,9 +304,19 @@ def train(cfg: DetectorConfig, run_dir: str | Path | None = None, resume: bool =
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated, or this process's peak resident memory on CPU."""
+    """Peak GPU memory allocated, or this process's peak resident memory on CPU.
+
+    On Linux the CPU figure is ``VmHWM`` of /proc/self/status: unlike ``ru_maxrss``, which a
+    child started by fork + exec inherits from its parent, it belongs to this program alone.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
