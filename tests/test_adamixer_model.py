@@ -184,3 +184,18 @@ def test_fewer_levels_drop_the_deepest_stages(tmp_path):
         build_detector(load_detector_config("tiny", ["backbone.num_levels=3", "backbone.frozen_stages=4"]))
     with pytest.raises(ValueError, match="num_levels must be in 1..4"):
         build_detector(load_detector_config("tiny", ["backbone.num_levels=5"]))
+
+
+@pytest.mark.parametrize("init", ["official", "paper"])
+def test_private_only_mixing_starts_off_the_zero_saddle(init):
+    """Table 5's "private only" row: with no shared generator, a mixing weight that started at
+    zero would feed a zero into the spatial mixing and no gradient would ever leave that point
+    (AP 0 after a full schedule). The E-generators' biases start non-zero instead."""
+    cfg = load_detector_config("tiny_lors", ["lors.adaptive.use_shared=false", f"lors.init={init}"])
+    torch.manual_seed(0)
+    model, criterion = build_detector(cfg), build_criterion(cfg)
+    images, sizes, targets = tiny_batch(cfg)
+    criterion.total(criterion(model(images, sizes), targets)).backward()
+    e_grads = {n: p.grad for n, p in model.named_parameters() if n.startswith("decoder.mixing.generator") and ".E." in n}
+    assert e_grads and all(g is not None and g.abs().sum() > 0 for g in e_grads.values()), \
+        [n for n, g in e_grads.items() if g is None or g.abs().sum() == 0]

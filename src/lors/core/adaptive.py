@@ -39,7 +39,12 @@ class AdaptiveLors(nn.Module):
             ``"official"`` (the authors' code: zero generator weight and E-generators,
             Kaiming B and A). Either way a fresh module's private part is zero, so it equals
             its shared part. B and A stay non-zero in both: with E zero, a zero B would
-            leave B and E without gradient for ever. ``"paper"`` is the default.
+            leave B and E without gradient for ever. Without the shared term
+            (``shared=False``) the E-generators' biases start uniform in
+            ±1/sqrt(d_q) instead of zero, as the official generator's bias does: a weight
+            that starts at exactly zero, fed into another generated weight (AdaMixer's
+            channel then spatial mixing), would be a saddle that no gradient leaves.
+            ``"paper"`` is the default.
 
     Parameters: ``generator`` Linear(d_q, G*d*h) shared; per layer ``A[i]`` (G, K_i, r_i, h),
     ``B[i]`` (G, K_i, d, r_i) and ``E[i]`` Linear(d_q, G*K_i*r_i*r_i), private.
@@ -88,7 +93,12 @@ class AdaptiveLors(nn.Module):
         for a, b, e in zip(self.A, self.B, self.E):
             kaiming_(a), kaiming_(b)
             nn.init.zeros_(e.weight)
-            if e.bias is not None:
+            if e.bias is None:
+                continue
+            if self.generator is None:  # private part alone: start it non-zero (see the docstring)
+                bound = 1.0 / math.sqrt(self.query_dim)
+                nn.init.uniform_(e.bias, -bound, bound)
+            else:
                 nn.init.zeros_(e.bias)
 
     def _parts(self, q: torch.Tensor, i: int):
