@@ -140,18 +140,18 @@ def train_and_score(run: Run, data_dir: Path, run_dir: Path, progress: bool = Tr
     cfg = run.load(data_dir)
     if reuse and (run_dir / "result.json").exists():
         print(f"   reusing the finished run in {run_dir}", flush=True)
-    elif isolate:
-        (run_dir / "result.json").unlink(missing_ok=True)
-        child = multiprocessing.get_context("spawn").Process(
-            target=_train_child, args=(cfg, str(run_dir), progress, max_steps, threads))
-        child.start()
-        child.join()
-        if child.exitcode != 0 or not (run_dir / "result.json").exists():
-            raise RuntimeError(f"training {run.label} (seed {run.seed}) failed with exit code "
-                               f"{child.exitcode}: see the traceback above and {run_dir / 'log.csv'}")
     else:
         (run_dir / "result.json").unlink(missing_ok=True)
-        _train_child(cfg, str(run_dir), progress, max_steps)
+        if not isolate:
+            _train_child(cfg, str(run_dir), progress, max_steps)
+        else:
+            child = multiprocessing.get_context("spawn").Process(
+                target=_train_child, args=(cfg, str(run_dir), progress, max_steps, threads))
+            child.start()
+            child.join()
+            if child.exitcode != 0 or not (run_dir / "result.json").exists():
+                raise RuntimeError(f"training {run.label} (seed {run.seed}) failed with exit code "
+                                   f"{child.exitcode}: see the traceback above and {run_dir / 'log.csv'}")
     summary = json.loads((run_dir / "result.json").read_text())
     report = detect_report(cfg)
     return {"decoder_params": report["decoder"], "total_params": report["total"],
@@ -206,9 +206,11 @@ def run_all(jobs: list[tuple[str, Run, Path]], data_dir: Path, args: argparse.Na
 
 
 def planned_steps(cfg, max_steps: int | None = None) -> int:
-    """Training steps of ``cfg``'s schedule on its train split (``max_steps`` at most)."""
+    """Training steps of ``cfg``'s schedule on its train split (``max_steps`` at most), as
+    `lors.engine.train.train` counts them."""
+    from lors.engine.train import EpochSampler
     num_images = len(json.loads(Path(cfg.data.train_annotations).read_text())["images"])
-    steps = cfg.train.epochs * (num_images // cfg.train.batch_size)
+    steps = cfg.train.epochs * EpochSampler(num_images, cfg.train.batch_size, cfg.train.seed).steps
     return min(steps, max_steps) if max_steps else steps
 
 
@@ -242,8 +244,11 @@ def run_compare(args: argparse.Namespace) -> int:
     pretrained = pretrained_backbone(args, data_dir)
     overrides = [*([f"backbone.weights={pretrained}"] if pretrained else []), *args.overrides]
     models = {"AdaMixer": args.vanilla, "AdaMixer + LORS": args.lors}
-    jobs = [(f"{label} ({config}), seed {seed}", Run(label, config, overrides, seed),
-             out / f"{'lors' if 'LORS' in label else 'vanilla'}_seed{seed}")
+
+    def run_dir(label: str, seed: int) -> Path:
+        return out / f"{'lors' if 'LORS' in label else 'vanilla'}_seed{seed}"
+
+    jobs = [(f"{label} ({config}), seed {seed}", Run(label, config, overrides, seed), run_dir(label, seed))
             for seed in args.seeds for label, config in models.items()]
     per_model: dict[str, list[dict]] = {m: [] for m in models}
     for (_, run, _), result in zip(jobs, run_all(jobs, data_dir, args)):
@@ -253,8 +258,7 @@ def run_compare(args: argparse.Namespace) -> int:
     plot = plot_ap(rows, out / "ap_vs_decoder_params.png",
                    f"digits-on-photos val, mean over seeds {list(args.seeds)}")
     first = args.seeds[0]
-    preds = draw_predictions({m: out / f"{'lors' if 'LORS' in m else 'vanilla'}_seed{first}" for m in models},
-                             data_dir, out / "predictions.png")
+    preds = draw_predictions({m: run_dir(m, first) for m in models}, data_dir, out / "predictions.png")
     summary = {"models": {m: {k: r[k] for k in (*KEYS, *(f"{k}_std" for k in (*METRICS, "seconds_per_step")),
                                                  "per_seed")} | {"config": models[m]}
                           for m, r in rows.items()},
