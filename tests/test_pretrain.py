@@ -1,18 +1,24 @@
-"""`lors.data.pretrain`: a tiny digit pretraining run writes weights the ResNet backbone loads,
-from the benchmark's train digits only; `lors detect compare --pretrain` passes them to both models."""
+"""`lors.data.pretrain`: a digit pretraining run of a fixed number of steps writes weights the
+ResNet backbone loads, from the benchmark's train digits only; the weights depend on the
+settings alone (twice gives the same bits); the cache is keyed by those settings and checked
+by checksum; `lors detect compare --pretrain` passes them to both models."""
 import json
 
+import pytest
 import torch
 
 import lors.data.pretrain as pretrain
 from lors.cli import main
 from lors.commands.detect_bench import build_data
 from lors.data.benchmark import digit_split, load_digits
+from lors.data.pretrain import PretrainConfig, cached_digit_backbone, train_digit_backbone
 from lors.models.adamixer.backbone import ResNetBackbone
 from test_detect_bench import TINY_DATA, TINY_MODEL
 
+TINY = PretrainConfig(steps=2, batch_size=4, backgrounds=4)
 
-def test_tiny_pretraining_writes_a_state_dict_the_backbone_loads(tmp_path, monkeypatch):
+
+def _spy(monkeypatch) -> list:
     seen = []
     real = pretrain.make_batch
 
@@ -21,13 +27,21 @@ def test_tiny_pretraining_writes_a_state_dict_the_backbone_loads(tmp_path, monke
         return real(alphas, labels, *args, **kwargs)
 
     monkeypatch.setattr(pretrain, "make_batch", spy)
-    path = pretrain.pretrain_digit_backbone(tmp_path / "r18.pth", steps=2, batch_size=4, progress=False)
+    return seen
+
+
+def test_tiny_pretraining_writes_a_state_dict_the_backbone_loads(tmp_path, monkeypatch):
+    seen = _spy(monkeypatch)
+    path = cached_digit_backbone(tmp_path, TINY, progress=False)
     assert path.exists() and len(seen) == 2
     state = torch.load(path, weights_only=True)
-    assert not any(k.startswith("fc.") for k in state) and "conv1.weight" in state
-    backbone = ResNetBackbone(18, weights=str(path), frozen_stages=1)  # raises if keys do not fit
+    assert "conv1.weight" in state and "layer3.1.conv2.weight" in state
+    assert not any(k.startswith(("fc.", "layer4.")) for k in state)  # the detector reads C2..C4 only
+    backbone = ResNetBackbone(18, weights=str(path), frozen_stages=1, num_levels=3)  # raises if keys do not fit
     assert torch.equal(backbone.stem[0].weight, state["conv1.weight"])
-    assert torch.equal(backbone.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+    assert torch.equal(backbone.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
+    with pytest.raises(ValueError, match="no layer4.*backbone.num_levels=3"):
+        ResNetBackbone(18, weights=str(path), num_levels=4)
     # the digits it drew from are exactly the benchmark's train digits: no val digit image
     alphas, labels = load_digits()
     split = digit_split(labels)
@@ -37,19 +51,57 @@ def test_tiny_pretraining_writes_a_state_dict_the_backbone_loads(tmp_path, monke
     assert len(pool) == len(split["train"])
     assert torch.equal(pool, torch.from_numpy(alphas[split["train"]]))
     assert torch.equal(pool_labels, torch.from_numpy(labels[split["train"]]))
-    # cached: a second call does not train again
+    # cached: a second call with the same settings does not train again
     monkeypatch.setattr(pretrain, "make_batch", None)
-    assert pretrain.pretrain_digit_backbone(path, steps=2, progress=False) == path
+    assert cached_digit_backbone(tmp_path, TINY, progress=False) == path
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["key"]["steps"] == 2 and meta["key"]["seed"] == 0 and meta["key"]["batch_size"] == 4
+
+
+def test_pretraining_twice_gives_bit_identical_weights():
+    a = train_digit_backbone(TINY, progress=False)
+    b = train_digit_backbone(TINY, progress=False)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = train_digit_backbone(PretrainConfig(steps=2, batch_size=4, backgrounds=4, seed=1), progress=False)
+    assert not torch.equal(a["conv1.weight"], c["conv1.weight"])  # the seed does matter
+
+
+@pytest.mark.parametrize("change", [dict(steps=3), dict(seed=1), dict(lr=1e-3), dict(batch_size=2),
+                                    dict(backgrounds=2), dict(levels=2)])
+def test_a_cache_made_with_other_settings_is_not_reused(tmp_path, monkeypatch, change):
+    first = cached_digit_backbone(tmp_path, TINY, progress=False)
+    seen = _spy(monkeypatch)
+    other = PretrainConfig(**{**TINY.__dict__, **change})
+    second = cached_digit_backbone(tmp_path, other, progress=False)
+    assert second != first and len(seen) == other.steps  # trained anew, under its own name
+    assert first.exists()  # and the other settings' cache is left alone
+
+
+def test_a_truncated_cache_is_rebuilt_not_reused(tmp_path, monkeypatch, capsys):
+    path = cached_digit_backbone(tmp_path, TINY, progress=False)
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])  # an interrupted copy, a full disk
+    seen = _spy(monkeypatch)
+    assert cached_digit_backbone(tmp_path, TINY, progress=False) == path
+    assert len(seen) == TINY.steps and "training it again" in capsys.readouterr().out
+    assert path.read_bytes() == good  # deterministic: the rebuild gives the same file
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(batch_size=-1), dict(image_size=16),
+                                 dict(lr=0.0), dict(steps=2.5), dict(levels=5)])
+def test_bad_pretraining_settings_are_named(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        PretrainConfig(**bad)
 
 
 def test_compare_passes_the_cached_pretrained_backbone_to_both_models(tmp_path):
     data = build_data(tmp_path / "data", TINY_DATA[1::2], progress=False)
-    weights = pretrain.pretrain_digit_backbone(data / "resnet18_digits.pth", steps=1, batch_size=2,
-                                               progress=False)
+    weights = cached_digit_backbone(data, PretrainConfig(steps=1, levels=4), progress=False)  # tiny reads C2..C5
     out = tmp_path / "compare"
     rc = main(["detect", "compare", "--out", str(out), "--data-dir", str(data), "--quiet", "--in-process",
-               "--max-steps", "1", "--vanilla", "tiny", "--lors", "tiny_lors", *TINY_DATA,
-               *TINY_MODEL, "backbone.depth=18"])
+               "--max-steps", "1", "--pretrain-steps", "1", "--vanilla", "tiny", "--lors", "tiny_lors",
+               *TINY_DATA, *TINY_MODEL, "backbone.depth=18"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pretrained_backbone"] == str(weights)

@@ -149,3 +149,18 @@ def test_cli_eval_and_predict_read_a_run_directory(tmp_path, capsys):
     assert main(["detect", "predict", "--checkpoint", str(run), "--image", str(broken),
                  "--out", str(out)]) == 2
     assert "cannot read image" in capsys.readouterr().err
+
+
+def test_log_csv_is_flushed_every_log_every_steps_not_only_at_checkpoints(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, "tiny", "train.checkpoint_every=100", "train.log_every=2")
+    run, seen = tmp_path / "run", {}
+    real = train_module.learning_rate
+
+    def watch(step, *args):  # called at the start of each step: what has a reader seen so far?
+        if (run / "log.csv").exists():
+            seen[step] = [s for s, _ in losses(run)]
+        return real(step, *args)
+
+    monkeypatch.setattr(train_module, "learning_rate", watch)
+    train(cfg, run_dir=run, progress=False, evaluate_at_end=False)
+    assert seen[2] == [1, 2] and seen[4] == [1, 2, 3, 4]  # before the first checkpoint (step 6)

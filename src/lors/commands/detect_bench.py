@@ -30,9 +30,11 @@ from tqdm import tqdm
 
 from lors.commands.detect_outputs import KEYS, METRICS, aggregate, draw_predictions, markdown_table, plot_ap
 from lors.config import apply_overrides
+from lors.data.pretrain import PretrainConfig
 
 VANILLA, LORS = "bench_adamixer", "bench_adamixer_lors"
-PRETRAINED_NAME = "resnet18_digits.pth"  # cached in the benchmark folder by `lors detect compare --pretrain`
+PRETRAIN_STEPS = PretrainConfig.steps
+LEGACY_PRETRAINED = "resnet18_digits.pth"  # the wall-clock-budgeted cache of earlier versions: never used
 
 # The paper's ablations (section 4.3) as overrides of the LORS bench config (4 stages, LORS^A
 # r=4 with K=[1,1,2,3], LORS^T r=4). The default row of each table is the bench config itself.
@@ -225,14 +227,21 @@ def logged_step(run_dir: Path) -> int:
         return 0
 
 
-def pretrained_backbone(args: argparse.Namespace, data_dir: Path) -> Path | None:
-    """With ``args.pretrain``: the digit-pretrained ResNet-18 in ``data_dir`` (built if missing)."""
+def pretrained_backbone(args: argparse.Namespace, data_dir: Path, runs: Sequence[Run]) -> Path | None:
+    """With ``args.pretrain``: the digit-pretrained ResNet-18 of ``args.pretrain_steps`` steps,
+    with as many stages as the deepest of ``runs`` reads, cached in ``data_dir`` under a name
+    keyed by its settings (trained if missing)."""
     if not args.pretrain:
         return None
-    from lors.data.pretrain import pretrain_digit_backbone
-    path = pretrain_digit_backbone(data_dir / PRETRAINED_NAME, seconds=args.pretrain_seconds,
-                                   progress=not args.quiet)
-    print(f"backbone: {path} (ResNet-18 pretrained on the train split's digits)", flush=True)
+    levels = max(run.load(data_dir).backbone.num_levels for run in runs)
+    from lors.data.pretrain import PretrainConfig, cached_digit_backbone
+    if (data_dir / LEGACY_PRETRAINED).exists():
+        print(f"note: {data_dir / LEGACY_PRETRAINED} was pretrained for a wall-clock budget by an "
+              "earlier version and is not used; delete it to free the space", flush=True)
+    cfg = PretrainConfig(steps=args.pretrain_steps, levels=levels)
+    path = cached_digit_backbone(data_dir, cfg, progress=not args.quiet)
+    print(f"backbone: {path} (ResNet-18 pretrained on the train split's digits, {cfg.steps} steps)",
+          flush=True)
     return path
 
 
@@ -241,9 +250,10 @@ def run_compare(args: argparse.Namespace) -> int:
     tic = time.perf_counter()
     out = Path(args.out)
     data_dir = build_data(args.data_dir, args.data_set, progress=not args.quiet)
-    pretrained = pretrained_backbone(args, data_dir)
-    overrides = [*([f"backbone.weights={pretrained}"] if pretrained else []), *args.overrides]
     models = {"AdaMixer": args.vanilla, "AdaMixer + LORS": args.lors}
+    pretrained = pretrained_backbone(args, data_dir, [Run(label, config, args.overrides, args.seeds[0])
+                                                      for label, config in models.items()])
+    overrides = [*([f"backbone.weights={pretrained}"] if pretrained else []), *args.overrides]
 
     def run_dir(label: str, seed: int) -> Path:
         return out / f"{'lors' if 'LORS' in label else 'vanilla'}_seed{seed}"
@@ -282,7 +292,8 @@ def run_ablate(args: argparse.Namespace) -> int:
     variants = suite_variants(args.suite)
     tic = time.perf_counter()
     data_dir = build_data(args.data_dir, args.data_set, progress=not args.quiet)
-    pretrained = pretrained_backbone(args, data_dir)
+    pretrained = pretrained_backbone(args, data_dir, [Run(label, args.config, [*overrides, *args.overrides], 0)
+                                                      for label, overrides in variants])
     common = [*([f"backbone.weights={pretrained}"] if pretrained else []), *args.overrides]
     jobs = {}  # run directory -> job: rows that train the same config share one run
     wanted = []
@@ -319,6 +330,16 @@ def run_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="train.seed values (default 0)")
     p.add_argument("--data-dir", default="runs/bench_data", help="benchmark folder, built if missing (cached)")
@@ -334,10 +355,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "of the CPU threads (default: the number of CPU cores, at most 2)")
     p.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=True,
                    help=f"start the backbones from a ResNet-18 pretrained as a digit classifier on the "
-                        f"train split's digits only (DATA_DIR/{PRETRAINED_NAME}, built once, then cached; "
-                        f"default on)")
-    p.add_argument("--pretrain-seconds", type=float, default=240.0, metavar="S",
-                   help="wall-clock budget of that pretraining when it is built (default 240)")
+                        "train split's digits only (cached in DATA_DIR under a name keyed by its "
+                        "settings; default on)")
+    p.add_argument("--pretrain-steps", type=_positive_int, default=PRETRAIN_STEPS, metavar="N",
+                   help=f"training steps of that pretraining (default {PRETRAIN_STEPS}); each "
+                        "step count is cached separately")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="detector config overrides for every run (put them before --seeds)")
 
 

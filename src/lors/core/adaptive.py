@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from lors.core.static import INITS, check_ranks, kaiming_, per_layer
+from lors.core.static import INITS, check_ranks, kaiming_, kaiming_official_, per_layer
 
 
 def _per_head(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -35,10 +35,13 @@ class AdaptiveLors(nn.Module):
         bias: give the generator and the E-generators a bias.
         shared: keep the shared term; ``False`` drops it, so W_i(q) is the private part alone
             (the paper's Table 5 ablation) and there is no ``generator``.
-        init: ``"paper"`` (section 4.1: Kaiming generator, B and A; zero E-generators) or
-            ``"official"`` (the authors' code: zero generator weight and E-generators,
-            Kaiming B and A). Either way a fresh module's private part is zero, so it equals
-            its shared part. B and A stay non-zero in both: with E zero, a zero B would
+        init: ``"paper"`` (section 4.1: Kaiming generator, B and A, read as nn.Linear's
+            default, ±1/sqrt(last dimension); zero E-generators) or ``"official"`` (the
+            authors' code, li-jl16/LORS: zero generator weight with nn.Linear's default bias,
+            zero E-generators, B and A at ``kaiming_uniform_``'s default for the authors'
+            shapes (G K, d, r) and (G K, r, h), so ±sqrt(6 / (d r)) for B and
+            ±sqrt(6 / (r h)) for A). Either way a fresh module's private part is zero, so it
+            equals its shared part. B and A stay non-zero in both: with E zero, a zero B would
             leave B and E without gradient for ever. Without the shared term
             (``shared=False``) the E-generators' biases start uniform in
             ±1/sqrt(d_q) instead of zero, as the official generator's bias does: a weight
@@ -90,8 +93,11 @@ class AdaptiveLors(nn.Module):
             if self.generator.bias is not None:
                 bound = 1.0 / math.sqrt(self.query_dim)
                 nn.init.uniform_(self.generator.bias, -bound, bound)
-        for a, b, e in zip(self.A, self.B, self.E):
-            kaiming_(a), kaiming_(b)
+        for a, b, e, r in zip(self.A, self.B, self.E, self.ranks):
+            if self.init == "paper":
+                kaiming_(a), kaiming_(b)
+            else:  # fan-in of the authors' (G K, r, h) and (G K, d, r) factors
+                kaiming_official_(a, r * self.h), kaiming_official_(b, self.d * r)
             nn.init.zeros_(e.weight)
             if e.bias is None:
                 continue

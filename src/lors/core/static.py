@@ -40,8 +40,18 @@ def check_ranks(ranks: list[int], groups: list[int], d: int, h: int, name: str) 
 
 
 def kaiming_(tensor: torch.Tensor) -> torch.Tensor:
-    """nn.Linear's default Kaiming-uniform init, applied to each (rows, fan_in) slice."""
+    """nn.Linear's default Kaiming-uniform init, applied to each (rows, fan_in) slice:
+    uniform in ±1/sqrt(last dimension)."""
     bound = 1.0 / math.sqrt(tensor.shape[-1])
+    return nn.init.uniform_(tensor, -bound, bound)
+
+
+def kaiming_official_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
+    """``nn.init.kaiming_uniform_`` at its defaults (a=0, gain sqrt(2)) for a tensor whose
+    fan-in is ``fan_in``: uniform in ±sqrt(6 / fan_in). The authors' LORS code applies it to
+    its factors; ``fan_in`` is the product of all dimensions but the first *of the tensor as
+    that code shapes it*, which callers pass because the shapes here differ."""
+    bound = math.sqrt(6.0 / fan_in)
     return nn.init.uniform_(tensor, -bound, bound)
 
 
@@ -87,10 +97,13 @@ class StaticLors(nn.Module):
             (the paper uses ``[1, 1, 2, 2, 3, 3]`` for its adaptive parts).
         bias: give each layer a bias (per-layer, since biases are cheap and layer-specific).
         shared_bias: with ``bias``, keep one bias for all layers instead.
-        init: ``"paper"`` (section 4.1: Kaiming W_shared and B, zero A) or ``"official"``
-            (the authors' code: Kaiming W_shared and A, zero B, as LoRA does). Both start
-            every layer equal to the shared weight; ``"paper"`` is the default because it is
-            what the paper reports.
+        init: ``"paper"`` (section 4.1: Kaiming W_shared and B, zero A; "Kaiming" read as
+            nn.Linear's default, ±1/sqrt(in) for W_shared, ±1/sqrt(r) for B; biases as
+            nn.Linear's) or ``"official"`` (the authors' code, li-jl16/LORS: W_shared at
+            nn.Linear's default, ±1/sqrt(in); each A at ``kaiming_uniform_``'s default for
+            the authors' (r, in) shape, ±sqrt(6/in); B zero, as LoRA does; biases zero).
+            Both start every layer equal to the shared weight; ``"paper"`` is the default
+            because it is what the paper reports.
 
     Parameters: ``shared_weight`` (out, in); ``A[i]`` (K_i, r_i, in) and ``B[i]``
     (K_i, out, r_i) private; ``bias`` (N, out), or (1, out) when shared.
@@ -121,15 +134,19 @@ class StaticLors(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        kaiming_(self.shared_weight)
+        kaiming_(self.shared_weight)  # the authors' bias-free nn.Linear: ±1/sqrt(in)
         for a, b in zip(self.A, self.B):
             if self.init == "paper":
                 kaiming_(b), nn.init.zeros_(a)
-            else:
-                kaiming_(a), nn.init.zeros_(b)
-        if self.bias is not None:
+            else:  # the authors' A is (r, in): fan-in = in
+                kaiming_official_(a, self.in_features), nn.init.zeros_(b)
+        if self.bias is None:
+            pass
+        elif self.init == "paper":
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
+        else:  # the authors' per-layer output bias starts at zero
+            nn.init.zeros_(self.bias)
 
     def factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's K groups folded into one pair: B (out, K*r) and A (K*r, in)."""

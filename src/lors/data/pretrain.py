@@ -2,23 +2,36 @@
 
 The detection benchmark (`lors.data.benchmark`) has no ImageNet weights to start from, and a
 query-based detector on a random backbone learns too slowly for a CPU budget. This gives the
-backbone real features from package data: torchvision ``resnet18(num_classes=10)`` (random
-init) classifies single MNIST digits from the benchmark's *train* digit split only (the val
-digits stay unseen), each resized to a random size, shifted, coloured for contrast and blended
-onto a random crop of a *train* photograph, as the benchmark pastes them. The state dict without
-``fc`` is saved so that ``backbone.weights=<path>`` loads it (`ResNetBackbone.load_weights`).
+backbone real features from package data: torchvision ``resnet18`` (random init), cut after
+its ``levels``-th residual stage (the benchmark's detector reads C2..C4, so layer4 is neither
+trained nor saved by default) and topped with global pooling and a 10-way Linear, classifies
+single MNIST digits from the benchmark's *train* digit split only (the val digits stay unseen),
+each resized to a random size, shifted, coloured for contrast and blended onto a random crop of
+a *train* photograph, as the benchmark pastes them. The state dict of the stem and the trained
+stages, in torchvision's key names, is saved so that ``backbone.weights=<path>`` loads it
+(`ResNetBackbone.load_weights`, with ``backbone.num_levels`` at most ``levels``).
+
+The budget is a number of steps, never seconds, so the weights depend on the settings and
+seed only, not on how busy the machine is: two runs with one ``PretrainConfig`` on one
+machine give bit-identical weights. `cached_digit_backbone` keeps them in a folder under a
+name that hashes everything that made them (``resnet18_digits-<key>.pth``), beside a JSON
+file with those settings and the weights' sha256; a file whose checksum does not match (a
+truncated write) is rebuilt, and one made with other settings is never picked up.
 """
 from __future__ import annotations
 
-import time
+import hashlib
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
-from lors.data.benchmark import TRAIN_PHOTOS, digit_split, load_digits, load_photo
+from lors.data.benchmark import DIGIT_SPLIT_SEED, TRAIN_PHOTOS, digit_split, load_digits, load_photo
 from lors.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -71,66 +84,151 @@ def train_digit_indices() -> np.ndarray:
     return digit_split(labels)["train"]
 
 
-def pretrain_digit_backbone(out_path: str | Path, data_dir: str | Path | None = None,
-                            seconds: float = 240.0, steps: int | None = None, seed: int = 0,
-                            batch_size: int = 128, image_size: int = 32, lr: float = 2e-3,
-                            progress: bool = True, rebuild: bool = False,
-                            device: str | torch.device = "cpu") -> Path:
-    """Train ``resnet18(num_classes=10)`` on train-split digits; save its state dict without ``fc``.
+PRETRAIN_VERSION = 1  # bump when the recipe below changes what a config produces
 
-    Stops after ``steps`` steps if given, else after ``seconds`` of wall time (cosine learning
-    rate over that budget). Reuses ``out_path`` if it exists (unless ``rebuild``).
-    ``data_dir`` is unused except as the default home of ``out_path`` (a relative ``out_path``
-    is taken inside it). Batches are drawn on the CPU and trained on ``device``. Returns the path.
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The digit pretraining recipe; every field changes the weights, so all are in the cache key.
+
+    ``steps`` of ``batch_size`` images of ``image_size`` px, AdamW at ``lr`` (weight decay 1e-4,
+    5 % linear warm-up, then cosine to zero over the steps), label smoothing 0.1, backgrounds
+    drawn from a bank of ``backgrounds`` crops of the train photographs; the stem and stages
+    layer1 .. layer<levels> are trained (a detector with ``backbone.num_levels`` up to
+    ``levels`` can load them).
+    """
+    steps: int = 1000
+    seed: int = 0
+    batch_size: int = 128
+    image_size: int = 32
+    lr: float = 2e-3
+    backgrounds: int = 512
+    levels: int = 3
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "image_size", "backgrounds", "levels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"pretraining {name} must be a positive int, got {value!r}")
+        if self.image_size < 32:
+            raise ValueError(f"pretraining image_size must be >= 32 (ResNet-18 strides by 32), "
+                             f"got {self.image_size}")
+        if self.levels > 4:
+            raise ValueError(f"pretraining levels must be 1..4 (ResNet-18 has 4 stages), got {self.levels}")
+        if not self.lr > 0:
+            raise ValueError(f"pretraining lr must be > 0, got {self.lr!r}")
+
+    def key(self, device: str | torch.device = "cpu") -> dict:
+        """Everything that makes the weights: this config, the recipe version, the train
+        digits and photographs, the device type and the torch version."""
+        split = hashlib.sha256(train_digit_indices().tobytes()).hexdigest()[:16]
+        return {"recipe_version": PRETRAIN_VERSION, **asdict(self),
+                "digit_split": {"seed": DIGIT_SPLIT_SEED, "train_sha256": split},
+                "train_photos": list(TRAIN_PHOTOS), "device": torch.device(device).type,
+                "torch": torch.__version__.split("+")[0]}
+
+
+def train_digit_backbone(cfg: PretrainConfig = PretrainConfig(), progress: bool = True,
+                         device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Train ResNet-18's stem and first ``cfg.levels`` stages, with a pooled 10-way Linear on
+    top, on train-split digits for ``cfg.steps`` steps.
+
+    Deterministic for a config on one machine (its random draws come from generators seeded
+    by ``cfg.seed``). Batches are drawn on the CPU and trained on ``device``. Returns the
+    CPU state dict of the stem and those stages in torchvision's key names.
     """
     import torchvision
-    out_path = Path(out_path)
-    if data_dir is not None and not out_path.is_absolute() and out_path.parent == Path("."):
-        out_path = Path(data_dir) / out_path
-    if out_path.exists() and not rebuild:
-        return out_path
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
     alphas_np, labels_np = load_digits()
     train_idx = train_digit_indices()
     alphas = torch.from_numpy(alphas_np[train_idx])
     labels = torch.from_numpy(labels_np[train_idx])
-    bank = _background_bank(np.random.default_rng(seed), 512 if steps is None else 16, image_size)
-    net = torchvision.models.resnet18(weights=None, num_classes=10).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    bank = _background_bank(np.random.default_rng(cfg.seed), cfg.backgrounds, cfg.image_size)
+    resnet = torchvision.models.resnet18(weights=None)
+    stages = [getattr(resnet, f"layer{k}") for k in range(1, cfg.levels + 1)]
+    net = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, *stages,
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64 * 2 ** (cfg.levels - 1), 10))
+    net = net.to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     net.train()
-    # cosine lr over the budget (steps, or wall-clock seconds), after a 5 % linear warm-up
-    budget = float(steps) if steps is not None else float(seconds)
-    tic = time.perf_counter()
-    done = correct = seen = 0
-    bar = tqdm(total=steps if steps is not None else round(seconds),
-               unit="step" if steps is not None else "s",
-               desc="pretrain resnet18 on train digits", disable=not progress)
-    while True:
-        used = done if steps is not None else time.perf_counter() - tic
-        frac = used / budget
-        if frac >= 1.0:
-            break
+    correct = seen = 0
+    bar = tqdm(total=cfg.steps, unit="step", desc="pretrain resnet18 on train digits",
+               disable=not progress, dynamic_ncols=True)
+    for step in range(cfg.steps):
+        frac = step / cfg.steps  # 5 % linear warm-up, then cosine over the steps
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (frac + 1e-3) / 0.05) * 0.5 * (1 + np.cos(np.pi * frac))
-        x, y = make_batch(alphas, labels, bank, batch_size, image_size, gen)
+            group["lr"] = cfg.lr * min(1.0, (frac + 1e-3) / 0.05) * 0.5 * (1 + np.cos(np.pi * frac))
+        x, y = make_batch(alphas, labels, bank, cfg.batch_size, cfg.image_size, gen)
         x, y = x.to(device), y.to(device)
         logits = net(x)
         loss = F.cross_entropy(logits, y, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        done += 1
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
-        bar.update(1 if steps is not None else round(time.perf_counter() - tic) - bar.n)
-        if done % 10 == 0:
-            bar.set_postfix(step=done, loss=f"{loss.item():.3f}", acc=f"{correct / seen:.3f}")
+        bar.update(1)
+        if (step + 1) % 10 == 0 or step + 1 == cfg.steps:
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / seen:.3f}")
             correct = seen = 0
     bar.close()
-    state = {k: v.cpu() for k, v in net.state_dict().items() if not k.startswith("fc.")}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
+    kept = ("conv1.", "bn1.", *(f"layer{k}." for k in range(1, cfg.levels + 1)))
+    return {k: v.detach().cpu().clone() for k, v in resnet.state_dict().items() if k.startswith(kept)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_path(cache_dir: str | Path, cfg: PretrainConfig = PretrainConfig(),
+               device: str | torch.device = "cpu") -> Path:
+    """Where `cached_digit_backbone` keeps the weights of ``cfg``: ``resnet18_digits-<key>.pth``
+    in ``cache_dir``, with the key a hash of `PretrainConfig.key`."""
+    text = json.dumps(cfg.key(device), sort_keys=True)
+    return Path(cache_dir) / f"resnet18_digits-{hashlib.sha256(text.encode()).hexdigest()[:12]}.pth"
+
+
+def read_cache(path: str | Path) -> dict | None:
+    """The metadata of a complete cache file at ``path``, or None if it is missing or its
+    weights do not match the checksum its metadata recorded (a truncated or altered file)."""
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not path.exists() or meta.get("sha256") != _sha256(path):
+        return None
+    return meta
+
+
+def cached_digit_backbone(cache_dir: str | Path, cfg: PretrainConfig = PretrainConfig(),
+                          progress: bool = True, device: str | torch.device = "cpu") -> Path:
+    """The weights of ``cfg`` in ``cache_dir``: reused if a complete file made with exactly
+    these settings is there, else trained (`train_digit_backbone`) and written atomically with
+    its metadata. Returns the path of the ``.pth`` file (``backbone.weights=<path>``)."""
+    path = cache_path(cache_dir, cfg, device)
+    key = cfg.key(device)
+    meta = read_cache(path)
+    if meta is not None and meta.get("key") == key:
+        return path
+    if path.exists() or path.with_suffix(".json").exists():
+        print(f"{path} is incomplete or does not match its metadata (an interrupted write?): "
+              "training it again", flush=True)
+    state = train_digit_backbone(cfg, progress=progress, device=device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
-    tmp.replace(out_path)
-    return out_path
+    meta = {"key": key, "sha256": _sha256(tmp), "file": path.name,
+            "what": f"torchvision resnet18's stem and layer1..layer{cfg.levels}, pretrained as a "
+                    "digit classifier (lors.data.pretrain)"}
+    tmp_meta = path.with_name(path.name + ".json.tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(path)  # weights first: metadata without matching weights reads as incomplete
+    tmp_meta.replace(path.with_suffix(".json"))
+    return path

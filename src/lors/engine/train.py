@@ -272,6 +272,8 @@ def train(cfg: DetectorConfig, run_dir: str | Path | None = None, resume: bool =
                          for k in ("loss_cls", "loss_l1", "loss_giou")}
                 log.writerow([step, epoch, f"{lr:.6g}", f"{loss.item():.6f}",
                               *(f"{v:.6f}" for v in terms.values()), f"{step_times[-1]:.4f}"])
+                if step % t.log_every == 0:
+                    log_file.flush()  # a user (or `compare`'s progress bar) can follow the run
                 if writer is not None and step % t.log_every == 0:
                     writer.add_scalar("train/loss", loss.item(), step)
                     writer.add_scalar("train/lr", lr, step)

@@ -92,6 +92,11 @@ class ResNetBackbone(nn.Module):
                 continue  # a stage this backbone does not build (num_levels < 4)
             renamed[key] = value
         missing, unexpected = self.load_state_dict(renamed, strict=False)
+        absent = sorted({k.split(".")[0] for k in missing if k.startswith("layer")})
+        if missing and not unexpected and absent and all(k.startswith(tuple(absent)) for k in missing):
+            raise ValueError(f"backbone weights {weights!r} hold no {', '.join(absent)} (saved for fewer "
+                             f"levels): set backbone.num_levels={int(absent[0][5]) - 1}, or use weights "
+                             f"with every stage")
         if missing or unexpected:
             raise ValueError(f"backbone weights {weights!r} do not fit ResNet-{self.depth}: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")

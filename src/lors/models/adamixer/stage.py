@@ -76,13 +76,18 @@ class DecoderStage(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """AdaMixer's init: Xavier-uniform Linear weights, classifier bias at the prior
-        probability, zero box regressor (the first boxes pass through unchanged), IoF
+        """AdaMixer's init, as the authors' stage does it: every Linear (the attention's
+        output projection included) gets nn.Linear's default bias, ±1/sqrt(in), and a
+        Xavier-uniform weight; the attention's packed q/k/v projection a Xavier-uniform
+        weight and zero bias (nn.MultiheadAttention's own init); classifier bias at the
+        prior probability, zero box regressor (the first boxes pass through unchanged), IoF
         temperatures uniform in [0, 4], and the sampling offsets' own init."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
+                m.reset_parameters()
                 nn.init.xavier_uniform_(m.weight)
         nn.init.xavier_uniform_(self.attention.in_proj_weight)
+        nn.init.zeros_(self.attention.in_proj_bias)
         nn.init.constant_(self.fc_cls.bias, -math.log((1 - self.prior_prob) / self.prior_prob))
         nn.init.zeros_(self.fc_reg.weight)
         nn.init.zeros_(self.fc_reg.bias)
