@@ -140,13 +140,15 @@ def test_dense_setting_still_builds():
     assert all(len(s.boxes) == 10 for s in render_split(cfg, "train"))
 
 
-def test_cache_reuses_and_rebuilds(tmp_path):
+def test_cache_reuses_and_refuses_other_settings(tmp_path):
     out = build_benchmark(tmp_path / "b", TINY, progress=False)
     stamps = [(out / p).stat().st_mtime_ns for p in ("meta.json", "train/images/000000.png")]
     assert build_benchmark(out, dataclasses.replace(TINY), progress=False) == out
     assert [(out / p).stat().st_mtime_ns for p in ("meta.json", "train/images/000000.png")] == stamps
-    build_benchmark(out, dataclasses.replace(TINY, num_val=2), progress=False)  # other config: rebuilt
-    assert read_meta(out)["counts"]["val"]["images"] == 2
+    with pytest.raises(ValueError, match="num_val: folder 6 vs requested 2"):  # never replaced (issue 11)
+        build_benchmark(out, dataclasses.replace(TINY, num_val=2), progress=False)
+    assert read_meta(out)["counts"]["val"]["images"] == 6
+    assert [(out / p).stat().st_mtime_ns for p in ("meta.json", "train/images/000000.png")] == stamps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary folders left
 
 

@@ -22,14 +22,16 @@ def shared_gpt(seed=0, rank=4):
 def test_save_load_is_exact_and_stores_each_shared_tensor_once(tmp_path):
     model = shared_gpt()
     path = tmp_path / "model.safetensors"
-    side = lors.save(model, path)
+    assert lors.save(model, path) == path
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
         stored = sum(f.get_tensor(k).numel() for k in keys)
+        layout = json.loads(f.metadata()["lors"])  # the layout lives in the file itself
     assert sorted(k for k in keys if "shared_weight" in k) == [
         "h.0.attn.qkv.lors.shared_weight", "h.0.mlp.fc1.lors.shared_weight"]
     assert stored == count_parameters(model).total
-    assert json.loads(side.read_text())["stacks"][0]["target"] in {"attn.qkv", "mlp.fc1"}
+    assert layout["stacks"][0]["target"] in {"attn.qkv", "mlp.fc1"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # one file
 
     twin = shared_gpt(seed=1)  # same layout, different values
     lors.load(twin, path)
@@ -90,3 +92,50 @@ def test_unreadable_or_missing_checkpoint(tmp_path):
     path.write_bytes(path.read_bytes()[:100])  # truncated, as by a crash mid-copy
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         lors.load(shared_gpt(), path)
+
+
+def test_two_checkpoints_with_one_stem_keep_their_own_layouts(tmp_path):
+    lors.save(shared_gpt(rank=4), tmp_path / "enc.v1")
+    lors.save(shared_gpt(rank=2), tmp_path / "enc.v2")  # used to overwrite enc.lors.json
+    for name, rank in [("enc.v1", 4), ("enc.v2", 2)]:
+        plain = GPT(n_layer=4)
+        lors.load(plain, tmp_path / name)
+        assert plain.h[1].attn.qkv.lors.ranks == [rank] * 4, name
+    assert not (tmp_path / "enc.lors.json").exists()
+
+
+def test_checkpoint_with_an_old_sidecar_still_loads(tmp_path):
+    model = shared_gpt()
+    path = tmp_path / "old.safetensors"
+    lors.save(model, path)
+    with safe_open(str(path), "pt") as f:
+        layout = f.metadata()["lors"]
+    save_file(load_file(str(path)), str(path))  # no metadata, as a file with a side-car may be
+    (tmp_path / "old.lors.json").write_text(layout)
+    plain = GPT(n_layer=4)
+    lors.load(plain, path)
+    idx = torch.randint(0, 50, (2, 5))
+    assert torch.equal(model(idx), plain(idx))
+
+
+def test_removing_layer_0_keeps_the_shared_tensors_in_the_checkpoint(tmp_path):
+    model = shared_gpt()
+    del model.h[0]  # layer 0 used to be the only owner of the shared tensors
+    path = tmp_path / "m.safetensors"
+    lors.save(model, path)
+    stored = load_file(str(path))
+    assert "h.0.attn.qkv.lors.shared_weight" in stored
+    assert sum(t.numel() for t in stored.values()) == count_parameters(model).total
+    twin = shared_gpt(seed=1)
+    del twin.h[0]
+    lors.load(twin, path)
+    idx = torch.randint(0, 50, (2, 5))
+    assert torch.equal(model(idx), twin(idx))
+    with pytest.raises(ValueError, match="removed, sliced or copied after share_layers"):
+        lors.load(GPT(n_layer=3), path)  # a plain model cannot be re-shared as layers 1..3 of 4
+
+
+def test_saving_a_module_without_tensors_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="ModuleList holds no parameters or buffers"):
+        lors.save(torch.nn.ModuleList(), tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []

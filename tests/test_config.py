@@ -1,7 +1,7 @@
 """Typed configs (lors.config) and the detection presets."""
 import pytest
 
-from lors.config import available_configs, resolve_config, save_config
+from lors.config import available_configs, load_config, resolve_config, save_config
 from lors.models.adamixer.config import DetectorConfig, load_detector_config
 
 PRESETS = ["adamixer_r50_1x", "adamixer_lors_r50_1x", "adamixer_r50_1x_300q", "adamixer_lors_r50_1x_300q",
@@ -67,3 +67,64 @@ def test_paths_resolve_and_saved_configs_load_back(tmp_path):
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(ValueError, match="no detect config named 'nope'.*adamixer_r50_1x"):
         load_detector_config("nope")
+
+
+def test_every_preset_passes_validation():
+    for name in available_configs("detect"):
+        load_detector_config(name).validate()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=-2", "'train.batch_size' must be >= 1"),
+    ("train.epochs=0", "'train.epochs' must be >= 1"),
+    ("decoder.num_queries=0", "'decoder.num_queries' must be >= 1"),
+    ("decoder.num_heads=3", "'decoder.num_heads' must be a divisor of decoder.query_dim=64"),
+    ("train.checkpoint_every=0", "'train.checkpoint_every' must be >= 1"),
+    ("train.log_every=0", "'train.log_every' must be >= 1"),
+    ("train.amp=fp8", r"'train.amp' must be one of \['auto', 'bf16', 'fp16', 'fp32'\], got 'fp8'"),
+    ("data.size_divisor=0", "'data.size_divisor' must be >= 1"),
+    ("data.num_workers=-1", "'data.num_workers' must be >= 0"),
+    ("train.lr=0", "'train.lr' must be > 0"),
+    ("train.lr=.nan", "'train.lr' must be > 0"),
+    ("train.lr_steps=[2]", r"'train.lr_steps' is \[2\] but train.epochs=1.*\[1, 1\]"),
+    ("train.warmup_iters=-1", "'train.warmup_iters' must be >= 0"),
+    ("train.lr_gamma=0", r"'train.lr_gamma' must be in \(0, 1\]"),
+    ("decoder.prior_prob=1", r"'decoder.prior_prob' must be in \(0, 1\)"),
+    ("decoder.dropout=1.0", r"'decoder.dropout' must be in \[0, 1\)"),
+    ("data.flip_prob=1.5", r"'data.flip_prob' must be in \[0, 1\]"),
+    ("lors.adaptive.rank=0", "'lors.adaptive.rank' must be >= 1"),
+    ("lors.static.groups=[1, 0, 1]", r"'lors.static.groups\[1\]' must be >= 1"),
+    ("lors.adaptive.groups=[1, 2]", r"'lors.adaptive.groups' has 2 values \[1, 2\] but decoder.num_stages is 3"),
+    ("neck.gn_groups=5", "'neck.gn_groups' must be a divisor of neck.dim=64"),
+    ("decoder.num_groups=3", "'decoder.num_groups' must be a divisor of neck.dim=64"),
+    ("backbone.depth=20", r"'backbone.depth' must be one of \[18, 34, 50, 101, 152\], got 20"),
+    ("backbone.frozen_stages=5", r"'backbone.frozen_stages': frozen_stages 5 exceeds num_levels 4.*use -1..4"),
+    ("backbone.frozen_stages=-2", r"'backbone.frozen_stages' must be >= -1"),
+    ("backbone.num_levels=0", r"'backbone.num_levels' is 0, but num_levels must be in 1..4"),
+    ("loss.focal_alpha=-0.25", r"'loss.focal_alpha' must be in \[0, 1\]"),
+    ("test.max_detections=0", "'test.max_detections' must be >= 1"),
+])
+def test_out_of_range_values_are_refused_at_load_time_naming_key_value_and_range(override, message):
+    with pytest.raises(ValueError, match=message) as err:
+        load_detector_config("tiny_lors", [override])
+    assert "\n" not in str(err.value)  # one line: the CLI prints it as `lors detect: error: ...`
+
+
+def test_both_lors_terms_off_and_all_loss_weights_zero_are_refused():
+    with pytest.raises(ValueError, match="use_shared.*use_private.*set one of them to true"):
+        load_detector_config("tiny_lors", ["lors.adaptive.use_shared=false", "lors.adaptive.use_private=false"])
+    with pytest.raises(ValueError, match="all 0.*make one > 0"):
+        load_detector_config("tiny", ["loss.cls_weight=0", "loss.l1_weight=0", "loss.giou_weight=0"])
+
+
+def test_ranges_are_checked_after_all_overrides_and_on_every_loader_path(tmp_path):
+    # epochs=2 alone leaves the preset's lr_steps [8, 11] past the schedule; the next override fixes it
+    with pytest.raises(ValueError, match="train.lr_steps"):
+        load_detector_config("adamixer_r50_1x", ["train.epochs=2"])
+    assert load_detector_config("adamixer_r50_1x", ["train.epochs=2", "train.lr_steps=[2]"]).train.epochs == 2
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  batch_size: -2\n")
+    with pytest.raises(ValueError, match="'train.batch_size' must be >= 1"):
+        load_detector_config(str(path))
+    with pytest.raises(ValueError, match="'train.epochs' must be >= 1"):  # a checkpoint's stored config
+        load_config(DetectorConfig, {"train": {"epochs": 0}})

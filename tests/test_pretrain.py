@@ -9,8 +9,7 @@ import torch
 
 import lors.data.pretrain as pretrain
 from lors.cli import main
-from lors.commands.detect_bench import build_data
-from lors.data.benchmark import digit_split, load_digits
+from lors.data.benchmark import build_or_reuse, digit_split, load_digits
 from lors.data.pretrain import PretrainConfig, cached_digit_backbone, train_digit_backbone
 from lors.models.adamixer.backbone import ResNetBackbone
 from test_detect_bench import TINY_DATA, TINY_MODEL
@@ -96,7 +95,7 @@ def test_bad_pretraining_settings_are_named(bad):
 
 
 def test_compare_passes_the_cached_pretrained_backbone_to_both_models(tmp_path):
-    data = build_data(tmp_path / "data", TINY_DATA[1::2], progress=False)
+    data = build_or_reuse(tmp_path / "data", TINY_DATA[1::2], progress=False)
     weights = cached_digit_backbone(data, PretrainConfig(steps=1, levels=4), progress=False)  # tiny reads C2..C5
     out = tmp_path / "compare"
     rc = main(["detect", "compare", "--out", str(out), "--data-dir", str(data), "--quiet", "--in-process",

@@ -185,3 +185,49 @@ def test_lora_plus_groups_give_b_the_higher_rate():
     assert {id(model.head.weight), id(model.head.bias)} <= {id(p) for p in groups[0]["params"]}
     assert groups[0]["lr"] == 1e-3
     torch.optim.AdamW(groups)  # a valid optimizer spec
+
+
+def test_state_dict_of_a_merged_model_loads_as_merged():
+    model, x = build("bert")
+    sl.inject(model, rank=4, alpha=8.0)
+    randomize_adapters(model)
+    with torch.no_grad():
+        expected = run(model, x)
+        sl.merge(model)
+        sd = model.state_dict()
+        fresh, _ = build("bert")
+        sl.inject(fresh, rank=4, alpha=8.0)  # unmerged: used to apply the adapter a second time
+        fresh.load_state_dict(sd)
+        assert torch.allclose(run(fresh, x), expected, rtol=1e-5, atol=1e-6)
+        assert all(layer.merged for layer in sl.serial_layers(fresh))
+        sl.unmerge(fresh)
+        assert torch.allclose(run(fresh, x), expected, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(fresh.encoder.layer[0].attention.self.query.base_layer.weight,
+                              build("bert")[0].encoder.layer[0].attention.self.query.weight, atol=1e-6)
+
+
+def test_state_dict_records_the_merged_state():
+    model, _ = build("vit")
+    sl.inject(model, rank=2, alpha=2.0)
+    key = "blocks.0.attn.qkv._extra_state"
+    assert model.state_dict()[key].item() is False
+    sl.merge(model)
+    assert model.state_dict()[key].item() is True
+
+
+def test_load_adapter_into_a_merged_model_is_refused(tmp_path):
+    model, x = build("bert")
+    sl.inject(model, rank=4, alpha=8.0)
+    randomize_adapters(model)
+    other, _ = build("bert")
+    sl.inject(other, rank=4, alpha=8.0)
+    sl.save_adapter(other, tmp_path / "other.safetensors")  # B = 0: a different adapter
+    sl.merge(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="merged.*call unmerge\\(model\\) first"):
+        sl.load_adapter(model, tmp_path / "other.safetensors")
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    sl.unmerge(model)  # the documented fix: unmerge, load, and the base weights are intact
+    sl.load_adapter(model, tmp_path / "other.safetensors")
+    with torch.no_grad():
+        assert torch.allclose(run(model, x), base_out("bert", x), rtol=1e-5, atol=1e-5)

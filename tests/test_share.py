@@ -179,3 +179,56 @@ def test_module_without_a_stack_is_rejected():
         share_layers(nn.ModuleList([nn.Linear(4, 4)]))
     with pytest.raises(ValueError, match="no stack of identical layers found"):
         share_layers(nn.Linear(4, 4))
+
+
+def unique_numel(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("change", ["del", "slice", "deepcopy"])
+def test_removing_slicing_or_copying_layers_keeps_the_shared_tensors(change):
+    torch.manual_seed(0)
+    stack = GPT(n_layer=4).h
+    share_layers(stack, targets="mlp.fc1", rank=4)
+    lors0 = stack[0].mlp.fc1.lors
+    if change == "del":
+        del stack[0]
+        kept = stack
+    elif change == "slice":
+        kept = stack[1:]
+    else:
+        kept = copy.deepcopy(stack[2])
+    params = list(kept.parameters())
+    shared = kept.get_submodule("mlp.fc1" if change == "deepcopy" else "0.mlp.fc1").lors.shared_weight
+    assert any(p is shared for p in params)
+    if change != "deepcopy":
+        assert shared is lors0.shared_weight
+    assert len({id(p) for p in params}) == len(params)
+    sd = kept.state_dict()
+    assert [k for k in sd if "shared_weight" in k] == [
+        "mlp.fc1.lors.shared_weight" if change == "deepcopy" else "0.mlp.fc1.lors.shared_weight"]
+    assert sum(v.numel() for v in sd.values()) == unique_numel(kept) == count_parameters(kept).total
+    assert count_parameters(kept).shared == 128 * 32
+    x = torch.randn(2, 3, 32)
+    (kept(x) if change == "deepcopy" else kept[0](x)).sum().backward()
+    assert shared.grad is not None
+
+
+def test_state_dict_with_the_shared_tensors_under_a_later_layer_loads():
+    model, twin = GPT(n_layer=3), GPT(n_layer=3)
+    for m in (model, twin):
+        share_layers(m, targets="mlp.fc1", rank=2)
+    perturb(model)
+    sd = {k.replace("h.0.mlp.fc1.lors.", "h.2.mlp.fc1.lors."): v for k, v in model.state_dict().items()}
+    twin.load_state_dict(sd)  # strict: the copies under h.0 and h.1 are not required
+    assert torch.equal(twin.h[1].mlp.fc1.weight, model.h[1].mlp.fc1.weight)
+    without = {k: v for k, v in sd.items() if ".lors." not in k}
+    with pytest.raises(RuntimeError, match="Missing key.*h.0.mlp.fc1.lors.shared_weight"):
+        twin.load_state_dict(without)  # missing everywhere is still missing
+
+
+def test_failed_share_layers_leaves_the_stack_untouched():
+    stack = nn.ModuleList(nn.Sequential(nn.Linear(8, 64), nn.Linear(64, 4)) for _ in range(3))
+    with pytest.raises(ValueError, match="target '1': rank 6 .*use 1 <= rank < 4"):
+        share_layers(stack, rank=6)  # fits Linear '0', not Linear '1'
+    assert not any(isinstance(m, LorsLinear) for m in stack.modules())

@@ -1,43 +1,86 @@
-"""Save and load LORS models: tensors in safetensors, the LORS layout in a JSON side-car.
+"""Save and load LORS models: one safetensors file holding the tensors and the LORS layout.
 
-``save(model, "model.safetensors")`` writes ``model.safetensors`` (each shared tensor once,
-since only layer 0 registers a stack) and ``model.lors.json``. ``load(model, path)``
-accepts either a model that already has the same LORS layout or the plain model the
-layout was made from: it re-applies ``share_layers`` from the side-car first.
+``save(model, "m.safetensors")`` writes the state dict (each shared tensor once) and the
+layout (``describe``) as the file's ``"lors"`` metadata entry, so one file describes itself
+and two checkpoints in one folder never share anything. ``load(model, path)`` accepts either
+a model that already has the same LORS layout or the plain model the layout was made from:
+it re-applies ``share_layers`` from the layout first. Checkpoints written before the layout
+moved into the file may rely on a ``<stem>.lors.json`` side-car; it is read when the file's
+metadata holds no layout.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lors.core.adaptive import AdaptiveLors
-from lors.core.share import LorsLinear, find_layers, share_layers
+from lors.core.share import STACK_TYPES, LorsLinear, find_layers, share_layers
 from lors.core.static import StaticLors
 
 FORMAT_VERSION = 1
+LAYOUT_KEY = "lors"  # the safetensors metadata entry that holds the layout (JSON)
+
+
+class SaveError(OSError, ValueError):
+    """``save`` could not write the file (read-only place, full disk). A ValueError like every
+    library error, and an OSError with ``errno`` set where known, so code that handles I/O
+    errors (the training loop's checkpointing) catches it as well."""
+
+    @classmethod
+    def wrap(cls, err: Exception, message: str) -> "SaveError":
+        new = cls(message)
+        new.errno = getattr(err, "errno", None)
+        if new.errno is None:  # safetensors reports I/O errors as text: "... (os error 28)"
+            found = re.search(r"os error (\d+)", str(err))
+            new.errno = int(found.group(1)) if found else None
+        new.strerror = os.strerror(new.errno) if new.errno else None
+        return new
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno N] strerror"
+        return str(self.args[0])
 
 
 def sidecar_path(path: str | Path) -> Path:
+    """Where checkpoints from before the layout moved into the file kept it."""
     path = Path(path)
     return path.with_name(path.stem + ".lors.json")
 
 
+def _made_by_share_layers(model: nn.Module, layers_path: str, lors: StaticLors) -> bool:
+    """``lors`` is exactly what ``share_layers(layers, lors.target)`` built on the stack at
+    ``layers_path``: layer i holds index i, no layer was removed, added or reordered since."""
+    try:
+        stack = model.get_submodule(layers_path) if layers_path else model
+        layers = list(stack) if isinstance(stack, STACK_TYPES) else []
+        found = [layer.get_submodule(lors.target) for layer in layers]
+    except AttributeError:
+        return False
+    return len(found) == lors.num_layers and all(
+        isinstance(m, LorsLinear) and m.lors is lors and m.index == i for i, m in enumerate(found))
+
+
 def describe(model: nn.Module) -> dict:
-    """The LORS layout of ``model``: one entry per StaticLors/AdaptiveLors."""
+    """The LORS layout of ``model``: one entry per StaticLors/AdaptiveLors. A StaticLors made by
+    ``share_layers`` on a stack still as it was built also records ``layers`` and ``target``,
+    which is what ``apply_layout`` needs to re-create it on a plain model."""
     stacks = []
-    for name, m in model.named_modules():
+    for name, m in model.named_modules():  # the path of each module's first occurrence
         if isinstance(m, StaticLors):
             entry = {"kind": "static", "path": name, "config": m.config()}
             target = getattr(m, "target", None)
-            suffix = f".0.{target}.lors"
-            dotted = "." + name
-            if target is not None and dotted.endswith(suffix):  # made by share_layers
-                entry.update(layers=dotted[: -len(suffix)][1:], target=target)
+            suffix, dotted = f".0.{target}.lors", "." + name
+            if target is not None and dotted.endswith(suffix):
+                layers = dotted[: -len(suffix)][1:]
+                if _made_by_share_layers(model, layers, m):
+                    entry.update(layers=layers, target=target)
             stacks.append(entry)
         elif isinstance(m, AdaptiveLors):
             stacks.append({"kind": "adaptive", "path": name, "config": m.config()})
@@ -45,36 +88,77 @@ def describe(model: nn.Module) -> dict:
 
 
 def save(model: nn.Module, path: str | Path) -> Path:
-    """Write ``model``'s tensors to ``path`` (safetensors) and its layout beside it.
+    """Write ``model``'s tensors and its layout to the one safetensors file ``path``.
 
-    Both files are written to temporary names first and renamed, so an interrupted save
-    never leaves a damaged checkpoint. Returns the side-car's path.
+    The file is written under a temporary name and renamed, so an interrupted save never
+    leaves a damaged checkpoint. Returns ``path``. Raises ValueError when the model holds no
+    tensors or ``path`` is a directory, and ``SaveError`` (a ValueError and an OSError) when
+    the file cannot be written (a read-only place, a full disk).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    layout = describe(model)
-    side = sidecar_path(path)
-    tmp, tmp_side = path.with_name(path.name + ".tmp"), side.with_name(side.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"lors": json.dumps(layout)})
-    tmp_side.write_text(json.dumps(layout, indent=2))
-    tmp.replace(path)
-    tmp_side.replace(side)
-    return side
+    if path.is_dir():
+        raise ValueError(f"cannot save to {path}: it is a directory; pass a file name such as "
+                         f"{path / 'model.safetensors'}")
+    state = model.state_dict()
+    if not state:
+        raise ValueError(f"{type(model).__name__} holds no parameters or buffers, so there is "
+                         f"nothing to save to {path}: pass the module that holds the weights")
+    odd = [k for k, v in state.items() if not torch.is_tensor(v)]
+    if odd:
+        raise ValueError(f"state dict entry '{odd[0]}' is a {type(state[odd[0]]).__name__}, not "
+                         "a tensor; safetensors stores tensors only: make get_extra_state return "
+                         "a tensor")
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={LAYOUT_KEY: json.dumps(describe(model))})
+        tmp.replace(path)
+    except (OSError, SafetensorError) as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise SaveError.wrap(err, f"cannot write checkpoint {path} ({err}): pass a path in a "
+                             "writable directory on a disk with free space") from None
+    return path
+
+
+def _check_layout(layout, source: str) -> dict:
+    bad = "not a JSON object"
+    if isinstance(layout, dict):
+        stacks = layout.get("stacks")
+        if layout.get("format") != "lors":
+            bad = "no 'format': 'lors'"
+        elif not isinstance(stacks, list) or not all(
+                isinstance(e, dict) and {"kind", "config"} <= set(e) for e in stacks):
+            bad = "no list of 'stacks' with a 'kind' and a 'config' each"
+        else:
+            return layout
+    raise ValueError(f"{source} is not a lors layout ({bad}): load the file the checkpoint was "
+                     "written with, or save the model again with lors.save")
 
 
 def read_layout(path: str | Path) -> dict | None:
-    side = sidecar_path(path)
-    if not side.exists():
-        return None
+    """The layout of checkpoint ``path``: its ``"lors"`` metadata entry or, for a file without
+    one, an old ``<stem>.lors.json`` side-car beside it; None when there is neither."""
+    path = Path(path)
     try:
-        layout = json.loads(side.read_text())
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"checkpoint {path} is not a readable safetensors file ({err})") from None
+    if LAYOUT_KEY in meta:
+        text, source = meta[LAYOUT_KEY], f"the '{LAYOUT_KEY}' metadata of {path}"
+    else:
+        side = sidecar_path(path)
+        if not side.is_file():
+            return None
+        text, source = side.read_text(), str(side)
+    try:
+        layout = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{side} is not valid JSON ({err}); restore it from the run that "
-                         "wrote the checkpoint") from None
-    if layout.get("format") != "lors":
-        raise ValueError(f"{side} is not a lors layout file (no 'format': 'lors')")
-    return layout
+        raise ValueError(f"{source} is not valid JSON ({err}); restore the checkpoint from the "
+                         "run that wrote it") from None
+    return _check_layout(layout, source)
 
 
 def apply_layout(model: nn.Module, layout: dict) -> None:
@@ -100,35 +184,46 @@ def apply_layout(model: nn.Module, layout: dict) -> None:
 def load(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
     """Load a checkpoint written by ``save`` into ``model`` (in place; also returned).
 
-    Raises ValueError when the file is unreadable, holds non-finite values, or its tensors
-    do not fit the model (names and shapes are given).
+    Raises ValueError when the file is missing or unreadable, holds non-finite values, has
+    no LORS layout (it was not written by ``save``), or its tensors do not fit the model
+    (names and shapes are given).
     """
     path = Path(path)
     if not path.exists():
         raise ValueError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a directory: pass the .safetensors file in it")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"checkpoint {path} is not a readable safetensors file ({err}); "
                          "it may be truncated: use an earlier checkpoint") from None
-    layout = read_layout(path)
-    has_lors = any(isinstance(m, LorsLinear) for m in model.modules())
-    if layout is not None and not has_lors:
-        apply_layout(model, layout)
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(f"checkpoint {path}: tensor '{name}' has {bad} non-finite values "
                              "(NaN/inf); training diverged before it was saved: use an earlier "
                              "checkpoint")
+    layout = read_layout(path)
+    if layout is None:
+        raise ValueError(f"checkpoint {path} has no LORS layout (no '{LAYOUT_KEY}' metadata, no "
+                         f"{sidecar_path(path).name} beside it), so lors.save did not write it: "
+                         "load a plain safetensors file with model.load_state_dict("
+                         "safetensors.torch.load_file(path)), and write checkpoints with lors.save")
+    has_lors = any(isinstance(m, LorsLinear) for m in model.modules())
+    if not has_lors:
+        apply_layout(model, layout)
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if strict and (missing or unexpected):
+        hint = "build the model with the configuration it was saved with"
+        if not has_lors and any(".lors." in k for k in unexpected):
+            hint = ("its LORS layers were removed, sliced or copied after share_layers, so the "
+                    "layout cannot re-create them: load it into a model changed the same way")
         raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: missing "
                          f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-                         f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; build the "
-                         "model with the configuration it was saved with")
+                         f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; {hint}")
     for name in sorted(set(own) & set(tensors)):
         if own[name].shape != tensors[name].shape:
             raise ValueError(f"checkpoint {path}: tensor '{name}' has shape "

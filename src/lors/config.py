@@ -10,6 +10,8 @@
   take numbers that YAML 1.1 leaves as strings, such as ``1e-4``.
 - An unknown key or a value of the wrong type raises ``ValueError`` naming the key, the
   valid keys or the expected type.
+- A config class may define ``validate()`` (ranges, rules between keys); ``apply_overrides``,
+  and so every loader, calls it on the final config, after all overrides.
 """
 from __future__ import annotations
 
@@ -123,7 +125,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
-    """A copy of ``cfg`` with dotted ``key=value`` overrides applied and type-checked."""
+    """A copy of ``cfg`` with dotted ``key=value`` overrides applied, type-checked and, if ``cfg``
+    has a ``validate()`` method, validated."""
     data = to_dict(cfg)
     for text in overrides:
         key, value = parse_override(text)
@@ -142,7 +145,10 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
                     raise ValueError(f"config key '{where}{part}' is a value, not a section; "
                                      f"cannot set '{key}'")
                 node, cls, where = node[part], sub, f"{where}{part}."
-    return from_dict(type(cfg), data)
+    cfg = from_dict(type(cfg), data)
+    if callable(getattr(cfg, "validate", None)):
+        cfg.validate()  # ranges are checked once the overrides are in: they may fix each other
+    return cfg
 
 
 def repo_root() -> Path:

@@ -17,6 +17,8 @@ Blocks are found by the names of their projections (see `find_attention_blocks`)
 separate q/k/v Linears (HF BERT, Llama, T5) or one fused qkv projection (timm ViT `qkv`,
 GPT-2 `c_attn`, a transformers Conv1D). Pairs are owned once by the attention module
 (`<block>.serial_lora_in`, `<block>.serial_lora_out`); the wrapped projections only refer to them.
+Whether a projection is merged is part of the model's state dict (see `SerialLoraLinear`), and
+`load_adapter` refuses a merged model.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 # Child names of the projections that read the block input: separate q, k, v or one fused qkv.
@@ -124,6 +127,10 @@ class SerialLoraLinear(nn.Module):
     Args:
         base_layer: the original projection, kept unchanged as `base_layer`.
         pair: the SerialLoraPair; owned by the attention block, only referred to here.
+
+    `merged` (whether `base_layer.weight` already holds the pair) travels with the model's
+    state dict as this layer's `_extra_state`, a bool tensor: a state dict taken after `merge`
+    makes the model it is loaded into merged too, so the pair is never applied twice.
     """
 
     def __init__(self, base_layer: nn.Module, pair: SerialLoraPair):
@@ -141,6 +148,12 @@ class SerialLoraLinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         return self.base_layer(self.pair(x))  # W (x + s B A x)
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(self.merged)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.merged = bool(state)
 
     def _weight(self) -> torch.Tensor:
         """The weight as a Linear's (d_out, d_in), in float64."""
@@ -268,24 +281,64 @@ def _config(model: nn.Module) -> dict[str, str]:
 
 
 def save_adapter(model: nn.Module, path: str | Path) -> None:
-    """Write only the adapter tensors (and rank, alpha, adapt_out as metadata) to a safetensors file."""
+    """Write only the adapter tensors (and rank, alpha, adapt_out as metadata) to a safetensors file.
+
+    The pair is the same whether or not the model is merged, so the file is too. Raises ValueError
+    when `path` cannot be written (a directory, a read-only place, a full disk).
+    """
+    path = Path(path)
+    meta = _config(model)
+    if path.is_dir():
+        raise ValueError(f"cannot save the adapter to {path}: it is a directory; pass a file name such "
+                         f"as {path / 'adapter.safetensors'}")
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    save_file(state, str(path), metadata=_config(model))
+    try:
+        save_file(state, str(path), metadata=meta)
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"cannot write adapter file {path} ({err}): pass a path in an existing, "
+                         "writable directory on a disk with free space") from None
+
+
+def _read_adapter(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a save_adapter file; ValueError for anything else."""
+    if not path.is_file():
+        raise ValueError(f"adapter file {path} does not exist: pass a file written by save_adapter")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"adapter file {path} is not a readable safetensors file ({err}); it may be "
+                         "truncated: save the adapter again") from None
+    if meta.get("method") != "serial_lora" or not {"rank", "alpha", "adapt_out"} <= set(meta):
+        raise ValueError(f"{path} is not a Serial LoRA adapter file (metadata {meta}): write it with save_adapter")
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"adapter tensor '{k}' in {path} has {int((~torch.isfinite(v)).sum())} "
+                             "non-finite values (NaN/inf); training diverged before it was saved: use an "
+                             "earlier adapter file")
+    return meta, state
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a `save_adapter` file into `model`; a model without adapters is injected first.
 
-    The file's keys must match the model's adapter keys exactly.
+    The file's keys must match the model's adapter keys exactly. A merged model is refused:
+    its weights hold the current pair, and replacing the pair would make `unmerge` subtract
+    the wrong one. Every problem is a ValueError; a missing, unreadable or non-finite file and
+    a merged model are refused before the model is touched.
     """
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("method") != "serial_lora":
-        raise ValueError(f"{path} is not a Serial LoRA adapter file (metadata {meta}): write it with save_adapter")
+    path = Path(path)
+    meta, state = _read_adapter(path)
+    merged = sum(layer.merged for layer in serial_layers(model))
+    if merged:
+        raise ValueError(f"{merged} projection(s) of this model are merged, so their weights already hold the "
+                         "current adapter and loading another would make unmerge restore wrong weights: call "
+                         "unmerge(model) first, then load_adapter (and merge again if wanted), or load into "
+                         "a fresh base model")
     if not any(isinstance(m, SerialLoraPair) for m in model.modules()):
         inject(model, int(meta["rank"]), float(meta["alpha"]), adapt_out=meta["adapt_out"] == "True")
     own = adapter_state_dict(model)
-    state = load_file(str(path))
     if set(state) != set(own):
         extra, missing = sorted(set(state) - set(own)), sorted(set(own) - set(state))
         raise ValueError(f"adapter file {path} does not fit this model: unexpected keys {extra[:3]}, missing "
@@ -294,6 +347,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         if v.shape != own[k].shape:
             raise ValueError(f"adapter tensor '{k}' has shape {tuple(v.shape)} in {path} but "
                              f"{tuple(own[k].shape)} in the model: the ranks differ")
+    for k, v in state.items():
         own[k].copy_(v)
     return model
 

@@ -29,7 +29,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from lors.commands.detect_outputs import KEYS, METRICS, aggregate, draw_predictions, markdown_table, plot_ap
-from lors.config import apply_overrides
+from lors.data.benchmark import build_or_reuse
 from lors.data.pretrain import PretrainConfig
 
 VANILLA, LORS = "bench_adamixer", "bench_adamixer_lors"
@@ -90,12 +90,6 @@ def data_overrides(data_dir: str | Path) -> list[str]:
             f"data.train_annotations={d / 'train' / 'annotations.json'}",
             f"data.val_images={d / 'val' / 'images'}",
             f"data.val_annotations={d / 'val' / 'annotations.json'}"]
-
-
-def build_data(data_dir: str | Path, data_sets: Sequence[str] = (), progress: bool = True) -> Path:
-    """Build (or reuse) the benchmark in ``data_dir`` with BenchmarkConfig overrides."""
-    from lors.data.benchmark import BenchmarkConfig, build_benchmark
-    return build_benchmark(data_dir, apply_overrides(BenchmarkConfig(), list(data_sets)), progress=progress)
 
 
 @dataclass
@@ -249,7 +243,7 @@ def run_compare(args: argparse.Namespace) -> int:
     """Train and score the vanilla and LORS bench configs for each seed; write the outputs."""
     tic = time.perf_counter()
     out = Path(args.out)
-    data_dir = build_data(args.data_dir, args.data_set, progress=not args.quiet)
+    data_dir = build_or_reuse(args.data_dir, args.data_set, progress=not args.quiet)
     models = {"AdaMixer": args.vanilla, "AdaMixer + LORS": args.lors}
     pretrained = pretrained_backbone(args, data_dir, [Run(label, config, args.overrides, args.seeds[0])
                                                       for label, config in models.items()])
@@ -291,7 +285,7 @@ def run_ablate(args: argparse.Namespace) -> int:
     """Train every variant of a suite for each seed; write ablation_SUITE.md and .png."""
     variants = suite_variants(args.suite)
     tic = time.perf_counter()
-    data_dir = build_data(args.data_dir, args.data_set, progress=not args.quiet)
+    data_dir = build_or_reuse(args.data_dir, args.data_set, progress=not args.quiet)
     pretrained = pretrained_backbone(args, data_dir, [Run(label, args.config, [*overrides, *args.overrides], 0)
                                                       for label, overrides in variants])
     common = [*([f"backbone.weights={pretrained}"] if pretrained else []), *args.overrides]
@@ -342,15 +336,18 @@ def _positive_int(text: str) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="train.seed values (default 0)")
-    p.add_argument("--data-dir", default="runs/bench_data", help="benchmark folder, built if missing (cached)")
+    p.add_argument("--data-dir", default="runs/bench_data",
+                   help="benchmark folder: built if missing or empty; a folder that holds one is reused "
+                        "with its own settings (default runs/bench_data)")
     p.add_argument("--data-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="BenchmarkConfig override for the data, e.g. num_train=100 (repeatable)")
+                   help="BenchmarkConfig override for a new data folder, e.g. num_train=100 (repeatable); "
+                        "on an existing folder a differing value is refused")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--in-process", action="store_true",
                    help="train in this process (starts faster; peak memory is then the largest so far)")
-    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+    p.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",
                    help="stop each run after N steps (the schedule is unchanged) and evaluate there")
-    p.add_argument("--jobs", type=int, default=None, metavar="N",
+    p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
                    help="runs trained at the same time, each in its own process with an equal share "
                         "of the CPU threads (default: the number of CPU cores, at most 2)")
     p.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=True,
@@ -360,7 +357,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrain-steps", type=_positive_int, default=PRETRAIN_STEPS, metavar="N",
                    help=f"training steps of that pretraining (default {PRETRAIN_STEPS}); each "
                         "step count is cached separately")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="detector config overrides for every run (put them before --seeds)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="detector config overrides for every run (anywhere but right after --seeds)")
 
 
 def add_bench_parsers(subparsers: argparse._SubParsersAction) -> None:

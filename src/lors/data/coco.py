@@ -10,17 +10,23 @@ Each item is `(image, target)` as in torchvision's detection references:
         orig_size int64 (2,), (h, w) of the image file
         size      int64 (2,), (h, w) after the transforms
 
-Validation is lazy but early. The constructor checks the json (readable, keys present, ids unique,
-every annotation's image and category known, boxes of 4 numbers); image files are checked when an
-item is loaded, or all at once by `check_files()`. Every problem raises a ValueError naming the
-file or id and the fix.
+Validation is early. The constructor checks the json (readable, keys present, ids unique, every
+annotation's image and category known, boxes of 4 numbers). Image files are checked when an item
+is loaded, or all at once, before any training, with `verify_files=True` (`check_files()` and
+`check_image_sizes()`). Every problem raises a ValueError naming the file or id and the fix; a bad
+image file raises `ImageFileError`, which keeps its one line when a DataLoader worker raises it.
+
+Images are read by `load_rgb` (also used by `lors detect predict`): 8-bit RGB, with 16-bit grey
+scaled down rather than clipped white (`lors.data.transforms.to_rgb`).
 
 Skipped annotations (documented, not errors):
 - crowd regions (`iscrowd=1`): not trained on; COCOeval still uses them to ignore detections;
 - degenerate boxes (width or height <= 0 after clipping to the image size stated in the json):
-  one `warnings.warn` at construction lists their image and annotation ids. For a json without
-  image sizes, boxes that become empty only when clipped to the decoded image are dropped at
-  load time without a warning.
+  one `warnings.warn` at construction lists their image and annotation ids;
+- boxes that lie outside the real image (the json's width/height differ from the file's, or are
+  absent): dropped at load time; `check_image_sizes()` warns once with the counts.
+`count_crowded_images(dataset, num_queries)` warns once about images with more boxes than the
+detector has queries (the surplus can never be matched).
 """
 from __future__ import annotations
 
@@ -39,6 +45,8 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 from torchvision.transforms.functional import pil_to_tensor
 
+from lors.data.transforms import to_rgb
+
 Target = dict[str, Any]
 Transforms = Callable[[Any, Target], tuple[Any, Target]]
 
@@ -48,6 +56,43 @@ REQUIRED_KEYS = {
     "annotation": ("id", "image_id", "category_id", "bbox"),
     "category": ("id", "name"),
 }
+
+
+class ImageFileError(ValueError):
+    """A missing, empty or undecodable image file.
+
+    A DataLoader worker's exception comes back to the main process rebuilt from a message that
+    holds the worker's whole traceback; this class keeps only its own line and the worker's name.
+    """
+
+    def __init__(self, message: str):
+        head, _, rest = message.partition("\n")
+        if head.startswith(f"Caught {type(self).__name__} in DataLoader worker"):
+            ours = [line.split(": ", 1)[1] for line in rest.splitlines()
+                    if line.split(": ", 1)[0].endswith(type(self).__name__) and ": " in line]
+            if ours:
+                message = f"{ours[-1]} (raised in {head.split(' in ', 1)[1].rstrip('.')})"
+        super().__init__(message)
+
+
+def load_rgb(path: str | os.PathLike, source: str = "", fix: str = "pass a PNG or JPEG file") -> Image.Image:
+    """The image file at `path`, fully decoded, as 8-bit RGB PIL (16-bit scaled, see `to_rgb`).
+
+    Raises ImageFileError if it is missing, empty or undecodable; the message names the file,
+    `source` (where it was listed, e.g. "image id 7") and `fix`.
+    """
+    path = Path(path)
+    where = f" ({source})" if source else ""
+    if not path.is_file():
+        raise ImageFileError(f"image file {path}{where} not found: {fix}")
+    if path.stat().st_size == 0:
+        raise ImageFileError(f"image file {path}{where} is empty (0 bytes): {fix}")
+    try:
+        with Image.open(path) as img:
+            img.load()  # the full decode, so a truncated file fails here
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageFileError(f"cannot read image: file {path}{where} cannot be decoded ({e}): {fix}") from e
 
 
 def _read_json(ann_file: Path) -> dict:
@@ -161,6 +206,9 @@ class CocoDetection(torch.utils.data.Dataset):
         transforms: optional callable `(PIL image, target) -> (image, target)`, e.g. from
             `lors.data.transforms.make_coco_transforms`. Without it the image becomes a float
             tensor in [0, 1].
+        verify_files: check now, not when an item loads, that every image file exists and is
+            not empty (`check_files`, one ImageFileError counting and naming the bad ones) and has
+            the json's size (`check_image_sizes`; reads each file's header, not its pixels).
 
     Attributes:
         coco: the pycocotools COCO object (annotations given default `area`/`iscrowd`), for COCOeval.
@@ -171,7 +219,8 @@ class CocoDetection(torch.utils.data.Dataset):
         class_names: list of category names in label order.
     """
 
-    def __init__(self, img_folder: str | os.PathLike, ann_file: str | os.PathLike, transforms: Transforms | None = None):
+    def __init__(self, img_folder: str | os.PathLike, ann_file: str | os.PathLike, transforms: Transforms | None = None,
+                 verify_files: bool = False):
         self.img_folder = Path(img_folder)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
@@ -197,6 +246,9 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"width/height: {shown}{more}",
                 stacklevel=2,
             )
+        if verify_files:
+            self.check_files()
+            self.check_image_sizes()
 
     @property
     def num_classes(self) -> int:
@@ -209,7 +261,7 @@ class CocoDetection(torch.utils.data.Dataset):
         return self.img_folder / self.coco.imgs[image_id]["file_name"]
 
     def check_files(self) -> None:
-        """Raise ValueError listing the image files that are missing or empty (without decoding them)."""
+        """Raise ImageFileError (a ValueError) listing the image files that are missing or empty (not decoded)."""
         bad = []
         for image_id in self.ids:
             path = self.image_path(image_id)
@@ -219,39 +271,60 @@ class CocoDetection(torch.utils.data.Dataset):
                 bad.append(f"image id {image_id}: {path} empty (0 bytes)")
         if bad:
             shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
-            raise ValueError(
+            raise ImageFileError(
                 f"{len(bad)} of {len(self.ids)} image files of {self.ann_file} are unusable: {shown}. "
                 f"Check that img_folder={self.img_folder} is the folder the json's file_name entries refer to"
             )
 
+    def check_image_sizes(self) -> tuple[int, int]:
+        """Compare each image file's size (from its header) with the json's width/height.
+
+        Warns once, with counts, when sizes differ or training boxes lie outside their real image
+        (they are dropped at load time). Returns (images whose size differs, boxes dropped).
+        """
+        differ, dropped, first = [], {}, None
+        for image_id in self.ids:
+            path, info = self.image_path(image_id), self.coco.imgs[image_id]
+            try:
+                with Image.open(path) as img:
+                    w, h = img.size
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                raise ImageFileError(f"image file {path} (image id {image_id}) cannot be read ({e}): "
+                                     f"re-copy the image or remove it from {self.ann_file}") from e
+            if (info.get("width", w), info.get("height", h)) != (w, h):
+                differ.append(image_id)
+                first = first or f"image id {image_id}: json {info.get('width')}x{info.get('height')}, file {w}x{h}"
+            n = sum(1 for a in self.train_annotations(image_id) if not _inside(a["bbox"], w, h))
+            if n:
+                dropped[image_id] = n
+        if differ or dropped:
+            warnings.warn(
+                f"{self.ann_file}: {len(differ)} of {len(self.ids)} image files differ in size from the "
+                f"json's width/height{f' ({first})' if first else ''}; {sum(dropped.values())} box(es) in "
+                f"{len(dropped)} image(s) lie outside their image file and are dropped from training: fix "
+                f"width/height and bbox in the json, or the image files",
+                stacklevel=2,
+            )
+        return len(differ), sum(dropped.values())
+
     def load_image(self, image_id: int) -> Image.Image:
-        """The image as RGB PIL; ValueError naming the file and image id if missing or undecodable."""
+        """The image as 8-bit RGB PIL; ImageFileError naming the file, image id and json if missing or undecodable."""
         path = self.image_path(image_id)
         if not path.is_file():
-            raise ValueError(
+            raise ImageFileError(
                 f"image file {path} (image id {image_id} of {self.ann_file}) not found: check that "
                 f"img_folder={self.img_folder} is the folder the json's file_name entries refer to"
             )
-        if path.stat().st_size == 0:
-            raise ValueError(
-                f"image file {path} (image id {image_id}) is empty (0 bytes): re-copy the image "
-                f"or remove it from {self.ann_file}"
-            )
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")  # convert() forces the full decode, so truncation shows here
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ValueError(
-                f"image file {path} (image id {image_id}) cannot be decoded ({e}): re-copy the image "
-                f"or remove it from {self.ann_file}"
-            ) from e
+        return load_rgb(path, f"image id {image_id}", f"re-copy the image or remove it from {self.ann_file}")
+
+    def train_annotations(self, image_id: int) -> list[dict]:
+        """The annotations of `image_id` that are training targets: not crowd, not degenerate."""
+        return [a for a in self.coco.imgToAnns.get(image_id, [])
+                if not a.get("iscrowd", 0) and a["id"] not in self._skip]
 
     def load_target(self, image_id: int, width: int, height: int) -> Target:
         """Training target of one image: crowd and degenerate annotations dropped, boxes clipped."""
-        anns = [
-            a for a in self.coco.imgToAnns.get(image_id, [])
-            if not a.get("iscrowd", 0) and a["id"] not in self._skip
-        ]
+        anns = self.train_annotations(image_id)
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
         boxes[:, 0::2].clamp_(0, width)
@@ -278,6 +351,31 @@ class CocoDetection(torch.utils.data.Dataset):
             img = pil_to_tensor(img).float().div_(255)
         target["size"] = torch.tensor(img.shape[-2:], dtype=torch.int64)
         return img, target
+
+
+def _inside(bbox: list, width: int, height: int) -> bool:
+    """Whether an xywh box keeps a positive area when clipped to a (width, height) image."""
+    x, y, w, h = bbox
+    return min(x + w, width) > max(x, 0) and min(y + h, height) > max(y, 0)
+
+
+def count_crowded_images(dataset: CocoDetection, num_queries: int) -> tuple[int, int]:
+    """(images with more training boxes than `num_queries`, boxes that can never be matched).
+
+    Each query matches at most one box, so the surplus is never learned. Warns once with both
+    counts when there is any; call it with `decoder.num_queries` before training.
+    """
+    counts = {i: n for i in dataset.ids if (n := len(dataset.train_annotations(i))) > num_queries}
+    surplus = sum(counts.values()) - num_queries * len(counts)
+    if counts:
+        worst = max(counts, key=counts.get)
+        warnings.warn(
+            f"{dataset.ann_file}: {len(counts)} image(s) hold more ground-truth boxes than "
+            f"decoder.num_queries={num_queries} (most: {counts[worst]} in image id {worst}); {surplus} "
+            f"box(es) can never be matched and are not learned: set decoder.num_queries >= {counts[worst]}",
+            stacklevel=2,
+        )
+    return len(counts), surplus
 
 
 def collate_fn(

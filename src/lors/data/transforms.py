@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -23,6 +24,16 @@ Target = dict[str, Any]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB. 16-bit grey (modes "I;16", "I;16B", ... and "I", the mode PIL gives
+    16-bit PNGs in some versions) is scaled by 255/65535 = 1/257; PIL's own `convert("RGB")` clips
+    it at 255, which turns a 16-bit image white. PIL already reads 16-bit RGB(A) PNGs as 8-bit."""
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        grey = np.asarray(img).astype(np.float32) / 257.0  # (H, W), 0..65535 -> 0..255
+        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
 
 
 def image_size(img: Image.Image | torch.Tensor) -> tuple[int, int]:
@@ -116,11 +127,11 @@ class RandomResize:
 
 
 class ToTensor:
-    """PIL image -> float tensor (3, H, W) in [0, 1]; tensors pass through unchanged."""
+    """PIL image (any mode, see `to_rgb`) -> float tensor (3, H, W) in [0, 1]; tensors pass through."""
 
     def __call__(self, img: Any, target: Target) -> tuple[torch.Tensor, Target]:
         if isinstance(img, Image.Image):
-            img = TF.pil_to_tensor(img.convert("RGB")).float().div_(255)
+            img = TF.pil_to_tensor(to_rgb(img)).float().div_(255)
         return img, target
 
 

@@ -1,9 +1,10 @@
 """Training checkpoints: model and optimizer tensors in safetensors, the rest in JSON.
 
-A run directory holds ``ckpt_<step>/`` folders (``model.safetensors`` + ``model.lors.json``,
-``optimizer.safetensors``, ``state.json``) and ``last.json`` naming the newest. Each folder is
-written under a temporary name and renamed, and ``last.json`` is replaced atomically after
-that, so a crash at any moment leaves the previous checkpoint whole and ``last.json`` valid.
+A run directory holds ``ckpt_<step>/`` folders (``model.safetensors``, ``optimizer.safetensors``,
+``state.json``) and ``last.json`` naming the newest. Each folder is written under a temporary
+name and renamed, and ``last.json`` is replaced atomically after that, so a crash at any
+moment leaves the previous checkpoint whole and ``last.json`` valid; a failed write removes its
+partial folder. Without a usable ``last.json`` the newest complete folder is found by name.
 """
 from __future__ import annotations
 
@@ -47,61 +48,85 @@ def _set_rng_state(tensors: dict, state: dict) -> None:
     np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict) -> Path:
-    """Write ``ckpt_<step>`` into ``run_dir`` and point ``last.json`` at it."""
+    """Write ``ckpt_<step>`` into ``run_dir`` and point ``last.json`` at it.
+
+    If writing fails (a full disk, an interruption), the partial folder is removed and the
+    previous checkpoint stays the newest; an ``OSError`` becomes ``CheckpointWriteError``.
+    """
     run_dir = Path(run_dir)
     final = run_dir / f"ckpt_{step:08d}"
     tmp = run_dir / f".ckpt_{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, tmp / "model.safetensors")
-    opt = optimizer.state_dict()
-    tensors, groups = {}, opt["param_groups"]
-    for idx, pstate in opt["state"].items():
-        for key, value in pstate.items():
-            tensors[f"state.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    rng_tensors, rng = _rng_state()
-    save_file({**tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups,
-                                                "rng": rng}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    pointer = run_dir / "last.json.tmp"
-    pointer.write_text(json.dumps({"checkpoint": final.name, "step": step}))
-    os.replace(pointer, run_dir / "last.json")
-    for old in sorted(run_dir.glob("ckpt_*"))[:-KEEP]:
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_model(model, tmp / "model.safetensors")
+        opt = optimizer.state_dict()
+        tensors, groups = {}, opt["param_groups"]
+        for idx, pstate in opt["state"].items():
+            for key, value in pstate.items():
+                tensors[f"state.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        rng_tensors, rng = _rng_state()
+        save_file({**tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups,
+                                                    "rng": rng}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        pointer = run_dir / "last.json.tmp"
+        pointer.write_text(json.dumps({"checkpoint": final.name, "step": step}))
+        os.replace(pointer, run_dir / "last.json")
+    except BaseException as err:  # a full disk, Ctrl-C: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        (run_dir / "last.json.tmp").unlink(missing_ok=True)
+        # safetensors reports a failed write (a full disk) as SafetensorError, not OSError
+        if isinstance(err, (OSError, SafetensorError)) and not isinstance(err, CheckpointWriteError):
+            previous = find_checkpoint(run_dir)
+            reason = getattr(err, "strerror", None) or err
+            raise CheckpointWriteError(
+                getattr(err, "errno", None), f"could not write the checkpoint of step {step} to {run_dir} "
+                f"({reason}); "
+                + (f"{previous.name} is intact: free space or fix permissions, then rerun the same "
+                   "command to resume" if previous else "no earlier checkpoint exists")) from None
+        raise
+    for old in checkpoints(run_dir)[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def discard_checkpoints(run_dir: str | Path) -> int:
-    """Remove ``last.json`` (first, so no crash can leave it pointing at a removed folder) and
-    every ``ckpt_*`` folder of ``run_dir``; returns how many folders went."""
-    run_dir = Path(run_dir)
-    (run_dir / "last.json").unlink(missing_ok=True)
-    old = sorted(run_dir.glob("ckpt_*"))
-    for folder in old:
-        shutil.rmtree(folder)
-    if old:
-        print(f"fresh start in {run_dir}: removed {len(old)} checkpoint(s) of an earlier run", flush=True)
-    return len(old)
+def is_complete(ckpt: Path) -> bool:
+    """Whether a checkpoint folder has all its files (it may still be unreadable inside)."""
+    return all((ckpt / name).is_file() for name in ("state.json", "model.safetensors", "optimizer.safetensors"))
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete ``ckpt_*`` folders of ``run_dir``, newest first."""
+    return sorted((p for p in Path(run_dir).glob("ckpt_*") if p.is_dir() and is_complete(p)), reverse=True)
 
 
 def find_checkpoint(path: str | Path) -> Path | None:
-    """A checkpoint folder, or the newest one of a run directory (None if it has none)."""
+    """A checkpoint folder, or the newest one of a run directory (None if it has none).
+
+    ``last.json`` names the newest; if it is missing or names a folder that is gone or
+    incomplete, the newest complete ``ckpt_*`` folder is used instead.
+    """
     path = Path(path)
     if (path / "state.json").exists():
         return path
     pointer = path / "last.json"
-    if not pointer.exists():
-        return None
-    try:
-        name = json.loads(pointer.read_text())["checkpoint"]
-    except (json.JSONDecodeError, KeyError) as err:
-        raise ValueError(f"{pointer} is unreadable ({err}); point it at one of the ckpt_* "
-                         "folders beside it") from None
-    return path / name
+    if pointer.exists():
+        try:
+            named = path / json.loads(pointer.read_text())["checkpoint"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            named = None
+        if named is not None and is_complete(named):
+            return named
+    found = checkpoints(path)
+    return found[0] if found else None
 
 
 def read_state(ckpt: Path) -> dict:

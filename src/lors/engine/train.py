@@ -8,9 +8,12 @@ of (seed, epoch, index), and the RNG state is stored in every checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import math
 import statistics
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -23,11 +26,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from lors.config import load_config, save_config, to_dict
-from lors.data.coco import CocoDetection, collate_fn
+from lors.data.coco import CocoDetection, collate_fn, count_crowded_images
 from lors.data.transforms import make_coco_transforms
 from lors.engine import distributed
-from lors.engine.checkpoint import (discard_checkpoints, find_checkpoint, load_checkpoint, read_state,
-                                   save_checkpoint)
+from lors.engine.checkpoint import checkpoints, find_checkpoint, load_checkpoint, read_state, save_checkpoint
+from lors.engine.rundir import RunLock, config_differences, describe, drop_set_aside, set_aside
 from lors.engine.evaluate import coco_evaluate
 from lors.models.adamixer import DetectorConfig, PostProcess, build_criterion, build_detector
 
@@ -47,6 +50,9 @@ class EpochSampler(Sampler[int]):
         self.size, self.batch, self.seed, self.rank, self.world = size, batch, seed, rank, world
         self.epoch, self.start = 0, 0
         self.steps = size // (batch * world)
+        if size == 0:
+            raise ValueError("the training set has no images: check data.train_annotations and "
+                             "data.train_images")
         if self.steps == 0:
             raise ValueError(f"the data set has {size} images, fewer than one global batch of "
                              f"{batch * world}: lower train.batch_size")
@@ -107,10 +113,12 @@ def build_datasets(cfg: DetectorConfig, train: bool = True, val: bool = True):
             out.append(None)
             continue
         tf = make_coco_transforms(is_train, (d.min_size,), d.max_size, d.flip_prob)
-        ds = CocoDetection(images, ann, transforms=tf)
+        ds = CocoDetection(images, ann, transforms=tf, verify_files=True)  # missing files: now, not mid-run
         if ds.num_classes != cfg.decoder.num_classes:
             raise ValueError(f"{ann} has {ds.num_classes} categories but decoder.num_classes is "
                              f"{cfg.decoder.num_classes}: set decoder.num_classes={ds.num_classes}")
+        if is_train:
+            count_crowded_images(ds, cfg.decoder.num_queries)  # warns once if boxes can never be matched
         out.append(ds)
     return tuple(out)
 
@@ -179,20 +187,90 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
+# config keys that may change between a run and its resumption: they do not change the weights
+# (train.epochs may grow, with ``extend``)
+RESUME_FREE = ("train.output_dir", "train.log_every", "train.checkpoint_every", "train.epochs",
+               "data.num_workers", "data.val_images", "data.val_annotations", "test")
+
+
+def check_resumable(stored: dict, cfg: DetectorConfig, ckpt: Path, extend: bool = False) -> None:
+    """Refuse to resume the run of checkpoint ``ckpt`` (config ``stored``) with ``cfg`` if a
+    setting that shapes the weights differs, or if the schedule changes unasked."""
+    run_dir = ckpt.parent
+    requested = json.loads(json.dumps(to_dict(cfg)))
+    diffs = config_differences(stored, requested, RESUME_FREE)
+    if diffs:
+        raise ValueError(f"{run_dir} holds a run with other settings ({describe(diffs)}): rerun with "
+                         "the run's settings to resume it, pass --no-resume to replace it, or train "
+                         "into another --run-dir")
+    before, now = stored.get("train", {}).get("epochs"), cfg.train.epochs
+    if before != now and not (extend and before is not None and now > before):
+        hint = (f"pass --extend to continue it to {now} epochs" if before is not None and now > before
+                else f"a run cannot be shortened: use train.epochs={before}")
+        raise ValueError(f"{run_dir} holds a run of train.epochs={before}, not {now}: {hint}, "
+                         "--no-resume to replace it, or another --run-dir")
+
+
+def resume_from(run_dir: Path, cfg: DetectorConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                extend: bool = False) -> int:
+    """Load the newest readable checkpoint of ``run_dir`` (model, optimizer, RNG) after
+    checking that ``cfg`` may continue it; returns its step, 0 if the directory holds none.
+
+    An unreadable newest checkpoint (a truncated file) is reported and the previous one used.
+    """
+    newest = find_checkpoint(run_dir)
+    order = ([newest] if newest else []) + [c for c in checkpoints(run_dir) if c != newest]
+    for ckpt in order:
+        try:
+            state = read_state(ckpt)
+        except ValueError as err:
+            print(f"warning: {err}; trying an earlier checkpoint", flush=True)
+            continue
+        check_resumable(state.get("config", {}), cfg, ckpt, extend)
+        try:
+            return load_checkpoint(ckpt, model, optimizer, restore_rng=True)["step"]
+        except (ValueError, OSError, RuntimeError) as err:
+            print(f"warning: checkpoint {ckpt} is unreadable ({err}); trying an earlier one", flush=True)
+    if order:
+        raise ValueError(f"{run_dir} holds checkpoints but none is readable: pass --no-resume to start "
+                         f"over (the old files are kept in {run_dir}/.previous_run until the new run "
+                         "saves its first checkpoint)")
+    return 0
+
+
 def train(cfg: DetectorConfig, run_dir: str | Path | None = None, resume: bool = True,
           stop_after: int | None = None, device: str | None = None, progress: bool = True,
-          evaluate_at_end: bool = True) -> dict:
+          evaluate_at_end: bool = True, extend: bool = False) -> dict:
     """Train ``cfg``'s detector; returns a summary (steps, seconds per step, peak memory, AP...).
 
     Args:
-        run_dir: where checkpoints and logs go (default ``cfg.train.output_dir``).
-        resume: continue from ``run_dir``'s last checkpoint if there is one.
+        run_dir: where checkpoints and logs go (default ``cfg.train.output_dir``). It is locked
+            while training: a second trainer into it is refused.
+        resume: continue from ``run_dir``'s last checkpoint if there is one (refused if ``cfg``
+            differs from the run's config where the weights depend on it). Otherwise, or if
+            there is none, a fresh start sets the earlier run's files aside and deletes them
+            once the new run has saved its first checkpoint.
         stop_after: end after this global step (checkpointing there), as an interruption would.
         device: "cpu", "cuda:0", ... (default: the GPU of this process if any, else CPU).
+        extend: allow resuming a run with more ``train.epochs`` than it was started with.
     """
+    cfg.validate()  # a config built in Python has not been through the loader's checks
     rank, world, dev = distributed.init_distributed(device)
+    run_dir = Path(run_dir or cfg.train.output_dir)
+    try:
+        with RunLock(run_dir) if rank == 0 else contextlib.nullcontext():
+            return _train(cfg, run_dir, rank, world, dev, resume, stop_after, progress, evaluate_at_end, extend)
+    except KeyboardInterrupt:
+        if rank == 0:
+            ckpt = find_checkpoint(run_dir)
+            print(f"\ninterrupted: {ckpt} is intact, rerun the same command to resume from it" if ckpt
+                  else f"\ninterrupted before the first checkpoint of {run_dir}", file=sys.stderr, flush=True)
+        raise
+
+
+def _train(cfg: DetectorConfig, run_dir: Path, rank: int, world: int, dev: torch.device, resume: bool,
+           stop_after: int | None, progress: bool, evaluate_at_end: bool, extend: bool) -> dict:
     t = cfg.train
-    run_dir = Path(run_dir or t.output_dir)
     main = rank == 0
     if t.batch_size % world:
         raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the {world} "
@@ -205,19 +283,24 @@ def train(cfg: DetectorConfig, run_dir: str | Path | None = None, resume: bool =
     # the fused kernel updates all tensors in one pass (CPU and GPU); the default loops per tensor
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
                                   weight_decay=t.weight_decay, fused=dev.type in ("cpu", "cuda"))
-    step = 0
-    ckpt = find_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        step = load_checkpoint(ckpt, model, optimizer, restore_rng=True)["step"]
+    step = resume_from(run_dir, cfg, model, optimizer, extend) if resume else 0
+    distributed.barrier()
     ddp = DistributedDataParallel(model) if world > 1 else model
     items = SeededItems(train_set, t.seed)
     sampler = EpochSampler(len(train_set), per_process, t.seed, rank, world)
     total = t.epochs * sampler.steps
     last = min(total, stop_after) if stop_after is not None else total
+    set_aside_dir = None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if step == 0:
-            discard_checkpoints(run_dir)  # a fresh start must not resume the old run after a crash
+        if step == 0:  # a fresh start must not resume the old run after a crash, nor delete it yet
+            set_aside_dir = set_aside(run_dir)
+            if set_aside_dir is not None:
+                print(f"fresh start in {run_dir}: the earlier run's files are kept in {set_aside_dir} "
+                      "until this run saves its first checkpoint", flush=True)
+        elif step >= last:
+            print(f"{run_dir} is already trained to step {step}: nothing to train; --no-resume "
+                  "trains it again", flush=True)
         save_config(cfg, run_dir / "config.yaml")
         _trim_log(run_dir / "log.csv", step)
     # a fresh start (step 0) replaces any earlier log; a resumed run appends to the trimmed one
@@ -285,6 +368,9 @@ def train(cfg: DetectorConfig, run_dir: str | Path | None = None, resume: bool =
                 if main:
                     log_file.flush()
                     save_checkpoint(run_dir, step, model, optimizer, {**state, "epoch": epoch})
+                    if set_aside_dir is not None:
+                        drop_set_aside(run_dir)
+                        set_aside_dir = None
                 distributed.barrier()
             if step >= last:
                 break

@@ -3,14 +3,56 @@
 Defaults are the paper's 1x setting with ResNet-50 and plain AdaMixer; the YAML presets in
 ``configs/detect/`` override what differs. Load one with
 ``load_detector_config("adamixer_lors_r50_1x", ["decoder.num_queries=300"])``.
+
+Each section's ``validate`` checks the ranges of its keys and `DetectorConfig.validate` the rules
+between sections; the loader calls it after the overrides, so a bad value is refused with one
+line naming the key, the value and the valid range before anything is built or trained.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from lors.config import load_config
+
+RESNET_DEPTHS = (18, 34, 50, 101, 152)  # torchvision's ResNets
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """ValueError naming ``key``, its ``value`` and the ``rule`` it breaks, unless ``ok``."""
+    if not ok:
+        raise ValueError(f"config key '{key}' must be {rule}, got {value!r}")
+
+
+def _note(why: str) -> str:
+    return f" ({why})" if why else ""
+
+
+def _at_least(key: str, value: int | float, low: int | float, why: str = "") -> None:
+    finite = isinstance(value, int) or math.isfinite(value)
+    _require(finite and value >= low, key, value, f">= {low}{_note(why)}")
+
+
+def _positive(key: str, value: float, why: str = "") -> None:
+    _require(math.isfinite(value) and value > 0, key, value, f"> 0{_note(why)}")
+
+
+def _within(key: str, value: float, low: float, high: float, interval: str, why: str = "") -> None:
+    """``interval`` is "[]", "[)", "(]" or "()": which ends are allowed (NaN never is)."""
+    ok = ((low <= value if interval[0] == "[" else low < value)
+          and (value <= high if interval[1] == "]" else value < high))
+    _require(ok, key, value, f"in {interval[0]}{low}, {high}{interval[1]}{_note(why)}")
+
+
+def _per_stage(key: str, value: int | list[int], num_stages: int, enabled: bool) -> None:
+    """A LORS rank or group count: one int >= 1, or (when used) one per decoder stage."""
+    for i, v in enumerate(value if isinstance(value, list) else [value]):
+        _at_least(f"{key}[{i}]" if isinstance(value, list) else key, v, 1)
+    if enabled and isinstance(value, list) and len(value) != num_stages:
+        raise ValueError(f"config key '{key}' has {len(value)} values {value} but decoder.num_stages is "
+                         f"{num_stages}: give one value per stage or a single int")
 
 
 @dataclass
@@ -21,11 +63,30 @@ class BackboneConfig:
     norm_eval: bool = True                # batch norms keep their running statistics
     num_levels: int = 4                   # feature maps C2..C(1+num_levels); 4 = C2..C5
 
+    def validate(self) -> None:
+        _require(self.depth in RESNET_DEPTHS, "backbone.depth", self.depth, f"one of {list(RESNET_DEPTHS)}")
+        _require(self.weights is None or bool(self.weights.strip()), "backbone.weights", self.weights,
+                 "null (random init), a local file or a torchvision weights name")
+        if not 1 <= self.num_levels <= 4:
+            raise ValueError(f"config key 'backbone.num_levels' is {self.num_levels}, but num_levels must be "
+                             f"in 1..4 (C2 up to C2..C5)")
+        _at_least("backbone.frozen_stages", self.frozen_stages, -1, "-1 freezes nothing, 0 the stem only")
+        if self.frozen_stages > self.num_levels:
+            raise ValueError(f"config key 'backbone.frozen_stages': frozen_stages {self.frozen_stages} "
+                             f"exceeds num_levels {self.num_levels} (only {self.num_levels} residual stages "
+                             f"are built): use -1..{self.num_levels}")
+
 
 @dataclass
 class NeckConfig:
     dim: int = 256                        # feature width C after the 1x1 convs
     gn_groups: int = 32                   # GroupNorm groups
+
+    def validate(self) -> None:
+        _at_least("neck.dim", self.dim, 1)
+        _at_least("neck.gn_groups", self.gn_groups, 1)
+        _require(self.dim % self.gn_groups == 0, "neck.gn_groups", self.gn_groups,
+                 f"a divisor of neck.dim={self.dim} (GroupNorm splits the channels evenly)")
 
 
 @dataclass
@@ -42,6 +103,16 @@ class DecoderConfig:
     out_points: int = 128                 # P_out
     prior_prob: float = 0.01              # initial classifier foreground probability
 
+    def validate(self) -> None:
+        for name in ("num_classes", "num_queries", "num_stages", "query_dim", "num_heads", "ffn_dim",
+                     "num_groups", "in_points", "out_points"):
+            _at_least(f"decoder.{name}", getattr(self, name), 1)
+        _require(self.query_dim % self.num_heads == 0, "decoder.num_heads", self.num_heads,
+                 f"a divisor of decoder.query_dim={self.query_dim} (each head gets query_dim / num_heads "
+                 f"channels)")
+        _within("decoder.dropout", self.dropout, 0, 1, "[)")
+        _within("decoder.prior_prob", self.prior_prob, 0, 1, "()", "a probability")
+
 
 @dataclass
 class AdaptiveLorsConfig:
@@ -52,6 +123,13 @@ class AdaptiveLorsConfig:
     use_shared: bool = True               # W^shared(q) term (Table 5)
     use_private: bool = True              # sum_k B E(q) A term (Table 5)
 
+    def validate(self, num_stages: int) -> None:
+        _per_stage("lors.adaptive.rank", self.rank, num_stages, self.enabled)
+        _per_stage("lors.adaptive.groups", self.groups, num_stages, self.enabled)
+        if self.enabled and not (self.use_shared or self.use_private):
+            raise ValueError("config keys 'lors.adaptive.use_shared' and 'lors.adaptive.use_private' are "
+                             "both false, which leaves LORS^A no weight: set one of them to true")
+
 
 @dataclass
 class StaticLorsConfig:
@@ -59,6 +137,10 @@ class StaticLorsConfig:
     enabled: bool = False
     rank: int | list[int] = 8
     groups: int | list[int] = 1
+
+    def validate(self, num_stages: int) -> None:
+        _per_stage("lors.static.rank", self.rank, num_stages, self.enabled)
+        _per_stage("lors.static.groups", self.groups, num_stages, self.enabled)
 
 
 @dataclass
@@ -68,6 +150,10 @@ class LorsConfig:
     # "official": the authors' code (zero shared-generator weight, as AdaMixer zeroes its
     # generators); "paper": section 4.1 (Kaiming generator). See docs/detection.md.
     init: Literal["official", "paper"] = "official"
+
+    def validate(self, num_stages: int) -> None:
+        self.adaptive.validate(num_stages)
+        self.static.validate(num_stages)
 
 
 @dataclass
@@ -81,6 +167,17 @@ class LossConfig:
     match_cls_weight: float = 2.0
     match_l1_weight: float = 5.0
     match_giou_weight: float = 2.0
+
+    def validate(self) -> None:
+        _within("loss.focal_alpha", self.focal_alpha, 0, 1, "[]", "the weight of positives")
+        _at_least("loss.focal_gamma", self.focal_gamma, 0)
+        for kind in ("", "match_"):
+            names = [f"{kind}{term}_weight" for term in ("cls", "l1", "giou")]
+            for name in names:
+                _at_least(f"loss.{name}", getattr(self, name), 0, "0 turns the term off")
+            if not any(getattr(self, name) > 0 for name in names):
+                raise ValueError(f"config keys {', '.join('loss.' + n for n in names)} are all 0, which "
+                                 f"leaves the {'matching cost' if kind else 'loss'} empty: make one > 0")
 
 
 @dataclass
@@ -96,10 +193,28 @@ class TrainConfig:
     warmup_iters: int = 500               # linear warm-up, as mmdetection's schedule
     warmup_ratio: float = 0.001
     seed: int = 0
-    amp: str = "auto"                     # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16", "fp32"
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # "auto": bf16 on GPU, fp32 on CPU
     output_dir: str = "runs/detect"
     checkpoint_every: int = 1000          # iterations
     log_every: int = 20
+
+    def validate(self) -> None:
+        _at_least("train.batch_size", self.batch_size, 1, "images per step over all processes")
+        _positive("train.lr", self.lr)
+        _at_least("train.weight_decay", self.weight_decay, 0)
+        _at_least("train.clip_grad", self.clip_grad, 0, "0 disables clipping")
+        _at_least("train.epochs", self.epochs, 1)
+        if not all(1 <= e <= self.epochs for e in self.lr_steps):
+            raise ValueError(f"config key 'train.lr_steps' is {self.lr_steps} but train.epochs={self.epochs} "
+                             f"and a step after the schedule never happens: give epochs in [1, {self.epochs}] "
+                             f"(or train.lr_steps=[]) when you change train.epochs")
+        _within("train.lr_gamma", self.lr_gamma, 0, 1, "(]", "the lr factor at each of train.lr_steps")
+        _at_least("train.warmup_iters", self.warmup_iters, 0, "0: no warm-up")
+        _within("train.warmup_ratio", self.warmup_ratio, 0, 1, "[]", "the lr factor at step 0 of the warm-up")
+        _at_least("train.seed", self.seed, 0)
+        _require(bool(self.output_dir.strip()), "train.output_dir", self.output_dir, "a folder path")
+        _at_least("train.checkpoint_every", self.checkpoint_every, 1, "iterations between checkpoints")
+        _at_least("train.log_every", self.log_every, 1, "iterations between log flushes")
 
 
 @dataclass
@@ -115,10 +230,22 @@ class DataConfig:
     size_divisor: int = 32                # batches are zero-padded to a multiple of this
     num_workers: int = 2
 
+    def validate(self) -> None:
+        for name in ("train_images", "train_annotations", "val_images", "val_annotations"):
+            _require(bool(getattr(self, name).strip()), f"data.{name}", getattr(self, name), "a path")
+        _at_least("data.min_size", self.min_size, 1, "pixels of the shorter side")
+        _at_least("data.max_size", self.max_size, 1, "pixels of the longer side at most")
+        _within("data.flip_prob", self.flip_prob, 0, 1, "[]", "a probability")
+        _at_least("data.size_divisor", self.size_divisor, 1, "batches are padded to a multiple of it")
+        _at_least("data.num_workers", self.num_workers, 0, "0 loads in the main process")
+
 
 @dataclass
 class TestConfig:
     max_detections: int = 100             # top-k over (query, class) scores per image
+
+    def validate(self) -> None:
+        _at_least("test.max_detections", self.max_detections, 1)
 
 
 @dataclass
@@ -131,6 +258,15 @@ class DetectorConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     test: TestConfig = field(default_factory=TestConfig)
+
+    def validate(self) -> None:
+        """ValueError naming the first key out of its range; the loader calls this."""
+        for section in (self.backbone, self.neck, self.decoder, self.loss, self.train, self.data, self.test):
+            section.validate()
+        self.lors.validate(self.decoder.num_stages)
+        _require(self.neck.dim % self.decoder.num_groups == 0, "decoder.num_groups", self.decoder.num_groups,
+                 f"a divisor of neck.dim={self.neck.dim} (each sampling group mixes neck.dim / num_groups "
+                 f"channels)")
 
 
 def load_detector_config(name_or_path: str | Path | None = None, overrides: Sequence[str] = ()) -> DetectorConfig:
