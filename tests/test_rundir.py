@@ -3,10 +3,8 @@ user did not ask to delete, one trainer per directory, and a failed or truncated
 never costs the previous one."""
 import csv
 import errno
-import shutil
 
 import pytest
-import torch
 
 from lors.engine import checkpoint as checkpoint_module
 from lors.engine import train as train_module

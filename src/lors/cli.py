@@ -11,7 +11,6 @@ import argparse
 import sys
 
 from lors.commands import detect, finetune, params
-from lors.engine.checkpoint import CheckpointWriteError
 
 COMMANDS = (params, detect, finetune)
 
@@ -51,12 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ValueError as err:  # bad input: one clear line, no traceback
+    except ValueError as err:  # bad input, a full disk: one clear line, no traceback
         print(f"lors {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except CheckpointWriteError as err:  # a full disk: the previous checkpoint is named
-        print(f"lors {args.command}: error: {err.strerror}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:  # what was saved has been named by the command itself
         print(f"lors {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -189,7 +189,11 @@ def cache_path(cache_dir: str | Path, cfg: PretrainConfig = PretrainConfig(),
                device: str | torch.device = "cpu") -> Path:
     """Where `cached_digit_backbone` keeps the weights of ``cfg``: ``resnet18_digits-<key>.pth``
     in ``cache_dir``, with the key a hash of `PretrainConfig.key`."""
-    text = json.dumps(cfg.key(device), sort_keys=True)
+    return _cache_path(cache_dir, cfg.key(device))
+
+
+def _cache_path(cache_dir: str | Path, key: dict) -> Path:
+    text = json.dumps(key, sort_keys=True)
     return Path(cache_dir) / f"resnet18_digits-{hashlib.sha256(text.encode()).hexdigest()[:12]}.pth"
 
 
@@ -212,8 +216,8 @@ def cached_digit_backbone(cache_dir: str | Path, cfg: PretrainConfig = PretrainC
     """The weights of ``cfg`` in ``cache_dir``: reused if a complete file made with exactly
     these settings is there, else trained (`train_digit_backbone`) and written atomically with
     its metadata. Returns the path of the ``.pth`` file (``backbone.weights=<path>``)."""
-    path = cache_path(cache_dir, cfg, device)
     key = cfg.key(device)
+    path = _cache_path(cache_dir, key)
     meta = read_cache(path)
     if meta is not None and meta.get("key") == key:
         return path

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lors.checkpoint import SaveError
 from lors.checkpoint import load as load_model
 from lors.checkpoint import save as save_model
 
@@ -48,8 +49,9 @@ def _set_rng_state(tensors: dict, state: dict) -> None:
     np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
 
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
+class CheckpointWriteError(SaveError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is intact.
+    Like ``SaveError``, a ValueError (one line from the CLI) and an OSError with ``errno``."""
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -87,9 +89,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
         if isinstance(err, (OSError, SafetensorError)) and not isinstance(err, CheckpointWriteError):
             previous = find_checkpoint(run_dir)
             reason = getattr(err, "strerror", None) or err
-            raise CheckpointWriteError(
-                getattr(err, "errno", None), f"could not write the checkpoint of step {step} to {run_dir} "
-                f"({reason}); "
+            raise CheckpointWriteError.wrap(
+                err, f"could not write the checkpoint of step {step} to {run_dir} ({reason}); "
                 + (f"{previous.name} is intact: free space or fix permissions, then rerun the same "
                    "command to resume" if previous else "no earlier checkpoint exists")) from None
         raise
