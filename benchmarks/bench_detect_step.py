@@ -3,7 +3,7 @@
 Both variants train at the same time, each in its own process with one CPU thread, as
 `lors detect compare` runs them on a 2-core machine, on the default digits benchmark
 (`runs/bench_data`, built if missing) from random backbone weights (the cost is the same).
-Each runs the real training loop (`lors.engine.train.train`, stopped after ``--steps``) and
+Each runs the real training loop (`lors.experiments.detection.train.train`, stopped after ``--steps``) and
 reports its median step time (data loading excluded); the ratio is B / A.
 
     python benchmarks/bench_detect_step.py                  # bench_adamixer, C2..C5 vs C2..C4
@@ -21,8 +21,8 @@ import tempfile
 def _child(config: str, overrides: list[str], steps: int, queue) -> None:
     import torch
 
-    from lors.commands.detect_bench import data_overrides
-    from lors.engine.train import train
+    from lors.experiments.detection.bench import data_overrides
+    from lors.experiments.detection.train import train
     from lors.models.adamixer import load_detector_config
     torch.set_num_threads(1)
     cfg = load_detector_config(config, [*data_overrides("runs/bench_data"), "backbone.weights=null", *overrides])
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--b", nargs="*", default=["backbone.num_levels=3"], help="overrides of variant B")
     parser.add_argument("--steps", type=int, default=150)
     args = parser.parse_args(argv)
-    from lors.commands.detect_bench import build_data
+    from lors.experiments.detection.bench import build_data
     build_data("runs/bench_data", progress=False)
     ctx = multiprocessing.get_context("spawn")
     queues = [ctx.Queue(), ctx.Queue()]

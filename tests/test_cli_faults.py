@@ -51,7 +51,7 @@ def test_valid_devices_parse(device):
 @pytest.mark.parametrize("command", ["compare", "ablate"])
 @pytest.mark.parametrize("flag, value", [("--max-steps", "0"), ("--jobs", "0"), ("--jobs", "-1")])
 def test_bench_counts_must_be_positive(capsys, monkeypatch, command, flag, value):
-    monkeypatch.setattr(f"lors.commands.detect_bench.run_{command}", lambda args: pytest.fail("must not run"))
+    monkeypatch.setattr(f"lors.experiments.detection.bench.run_{command}", lambda args: pytest.fail("must not run"))
     suite = ["--suite", "table4"] if command == "ablate" else []
     line = refused(capsys, ["detect", command, *suite, flag, value])
     assert f"argument {flag}: expected a positive integer, got '{value}'" in line
@@ -69,7 +69,7 @@ def test_predict_out_needs_an_image_extension(capsys, monkeypatch, tmp_path, out
 
 
 def test_bad_config_values_stop_train_before_it_starts(capsys, monkeypatch):
-    monkeypatch.setattr("lors.engine.train.train", lambda *a, **k: pytest.fail("train must not start"))
+    monkeypatch.setattr("lors.experiments.detection.train.train", lambda *a, **k: pytest.fail("train must not start"))
     for override, message in [("train.batch_size=-2", "config key 'train.batch_size' must be >= 1"),
                               ("train.epochs=0", "config key 'train.epochs' must be >= 1")]:
         assert main(["detect", "train", "--config", "tiny", override]) == 2
@@ -82,7 +82,7 @@ def test_train_json_prints_only_json_on_stdout(capsys, monkeypatch):
         print("Average Precision  (AP) @[ IoU=0.50:0.95 ] = 0.5")  # as COCOeval's summarize does
         return {"steps": 2, "metrics": {"AP": 0.5}}
 
-    monkeypatch.setattr("lors.engine.train.train", fake_train)
+    monkeypatch.setattr("lors.experiments.detection.train.train", fake_train)
     assert main(["detect", "train", "--config", "tiny", "--json", "--no-eval"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out) == {"steps": 2, "metrics": {"AP": 0.5}}
@@ -98,8 +98,8 @@ def test_eval_json_prints_only_json_on_stdout(capsys, monkeypatch):
         print("Average Precision  (AP) @[ IoU=0.50:0.95 ] = 0.5")
         return {"AP": 0.5}
 
-    monkeypatch.setattr("lors.engine.train.run_config", lambda path, ov: (path, load_detector_config("tiny"), {}))
-    monkeypatch.setattr("lors.engine.train.evaluate_checkpoint", fake_evaluate)
+    monkeypatch.setattr("lors.experiments.detection.train.run_config", lambda path, ov: (path, load_detector_config("tiny"), {}))
+    monkeypatch.setattr("lors.experiments.detection.train.evaluate_checkpoint", fake_evaluate)
     assert main(["detect", "eval", "--checkpoint", "run", "--device", "cpu", "--json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out) == {"AP": 0.5} and "Average Precision" in captured.err

@@ -165,7 +165,7 @@ def test_load_rgb_reads_16bit_for_predict_too(tmp_path):
 
 def test_predict_reads_its_image_with_load_rgb(tmp_path, monkeypatch):
     import lors.data.coco
-    import lors.engine.train
+    import lors.experiments.detection.train
     from lors.commands import detect
     seen = []
 
@@ -173,7 +173,7 @@ def test_predict_reads_its_image_with_load_rgb(tmp_path, monkeypatch):
         seen.append(path)
         raise ImageFileError("stop here")
 
-    monkeypatch.setattr(lors.engine.train, "run_config", lambda *a: (None, None, {}))
+    monkeypatch.setattr(lors.experiments.detection.train, "run_config", lambda *a: (None, None, {}))
     monkeypatch.setattr(lors.data.coco, "load_rgb", fake_load)
     args = argparse.Namespace(checkpoint="c", overrides=[], image=str(tmp_path / "x.png"),
                               out=str(tmp_path / "o.png"), score_threshold=0.3)

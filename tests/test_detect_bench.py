@@ -5,10 +5,10 @@ import json
 import pytest
 
 from lors.cli import main
-from lors.commands.detect_bench import KEYS, LORS, SUITES, VANILLA, suite_variants
+from lors.experiments.detection.bench import KEYS, LORS, SUITES, VANILLA, suite_variants
 from lors.config import to_dict
 from lors.engine.checkpoint import find_checkpoint
-from lors.engine.train import train
+from lors.experiments.detection.train import train
 from lors.models.adamixer import load_detector_config
 from lors.models.adamixer.report import detect_report
 from shapes_data import write_shapes
@@ -130,7 +130,7 @@ def test_ablate_runs_two_child_processes_at_a_time_and_keeps_each_row_its_own(tm
 def _child_peak(queue) -> None:
     import torch
 
-    from lors.engine.train import peak_memory_mb
+    from lors.experiments.detection.train import peak_memory_mb
     queue.put(peak_memory_mb(torch.device("cpu")))
 
 
@@ -142,7 +142,7 @@ def test_a_child_run_reports_its_own_peak_memory_not_its_parents():
     import numpy as np
     import torch
 
-    from lors.engine.train import peak_memory_mb
+    from lors.experiments.detection.train import peak_memory_mb
     big = np.ones(2_000_000_000 // 8)  # 2 GB touched in the parent
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()

@@ -7,7 +7,7 @@ from pycocotools.coco import COCO
 
 from lors.data.coco import CocoDetection
 from lors.data.transforms import RandomResize
-from lors.engine.evaluate import METRICS, coco_evaluate, rescale_boxes
+from lors.experiments.detection.evaluate import METRICS, coco_evaluate, rescale_boxes
 
 
 def write_json(tmp_path, with_crowd=False):

@@ -6,7 +6,7 @@ import torch
 
 from lors.commands import finetune as cmd
 from lors.data.text import load_fortunes, read_fortune_file
-from lors.engine.finetune import FinetuneConfig, finetune, length_grouped_batches
+from lors.experiments.finetune import FinetuneConfig, finetune, length_grouped_batches
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")

@@ -112,7 +112,7 @@ def test_save_adapter_to_a_directory(tmp_path):
 def test_a_full_disk_is_a_value_error_and_an_os_error(tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
-    import lors.checkpoint as ckpt
+    import lors.serialization as ckpt
 
     def full(tensors, filename, metadata=None):
         open(filename, "wb").write(b"partial")

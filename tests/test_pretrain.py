@@ -1,4 +1,4 @@
-"""`lors.data.pretrain`: a digit pretraining run of a fixed number of steps writes weights the
+"""`lors.experiments.detection.pretrain`: a digit pretraining run of a fixed number of steps writes weights the
 ResNet backbone loads, from the benchmark's train digits only; the weights depend on the
 settings alone (twice gives the same bits); the cache is keyed by those settings and checked
 by checksum; `lors detect compare --pretrain` passes them to both models."""
@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-import lors.data.pretrain as pretrain
+import lors.experiments.detection.pretrain as pretrain
 from lors.cli import main
 from lors.data.benchmark import build_or_reuse, digit_split, load_digits
-from lors.data.pretrain import PretrainConfig, cached_digit_backbone, train_digit_backbone
+from lors.experiments.detection.pretrain import PretrainConfig, cached_digit_backbone, train_digit_backbone
 from lors.models.adamixer.backbone import ResNetBackbone
 from test_detect_bench import TINY_DATA, TINY_MODEL
 

@@ -7,10 +7,10 @@ import errno
 import pytest
 
 from lors.engine import checkpoint as checkpoint_module
-from lors.engine import train as train_module
+from lors.experiments.detection import train as train_module
 from lors.engine.checkpoint import CheckpointWriteError, find_checkpoint
 from lors.engine.rundir import PREVIOUS, RunDirBusyError, RunLock
-from lors.engine.train import EpochSampler, train
+from lors.experiments.detection.train import EpochSampler, train
 from test_train import losses, tiny_config
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lors.engine import train as train_module
+from lors.experiments.detection import train as train_module
 from lors.engine.checkpoint import find_checkpoint, load_checkpoint
-from lors.engine.train import EpochSampler, NonFiniteLossError, train
+from lors.experiments.detection.train import EpochSampler, NonFiniteLossError, train
 from lors.models.adamixer import build_criterion, build_detector, load_detector_config
 from shapes_data import write_shapes
 

@@ -8,7 +8,7 @@ Core API::
     lors.count_parameters(model)            # shared tensors counted once
     lors.save(model, path) / lors.load(model, path)
 """
-from lors.checkpoint import load, save
+from lors.serialization import load, save
 from lors.core import (AdaptiveLors, LorsLinear, ParamCount, StaticLors, count_parameters,
                        find_layers, merge, share_layers)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lors.commands.detect_bench import add_bench_parsers
+from lors.experiments.detection.bench import add_bench_parsers
 from lors.commands.detect_data import add_data_parser
 
 
@@ -48,7 +48,7 @@ def _config(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from lors.engine.train import train
+    from lors.experiments.detection.train import train
     cfg = _config(args)
     with _json_only(args):
         summary = train(cfg, run_dir=args.run_dir, resume=not args.no_resume, device=args.device,
@@ -60,7 +60,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from lors.engine.distributed import init_distributed
-    from lors.engine.train import evaluate_checkpoint, run_config
+    from lors.experiments.detection.train import evaluate_checkpoint, run_config
     ckpt, cfg, _ = run_config(args.checkpoint, args.overrides)
     if args.config:
         cfg = _config(args)
@@ -76,7 +76,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from lors.data.coco import collate_fn, load_rgb
     from lors.data.transforms import make_coco_transforms
     from lors.engine.checkpoint import load_checkpoint
-    from lors.engine.train import run_config
+    from lors.experiments.detection.train import run_config
     from lors.models.adamixer import PostProcess, build_detector
     from lors.plots import draw_detections
     ckpt, cfg, state = run_config(args.checkpoint, args.overrides)

@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 from lors.data.text import CATEGORIES, FORTUNES_DIR, load_fortunes
-from lors.engine.finetune import METHODS, FinetuneConfig
+from lors.experiments.finetune import METHODS, FinetuneConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,7 +75,7 @@ def _run(cfg: FinetuneConfig, data: dict, device: str, threads: int | None) -> d
     """One run in a fresh process."""
     import torch
 
-    from lors.engine.finetune import finetune
+    from lors.experiments.finetune import finetune
     if threads:
         torch.set_num_threads(threads)
     train, test = load_fortunes(**data)

@@ -20,9 +20,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lors.checkpoint import SaveError
-from lors.checkpoint import load as load_model
-from lors.checkpoint import save as save_model
+from lors.serialization import SaveError
+from lors.serialization import load as load_model
+from lors.serialization import save as save_model
 
 KEEP = 2  # checkpoints kept in a run directory
 

@@ -230,7 +230,7 @@ def cached_digit_backbone(cache_dir: str | Path, cfg: PretrainConfig = PretrainC
     torch.save(state, tmp)
     meta = {"key": key, "sha256": _sha256(tmp), "file": path.name,
             "what": f"torchvision resnet18's stem and layer1..layer{cfg.levels}, pretrained as a "
-                    "digit classifier (lors.data.pretrain)"}
+                    "digit classifier (lors.experiments.detection.pretrain)"}
     tmp_meta = path.with_name(path.name + ".json.tmp")
     tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
     tmp.replace(path)  # weights first: metadata without matching weights reads as incomplete

@@ -31,7 +31,7 @@ from lors.data.transforms import make_coco_transforms
 from lors.engine import distributed
 from lors.engine.checkpoint import checkpoints, find_checkpoint, load_checkpoint, read_state, save_checkpoint
 from lors.engine.rundir import RunLock, config_differences, describe, drop_set_aside, set_aside
-from lors.engine.evaluate import coco_evaluate
+from lors.experiments.detection.evaluate import coco_evaluate
 from lors.models.adamixer import DetectorConfig, PostProcess, build_criterion, build_detector
 
 

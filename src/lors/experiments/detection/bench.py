@@ -5,7 +5,7 @@ digits-on-photos benchmark, on a CPU, in minutes.
 and seeds, scores them with COCOeval and writes a table, ``summary.json``, a plot of AP against
 decoder parameters and a picture of predictions. `ablate` runs the paper's Tables 4-8 as
 overrides of the LORS bench config and writes a markdown table and a plot per suite
-(`lors.commands.detect_outputs`). `add_bench_parsers(subparsers)` adds both to the `detect`
+(`lors.experiments.report`). `add_bench_parsers(subparsers)` adds both to the `detect`
 command's sub-parsers.
 
 Each training run happens in a child process, so that its peak resident memory (what
@@ -28,9 +28,9 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from lors.commands.detect_outputs import KEYS, METRICS, aggregate, draw_predictions, markdown_table, plot_ap
+from lors.experiments.report import KEYS, METRICS, aggregate, draw_predictions, markdown_table, plot_ap
 from lors.data.benchmark import build_or_reuse
-from lors.data.pretrain import PretrainConfig
+from lors.experiments.detection.pretrain import PretrainConfig
 
 VANILLA, LORS = "bench_adamixer", "bench_adamixer_lors"
 PRETRAIN_STEPS = PretrainConfig.steps
@@ -113,7 +113,7 @@ def _train_child(cfg, run_dir: str, progress: bool, max_steps: int | None = None
     import torch
 
     from lors.engine.checkpoint import find_checkpoint
-    from lors.engine.train import evaluate_checkpoint, train
+    from lors.experiments.detection.train import evaluate_checkpoint, train
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(run_dir)
@@ -203,8 +203,8 @@ def run_all(jobs: list[tuple[str, Run, Path]], data_dir: Path, args: argparse.Na
 
 def planned_steps(cfg, max_steps: int | None = None) -> int:
     """Training steps of ``cfg``'s schedule on its train split (``max_steps`` at most), as
-    `lors.engine.train.train` counts them."""
-    from lors.engine.train import EpochSampler
+    `lors.experiments.detection.train.train` counts them."""
+    from lors.experiments.detection.train import EpochSampler
     num_images = len(json.loads(Path(cfg.data.train_annotations).read_text())["images"])
     steps = cfg.train.epochs * EpochSampler(num_images, cfg.train.batch_size, cfg.train.seed).steps
     return min(steps, max_steps) if max_steps else steps
@@ -228,7 +228,7 @@ def pretrained_backbone(args: argparse.Namespace, data_dir: Path, runs: Sequence
     if not args.pretrain:
         return None
     levels = max(run.load(data_dir).backbone.num_levels for run in runs)
-    from lors.data.pretrain import PretrainConfig, cached_digit_backbone
+    from lors.experiments.detection.pretrain import PretrainConfig, cached_digit_backbone
     if (data_dir / LEGACY_PRETRAINED).exists():
         print(f"note: {data_dir / LEGACY_PRETRAINED} was pretrained for a wall-clock budget by an "
               "earlier version and is not used; delete it to free the space", flush=True)

@@ -84,7 +84,7 @@ def draw_predictions(runs: dict[str, Path], data_dir: Path, path: Path, num_imag
     from lors.data.coco import CocoDetection, collate_fn
     from lors.data.transforms import make_coco_transforms
     from lors.engine.checkpoint import load_checkpoint
-    from lors.engine.train import run_config
+    from lors.experiments.detection.train import run_config
     from lors.models.adamixer import PostProcess, build_detector
     from lors.plots import draw_boxes
 

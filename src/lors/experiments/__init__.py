@@ -1,0 +1,1 @@
+"""Experiments: what is trained, swept, measured and reported, built on `lors.engine`."""

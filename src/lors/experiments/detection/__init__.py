@@ -1,0 +1,2 @@
+"""The detection experiments: AdaMixer (+ LORS) training, COCO evaluation, backbone pretraining and the
+small-scale compare/ablate benchmark."""
