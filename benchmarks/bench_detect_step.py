@@ -3,8 +3,9 @@
 Both variants train at the same time, each in its own process with one CPU thread, as
 `lors detect compare` runs them on a 2-core machine, on the default digits benchmark
 (`runs/bench_data`, built if missing) from random backbone weights (the cost is the same).
-Each runs the real training loop (`lors.experiments.detection.train.train`, stopped after ``--steps``) and
-reports its median step time (data loading excluded); the ratio is B / A.
+Each runs the real training loop (`lors.experiments.detection.train.train`, stopped after
+``--steps``, through `lors.experiments.runner`) and reports its median step time (data loading
+excluded); the ratio is B / A.
 
     python benchmarks/bench_detect_step.py                  # bench_adamixer, C2..C5 vs C2..C4
     python benchmarks/bench_detect_step.py --config bench_adamixer_lors --steps 200 \\
@@ -13,22 +14,19 @@ reports its median step time (data loading excluded); the ratio is B / A.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import tempfile
 
 
-def _child(config: str, overrides: list[str], steps: int, queue) -> None:
-    import torch
-
+def step_time(config: str, overrides: list[str], steps: int) -> float:
+    """Median training-step time of ``config`` + ``overrides`` on the default benchmark."""
     from lors.experiments.detection.bench import data_overrides
     from lors.experiments.detection.train import train
     from lors.models.adamixer import load_detector_config
-    torch.set_num_threads(1)
     cfg = load_detector_config(config, [*data_overrides("runs/bench_data"), "backbone.weights=null", *overrides])
     with tempfile.TemporaryDirectory() as run_dir:
         summary = train(cfg, run_dir, resume=False, progress=False, stop_after=steps, evaluate_at_end=False)
-    queue.put(summary["seconds_per_step"])
+    return summary["seconds_per_step"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,17 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--b", nargs="*", default=["backbone.num_levels=3"], help="overrides of variant B")
     parser.add_argument("--steps", type=int, default=150)
     args = parser.parse_args(argv)
-    from lors.experiments.detection.bench import build_data
-    build_data("runs/bench_data", progress=False)
-    ctx = multiprocessing.get_context("spawn")
-    queues = [ctx.Queue(), ctx.Queue()]
-    children = [ctx.Process(target=_child, args=(args.config, ov, args.steps, q))
-                for ov, q in zip((args.a, args.b), queues)]
-    for child in children:
-        child.start()
-    a, b = (q.get() for q in queues)
-    for child in children:
-        child.join()
+    from lors.data.benchmark import build_or_reuse
+    from lors.experiments.runner import Job, run_jobs
+    build_or_reuse("runs/bench_data", progress=False)
+    jobs = [Job(f"variant {name}", step_time, (args.config, ov, args.steps)) for name, ov in (("A", args.a), ("B", args.b))]
+    a, b = run_jobs(jobs, width=2, threads=1, quiet=True)  # both at once, one thread each
     print(f"{args.config}, {args.steps} steps each, both at once, 1 thread each (median step time)")
     print(f"A {' '.join(args.a) or '(config)'}: {a:.4f} s / step")
     print(f"B {' '.join(args.b) or '(config)'}: {b:.4f} s / step")

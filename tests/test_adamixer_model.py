@@ -6,8 +6,10 @@ import torch
 import torchvision
 
 from lors import cli
+from lors.core import StaticLors
 from lors.models.adamixer import build_criterion, build_detector, load_detector_config
-from lors.models.adamixer.mixing import LorsGenerator, PlainGenerator
+from lors.models.adamixer.config import AdaptiveLorsConfig, StaticLorsConfig
+from lors.models.adamixer.mixing import LorsMixer, PlainMixer, StageLinears, build_mixing
 from lors.models.adamixer.report import count_macs, detect_report
 from lors.models.adamixer.sampling import AdaptiveSampling
 
@@ -112,14 +114,27 @@ def test_lors_private_parts_start_at_zero(init):
     cfg = load_detector_config("tiny_lors", [f"lors.init={init}"])
     mixing = build_detector(cfg).decoder.mixing
     q = torch.randn(2, 5, cfg.decoder.query_dim)
-    assert isinstance(mixing.generator, LorsGenerator)
+    assert isinstance(mixing.generator, LorsMixer)
     for i in range(cfg.decoder.num_stages):
         for lors in (mixing.generator.channel, mixing.generator.spatial):
             assert lors.delta(q, i).abs().max() == 0
             assert torch.equal(lors.weight(q, i), lors.generator(q).view_as(lors.weight(q, i)))
         assert mixing.out_proj.delta(i).abs().max() == 0
     plain = build_detector(load_detector_config("tiny")).decoder.mixing.generator
-    assert isinstance(plain, PlainGenerator)
+    assert isinstance(plain, PlainMixer)
+
+
+def test_build_mixing_reads_the_typed_lors_sections_and_keeps_checkpoint_names():
+    dims = dict(num_stages=3, query_dim=64, feat_dim=64, num_groups=2, in_points=8, out_points=16)
+    off = build_mixing(**dims, adaptive=AdaptiveLorsConfig(rank=4), static=StaticLorsConfig())  # enabled: false
+    assert isinstance(off.generator, PlainMixer) and isinstance(off.out_proj, StageLinears)
+    on = build_mixing(**dims, adaptive=AdaptiveLorsConfig(enabled=True, rank=4, groups=[1, 1, 2]),
+                      static=StaticLorsConfig(enabled=True, rank=2))
+    assert isinstance(on.generator, LorsMixer) and isinstance(on.out_proj, StaticLors)
+    assert on.generator.channel.groups == [1, 1, 2] and on.out_proj.ranks == [2, 2, 2]
+    assert {k.split(".")[0] for k in on.state_dict()} == {"generator", "out_proj"}  # as before the renames
+    with pytest.raises(ValueError, match=r"'lors.adaptive.groups' has 2 values \[1, 2\] but decoder.num_stages is 3"):
+        build_mixing(**dims, adaptive=AdaptiveLorsConfig(enabled=True, groups=[1, 2]))
 
 
 def test_sampling_reads_the_feature_at_each_point():

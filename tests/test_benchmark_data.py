@@ -1,5 +1,4 @@
 """The digits-on-photos benchmark builder: determinism, disjoint sources, boxes, errors, cache, CLI."""
-import argparse
 import dataclasses
 import json
 
@@ -7,7 +6,8 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from lors.commands.detect_data import add_data_parser
+from lors.cli import build_parser
+from lors.config import apply_overrides
 from lors.data import benchmark
 from lors.data.benchmark import (
     MASK_THRESHOLD,
@@ -174,14 +174,13 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
 
 
 def cli(argv):
-    parser = argparse.ArgumentParser(prog="lors detect")
-    add_data_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    """`lors detect ARGV`, with the command's errors raised rather than printed."""
+    args = build_parser().parse_args(["detect", *argv])
     return args.func(args)
 
 
 def test_cli_builds_with_overrides(tmp_path, capsys):
-    argv = ["data", "--out", str(tmp_path / "d"), "--seed", "5", "--quiet", "image_size=64",
+    argv = ["data", "--out", str(tmp_path / "d"), "--quiet", "seed=5", "image_size=64",
             "num_train=3", "num_val=2", "max_digit_size=24", "max_objects=2"]
     assert cli(argv) == 0
     out = capsys.readouterr().out
@@ -189,9 +188,23 @@ def test_cli_builds_with_overrides(tmp_path, capsys):
     assert read_meta(tmp_path / "d")["config"]["seed"] == 5
 
 
+def test_cli_has_one_override_syntax(tmp_path):
+    with pytest.raises(SystemExit):  # the old --seed S flag is gone: seed=S, as every other key
+        cli(["data", "--out", str(tmp_path / "d"), "--quiet", "--seed", "5"])
+    assert not (tmp_path / "d").exists()
+
+
+def test_overrides_are_checked_together_and_numpy_ints_are_ints():
+    # max_digit_size=80 alone exceeds the 64 px canvas; the config is built once, after both
+    cfg = apply_overrides(BenchmarkConfig(), ["max_digit_size=80", "image_size=128"])
+    assert (cfg.max_digit_size, cfg.image_size) == (80, 128)
+    cfg = BenchmarkConfig(seed=np.int64(4), max_overlap=0)
+    assert type(cfg.seed) is int and type(cfg.max_overlap) is float
+
+
 @pytest.mark.parametrize("extra, message", [
     (["colour=red"], "unknown config key 'colour'; valid keys here: image_size, num_train"),
-    (["--seed", "1.5"], "seed"),
+    (["seed=1.5"], "seed"),
     (["num_train=0"], "num_train must be >= 1"),
 ])
 def test_cli_bad_input_is_a_clear_error(tmp_path, extra, message):

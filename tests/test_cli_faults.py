@@ -51,7 +51,7 @@ def test_valid_devices_parse(device):
 @pytest.mark.parametrize("command", ["compare", "ablate"])
 @pytest.mark.parametrize("flag, value", [("--max-steps", "0"), ("--jobs", "0"), ("--jobs", "-1")])
 def test_bench_counts_must_be_positive(capsys, monkeypatch, command, flag, value):
-    monkeypatch.setattr(f"lors.experiments.detection.bench.run_{command}", lambda args: pytest.fail("must not run"))
+    monkeypatch.setattr(f"lors.experiments.detection.bench.{command}", lambda *a, **k: pytest.fail("must not run"))
     suite = ["--suite", "table4"] if command == "ablate" else []
     line = refused(capsys, ["detect", command, *suite, flag, value])
     assert f"argument {flag}: expected a positive integer, got '{value}'" in line
@@ -60,7 +60,7 @@ def test_bench_counts_must_be_positive(capsys, monkeypatch, command, flag, value
 @pytest.mark.parametrize("out, message", [("result", "'result' has no extension"),
                                           ("result.gif", "'result.gif' ends in '.gif'")])
 def test_predict_out_needs_an_image_extension(capsys, monkeypatch, tmp_path, out, message):
-    monkeypatch.setattr("lors.commands.detect.run_predict", lambda args: pytest.fail("must not run"))
+    monkeypatch.setattr("lors.experiments.detection.predict.predict_image", lambda *a: pytest.fail("must not run"))
     line = refused(capsys, ["detect", "predict", "--checkpoint", str(tmp_path), "--image", "x.png",
                             "--out", str(tmp_path / out)])
     assert message.replace("'", "") in line.replace("'", "").replace(str(tmp_path) + "/", "")
@@ -98,8 +98,8 @@ def test_eval_json_prints_only_json_on_stdout(capsys, monkeypatch):
         print("Average Precision  (AP) @[ IoU=0.50:0.95 ] = 0.5")
         return {"AP": 0.5}
 
-    monkeypatch.setattr("lors.experiments.detection.train.run_config", lambda path, ov: (path, load_detector_config("tiny"), {}))
-    monkeypatch.setattr("lors.experiments.detection.train.evaluate_checkpoint", fake_evaluate)
+    monkeypatch.setattr("lors.experiments.detection.evaluate.run_config", lambda path, ov: (path, load_detector_config("tiny"), {}))
+    monkeypatch.setattr("lors.experiments.detection.evaluate.evaluate_checkpoint", fake_evaluate)
     assert main(["detect", "eval", "--checkpoint", "run", "--device", "cpu", "--json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out) == {"AP": 0.5} and "Average Precision" in captured.err

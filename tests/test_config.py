@@ -1,8 +1,11 @@
 """Typed configs (lors.config) and the detection presets."""
+from dataclasses import dataclass, field
+
+import numpy as np
 import pytest
 
-from lors.config import available_configs, load_config, resolve_config, save_config
-from lors.models.adamixer.config import DetectorConfig, load_detector_config
+from lors.config import available_configs, check_types, load_config, load_yaml, resolve_config, save_config, to_dict
+from lors.models.adamixer.config import DetectorConfig, LorsConfig, load_detector_config
 
 PRESETS = ["adamixer_r50_1x", "adamixer_lors_r50_1x", "adamixer_r50_1x_300q", "adamixer_lors_r50_1x_300q",
            "adamixer_r101_1x", "adamixer_lors_r101_1x", "tiny", "tiny_lors"]
@@ -128,3 +131,120 @@ def test_ranges_are_checked_after_all_overrides_and_on_every_loader_path(tmp_pat
         load_detector_config(str(path))
     with pytest.raises(ValueError, match="'train.epochs' must be >= 1"):  # a checkpoint's stored config
         load_config(DetectorConfig, {"train": {"epochs": 0}})
+
+
+# ---- base: presets inherit ------------------------------------------------------------------------
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_bench_lors_preset_is_its_base_plus_a_lors_section():
+    lors, vanilla = _flatten(to_dict(load_detector_config("bench_adamixer_lors"))), \
+        _flatten(to_dict(load_detector_config("bench_adamixer")))
+    assert load_yaml(resolve_config("bench_adamixer_lors", "detect"))["base"] == "bench_adamixer"
+    changed = {k for k in lors if lors[k] != vanilla[k]}
+    assert changed and all(k.startswith("lors.") for k in changed), changed
+
+
+def test_every_preset_resolves_to_the_authors_init():
+    # the core's default is "paper"; the presets reproduce the authors' code and say so
+    assert LorsConfig().init == "paper"
+    assert {load_detector_config(n).lors.init for n in available_configs("detect")} == {"official"}
+
+
+def test_base_chain_merges_mappings_key_by_key_and_replaces_lists(tmp_path):
+    (tmp_path / "a.yaml").write_text("decoder: {num_queries: 7, num_stages: 3}\n"
+                                     "lors: {adaptive: {enabled: true, rank: 4, groups: [1, 2, 3]}}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ndecoder: {num_queries: 9}\nlors: {adaptive: {groups: [2]}}\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\nlors: {adaptive: {groups: [3, 3, 3]}, static: {rank: 2}}\n")
+    cfg = load_detector_config(str(tmp_path / "c.yaml"))
+    assert (cfg.decoder.num_queries, cfg.decoder.num_stages) == (9, 3)  # b over a, key by key
+    assert (cfg.lors.adaptive.enabled, cfg.lors.adaptive.rank) == (True, 4)  # from a, two files up
+    assert cfg.lors.adaptive.groups == [3, 3, 3] and cfg.lors.static.rank == 2  # lists replace
+    assert load_detector_config(str(tmp_path / "c.yaml"), ["lors.adaptive.groups=[1, 1, 1]"]).lors.adaptive.groups \
+        == [1, 1, 1]
+
+
+def test_base_may_be_a_preset_name_or_a_path_relative_to_the_file(tmp_path, monkeypatch):
+    (tmp_path / "parent.yaml").write_text("base: tiny\ndecoder: {num_queries: 5}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("base: ../parent.yaml\ntest: {max_detections: 5}\n")
+    monkeypatch.chdir(tmp_path / "sub")  # relative to the file's folder, wherever we run from
+    cfg = load_detector_config(str(tmp_path / "sub" / "child.yaml"))
+    expected = load_detector_config("tiny", ["decoder.num_queries=5", "test.max_detections=5"])
+    assert cfg == expected
+
+
+def test_a_base_cycle_is_refused_naming_the_chain(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: ./a.yaml\n")
+    with pytest.raises(ValueError, match=r"cycle \(.*a\.yaml -> .*b\.yaml -> .*a\.yaml\)") as err:
+        load_detector_config(str(tmp_path / "a.yaml"))
+    assert "remove one of these 'base' keys" in str(err.value)
+    (tmp_path / "self.yaml").write_text("base: self.yaml\n")
+    with pytest.raises(ValueError, match="cycle"):
+        load_detector_config(str(tmp_path / "self.yaml"))
+
+
+@pytest.mark.parametrize("files, named, message", [
+    ({"c.yaml": "base: p.yaml\n", "p.yaml": "decoder: {num_querys: 3}\n"}, "p.yaml",
+     "unknown config key 'decoder.num_querys'"),
+    ({"c.yaml": "base: p.yaml\n", "p.yaml": "decoder: {num_queries: many}\n"}, "p.yaml",
+     "'decoder.num_queries' must be an integer"),
+    ({"c.yaml": "base: nope\n"}, "c.yaml", "base 'nope': no detect config named 'nope'"),
+    ({"c.yaml": "base: missing.yaml\n"}, "c.yaml", "missing.yaml does not exist"),
+    ({"c.yaml": "base: [tiny]\n"}, "c.yaml", "'base' must be a preset name or a YAML path"),
+])
+def test_errors_in_a_base_chain_name_the_file_that_holds_them(tmp_path, files, named, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=f"{named}: .*{message}"):
+        load_detector_config(str(tmp_path / "c.yaml"))
+
+
+def test_a_preset_is_built_and_validated_once_on_the_final_values(tmp_path):
+    # alone, epochs 2 leaves the base's lr_steps [8, 11] past the schedule; the child or an
+    # override that fixes it makes a valid config
+    (tmp_path / "short.yaml").write_text("base: adamixer_r50_1x\ntrain: {epochs: 2}\n")
+    with pytest.raises(ValueError, match="train.lr_steps"):
+        load_detector_config(str(tmp_path / "short.yaml"))
+    assert load_detector_config(str(tmp_path / "short.yaml"), ["train.lr_steps=[2]"]).train.epochs == 2
+    (tmp_path / "fixed.yaml").write_text("base: short.yaml\ntrain: {lr_steps: [1]}\n")
+    assert load_detector_config(str(tmp_path / "fixed.yaml")).train.lr_steps == [1]
+
+
+def test_save_config_writes_the_resolved_values_without_base(tmp_path):
+    cfg = load_detector_config("tiny_lors", ["decoder.num_queries=3"])
+    save_config(cfg, tmp_path / "cfg.yaml")
+    saved = load_yaml(tmp_path / "cfg.yaml")
+    assert "base" not in saved and saved == to_dict(cfg)
+    assert load_detector_config(str(tmp_path / "cfg.yaml")) == cfg
+
+
+# ---- check_types: configs built in Python --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Toy:
+    steps: int = 10
+    lr: float = 0.5
+    sizes: list[int] = field(default_factory=lambda: [1, 2])
+
+    def __post_init__(self):
+        check_types(self)
+
+
+def test_check_types_converts_like_the_loader_and_names_class_field_and_fix():
+    toy = Toy(steps=np.int64(3), lr=1, sizes=(4, 5))
+    assert (type(toy.steps), type(toy.lr), toy.sizes) == (int, float, [4, 5])
+    with pytest.raises(ValueError, match=r"Toy.steps must be an integer, got 2.5 \(float\): pass e.g. steps=10"):
+        Toy(steps=2.5)
+    with pytest.raises(ValueError, match=r"Toy.sizes\[1\] must be an integer, got 'x'"):
+        Toy(sizes=[1, "x"])
+    with pytest.raises(ValueError, match="Toy.lr must be a number, got True"):
+        Toy(lr=True)

@@ -1,6 +1,5 @@
 """Data faults from issue 11: benchmark folders are never replaced, 16-bit images keep their
 contrast, missing image files are clear errors (also from DataLoader workers), silent box loss warns."""
-import argparse
 import dataclasses
 import io
 import json
@@ -14,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lors.commands.detect_data import add_data_parser
+from lors.cli import build_parser
 from lors.data.benchmark import build_or_reuse
 from lors.data.benchmark import BenchmarkConfig, build_benchmark, content_hash, read_meta
 from lors.data.coco import CocoDetection, ImageFileError, collate_fn, count_crowded_images, load_rgb
@@ -26,9 +25,8 @@ SMALL = BenchmarkConfig(image_size=64, num_train=3, num_val=2, max_objects=2, mi
 
 
 def cli(argv):
-    parser = argparse.ArgumentParser(prog="lors detect")
-    add_data_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    """`lors detect ARGV`, with the command's errors raised rather than printed."""
+    args = build_parser().parse_args(["detect", *argv])
     return args.func(args)
 
 
@@ -165,20 +163,18 @@ def test_load_rgb_reads_16bit_for_predict_too(tmp_path):
 
 def test_predict_reads_its_image_with_load_rgb(tmp_path, monkeypatch):
     import lors.data.coco
-    import lors.experiments.detection.train
-    from lors.commands import detect
+    import lors.experiments.detection.evaluate
+    from lors.experiments.detection.predict import predict_image
     seen = []
 
     def fake_load(path, *args, **kwargs):
         seen.append(path)
         raise ImageFileError("stop here")
 
-    monkeypatch.setattr(lors.experiments.detection.train, "run_config", lambda *a: (None, None, {}))
+    monkeypatch.setattr(lors.experiments.detection.evaluate, "run_config", lambda *a: (None, None, {}))
     monkeypatch.setattr(lors.data.coco, "load_rgb", fake_load)
-    args = argparse.Namespace(checkpoint="c", overrides=[], image=str(tmp_path / "x.png"),
-                              out=str(tmp_path / "o.png"), score_threshold=0.3)
     with pytest.raises(ImageFileError, match="stop here"):
-        detect.run_predict(args)
+        predict_image("c", str(tmp_path / "x.png"), str(tmp_path / "o.png"), 0.3)
     assert [str(p) for p in seen] == [str(tmp_path / "x.png")]
 
 

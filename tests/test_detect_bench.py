@@ -5,7 +5,8 @@ import json
 import pytest
 
 from lors.cli import main
-from lors.experiments.detection.bench import KEYS, LORS, SUITES, VANILLA, suite_variants
+from lors.experiments.detection.bench import LORS, VANILLA, load_suite, suite_names, suite_variants
+from lors.experiments.detection.report import KEYS
 from lors.config import to_dict
 from lors.engine.checkpoint import find_checkpoint
 from lors.experiments.detection.train import train
@@ -61,10 +62,10 @@ def test_table5_variants_differ_from_the_base_only_in_the_shared_private_flags()
     assert sorted(seen) == [(False, True), (True, False), (True, True)]
 
 
-@pytest.mark.parametrize("suite", sorted(SUITES))
+@pytest.mark.parametrize("suite", suite_names())
 def test_every_suite_variant_builds_a_valid_config(suite):
     decoders = [detect_report(load_detector_config(LORS, ov))["decoder"] for _, ov in suite_variants(suite)]
-    assert len(decoders) == len(SUITES[suite]["variants"]) and all(d > 0 for d in decoders)
+    assert len(decoders) == len(load_suite(suite).variants) and all(d > 0 for d in decoders)
 
 
 def test_bench_lors_config_keeps_at_most_40_percent_of_the_vanilla_decoder_and_the_same_schedule():
@@ -128,10 +129,10 @@ def test_ablate_runs_two_child_processes_at_a_time_and_keeps_each_row_its_own(tm
 
 
 def _child_peak(queue) -> None:
-    import torch
-
-    from lors.experiments.detection.train import peak_memory_mb
-    queue.put(peak_memory_mb(torch.device("cpu")))
+    from lors.engine.memory import PeakMemory
+    with PeakMemory("cpu") as memory:
+        pass
+    queue.put(memory.peak_mib)
 
 
 def test_a_child_run_reports_its_own_peak_memory_not_its_parents():
@@ -140,16 +141,16 @@ def test_a_child_run_reports_its_own_peak_memory_not_its_parents():
     import multiprocessing
 
     import numpy as np
-    import torch
 
-    from lors.experiments.detection.train import peak_memory_mb
-    big = np.ones(2_000_000_000 // 8)  # 2 GB touched in the parent
+    from lors.engine.memory import PeakMemory
+    with PeakMemory("cpu") as parent:
+        big = np.ones(2_000_000_000 // 8)  # 2 GB touched in the parent
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     child = ctx.Process(target=_child_peak, args=(queue,))
     child.start()
     child_peak = queue.get(timeout=120)
     child.join()
-    parent_peak = peak_memory_mb(torch.device("cpu"))
+    parent_peak = parent.peak_mib
     assert parent_peak > 2000 and child_peak < parent_peak - 1000, (parent_peak, child_peak)
     del big

@@ -7,7 +7,7 @@ from pycocotools.coco import COCO
 
 from lors.data.coco import CocoDetection
 from lors.data.transforms import RandomResize
-from lors.experiments.detection.evaluate import METRICS, coco_evaluate, rescale_boxes
+from lors.experiments.detection.evaluate import COCO_METRICS as METRICS, coco_evaluate
 
 
 def write_json(tmp_path, with_crowd=False):
@@ -104,10 +104,15 @@ def test_bad_predictions_name_the_id(ds):
         coco_evaluate(ds.coco, preds, ds.label_to_cat_id)
 
 
-def test_rescale_boxes_undoes_resize():
+def test_postprocess_maps_boxes_back_through_the_resize():
+    from lors.models.adamixer import PostProcess
     boxes = torch.tensor([[10.0, 10.0, 30.0, 30.0], [100.0, 50.0, 150.0, 90.0]])
     target = {"boxes": boxes, "size": torch.tensor([150, 200])}
     img, resized = RandomResize([800], 1333)(torch.zeros(3, 150, 200), target)
     assert img.shape[-2:] == (800, 1067)
-    back = rescale_boxes(resized["boxes"], resized["size"], (150, 200))
+    logits = torch.full((1, 2, 3), -5.0)
+    logits[..., 0] = 5.0  # both queries score class 0 alone
+    outputs = {"pred_logits": logits, "pred_boxes": resized["boxes"][None]}
+    det = PostProcess(2)(outputs, resized["size"][None], torch.tensor([[150, 200]]))[0]
+    back = det["boxes"][det["boxes"][:, 0].argsort()]
     assert torch.allclose(back, boxes, atol=1e-4)

@@ -1,12 +1,14 @@
 """The fine-tuning comparison on a tiny random BERT and made-up fortune files (no MiniLM, no apt data)."""
-import argparse
+import json
 
 import pytest
 import torch
 
-from lors.commands import finetune as cmd
-from lors.data.text import load_fortunes, read_fortune_file
-from lors.experiments.finetune import FinetuneConfig, finetune, length_grouped_batches
+from lors.cli import main
+from lors.data.text import FORTUNES_DIR, load_fortunes, read_fortune_file
+from lors.experiments import finetune as exp
+from lors.experiments.finetune import (METHODS, FinetuneConfig, FinetuneSweep, finetune, length_grouped_batches,
+                                       load_sweep, lr_schedule, plan)
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -76,14 +78,100 @@ def test_report_plot_and_command_line(tmp_path):
     meta = {"command": "lors finetune ...", "machine": "CPU, 2 cores", "seeds": [0, 1], "classes": ["a", "b"],
             "train_size": 4, "test_size": 2, "steps": 3, "batch_size": 2, "max_len": 8, "lr": 1e-3, "head_lr": 1e-3,
             "alpha": 8, "lora_plus_ratio": 1.0}
-    cmd.write_plot(cmd.summarize(runs), tmp_path / "p.png")
-    cmd.write_report(runs, meta, tmp_path / "r.md", tmp_path / "p.png")
+    exp.write_plot(exp.summarize(runs), tmp_path / "p.png")
+    exp.write_report(runs, meta, tmp_path / "r.md", tmp_path / "p.png")
     text = (tmp_path / "r.md").read_text()
     assert "| serial-lora | 4 | 100 |" in text and "**80.00**" in text
     assert "0.25 of LoRA's 400" in text and "(-0.50 points" in text and "at most 1 point below" in text
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
-    ns = argparse.Namespace(method=["lora"], ranks=[4], seeds=[0], alpha=None, steps=10, batch_size=2, max_len=8,
-                            lr=None, head_lr=1e-3, lora_plus_ratio=1.0, train_per_class=4, test_per_class=2,
-                            device="cpu", threads=None, adapt_out=False, report=None, plot=None, json_path="x.json")
-    assert cmd.command_line(ns).startswith("lors finetune --method lora --ranks 4 --seeds 0 --steps 10")
-    assert cmd.command_line(ns).endswith("--json x.json")
+    line = exp.command_line("minilm_fortunes", ["methods=[lora]", "ranks=[4]", "steps=10"], seeds=[0],
+                            json_path="x.json")
+    assert line.startswith("lors finetune --config minilm_fortunes 'methods=[lora]' 'ranks=[4]' steps=10 --seeds 0")
+    assert line.endswith("--json x.json")
+
+
+def test_sweep_prints_a_line_per_run_and_writes_json_report_and_plot(tmp_path, monkeypatch, capsys):
+    from lors.experiments import runner
+    write_fortunes(tmp_path)
+    monkeypatch.setattr(exp, "CATEGORIES", ("computers", "food", "law"))
+    monkeypatch.setattr(exp, "load_minilm", tiny_loader(tmp_path))  # in this process: the runs are not isolated
+    monkeypatch.setattr(exp, "run_jobs", lambda jobs, **kw: runner.run_jobs(jobs, **{**kw, "isolate": False}))
+    overrides = [f"data_dir={tmp_path}", "train_per_class=4", "test_per_class=2", "steps=2", "batch_size=4",
+                 "max_len=16", "ranks=[4,2]"]
+    out = {k: tmp_path / f"out.{k}" for k in ("json", "md", "png")}
+    results = exp.run_sweep("minilm_fortunes", overrides, seeds=[0], json_path=out["json"], report=out["md"],
+                            plot=out["png"])
+    assert [(r["method"], r["rank"]) for r in results] == [("full", 4), ("lora", 4), ("serial-lora", 4),
+                                                           ("lora", 2), ("serial-lora", 2)]
+    printed = capsys.readouterr().out
+    assert "[1/5] full        rank  4 seed 0: acc " in printed and "[5/5] serial-lora rank  2 seed 0" in printed
+    saved = json.loads(out["json"].read_text())
+    assert len(saved["runs"]) == 5 and saved["meta"]["sweep"]["ranks"] == [4, 2]
+    report = out["md"].read_text()
+    assert f"- Command: `lors finetune --config minilm_fortunes data_dir={tmp_path}" in report
+    assert "'ranks=[4,2]' --seeds 0 --device cpu" in report and "| serial-lora | 2 |" in report
+    assert out["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_preset_loads_and_overrides_apply():
+    sweep = load_sweep("minilm_fortunes")
+    assert sweep.methods == list(METHODS) and sweep.ranks == [8] and sweep.alpha is None and sweep.lr is None
+    assert (sweep.steps, sweep.batch_size, sweep.max_len, sweep.head_lr) == (150, 16, 64, 1e-3)
+    assert (sweep.train_per_class, sweep.test_per_class, sweep.data_dir) == (64, 80, str(FORTUNES_DIR))
+    sweep = load_sweep("minilm_fortunes", ["methods=[lora,serial-lora]", "ranks=[8,4]", "lr=3e-3", "adapt_out=true"])
+    assert sweep.methods == ["lora", "serial-lora"] and sweep.ranks == [8, 4] and sweep.lr == 3e-3 and sweep.adapt_out
+
+
+def test_sweep_plan_is_rank_major_with_full_once():
+    runs = plan(FinetuneSweep(ranks=[8, 4]), seeds=[0, 1])
+    assert [(c.method, c.rank, c.seed) for c in runs] == [
+        ("full", 8, 0), ("full", 8, 1), ("lora", 8, 0), ("lora", 8, 1), ("serial-lora", 8, 0), ("serial-lora", 8, 1),
+        ("lora", 4, 0), ("lora", 4, 1), ("serial-lora", 4, 0), ("serial-lora", 4, 1)]
+    assert [c.alpha for c in runs] == [16.0] * 6 + [8.0] * 4  # alpha: null is 2 x rank
+    assert runs[0].lr == 5e-5 and runs[2].lr == 1e-3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("methods=[nope]", "unknown method 'nope' in methods"),
+    ("ranks=[0]", "ranks \\[0\\] must hold at least one rank, each at least 1"),
+    ("methods=[]", "methods is empty"),
+    ("steps=0", "steps 0 must be at least 1"),
+    ("lr=-1", "lr -1.0 must be positive"),
+    ("rank=8", "unknown config key 'rank'"),
+])
+def test_bad_sweep_is_refused_before_anything_loads(monkeypatch, override, message):
+    with pytest.raises(ValueError, match=message):
+        load_sweep("minilm_fortunes", [override])
+    monkeypatch.setattr(exp, "load_fortunes", lambda **kw: pytest.fail("loaded data for a bad config"))
+    monkeypatch.setattr(exp, "run_jobs", lambda *a, **kw: pytest.fail("ran a bad config"))
+    with pytest.raises(ValueError, match=message):
+        exp.run_sweep("minilm_fortunes", [override])
+
+
+def test_bad_override_on_the_command_line_is_one_error_line(monkeypatch, capsys):
+    monkeypatch.setattr(exp, "load_fortunes", lambda **kw: pytest.fail("loaded data for a bad config"))
+    assert main(["finetune", "ranks=[0]", "--seeds", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lors finetune: error: ranks [0] must hold at least one rank") and "Traceback" not in err
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    cfg = FinetuneConfig(method="lora", steps=150, warmup=0.1)  # lr 1e-3, 15 warm-up steps
+    schedule = lr_schedule(cfg)
+    rates = [schedule(s) for s in range(cfg.steps + 1)]
+    assert 0 < rates[0] < 0.1 * cfg.lr
+    assert all(a < b for a, b in zip(rates[:15], rates[1:16]))  # warm-up: rising to the full rate
+    assert rates[15] == pytest.approx(cfg.lr)
+    assert all(a > b for a, b in zip(rates[15:], rates[16:]))  # then falling
+    assert rates[-1] == 0.0 and 0 < rates[-2] < 0.01 * cfg.lr  # to 0 at the last step
+    old = [cfg.lr * min((s + 1) / 15, (150 - s) / 135) for s in range(150)]  # the LambdaLR it replaced
+    assert rates[15:150] == pytest.approx(old[15:])
+    assert max(abs(a - b) for a, b in zip(rates, old)) < 0.06 * cfg.lr
+
+
+def test_schedule_keeps_each_groups_own_rate():
+    cfg = FinetuneConfig(method="lora", steps=10, lr=1e-3, head_lr=1e-2)
+    opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": cfg.lr},
+                             {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": cfg.head_lr}])
+    lr_schedule(cfg).apply(opt, 5)
+    assert opt.param_groups[1]["lr"] == pytest.approx(10 * opt.param_groups[0]["lr"])

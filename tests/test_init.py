@@ -7,14 +7,17 @@ tensor *as that code shapes it*. The expected bounds below are computed with tor
 and gain functions on those shapes. Each uniform family is checked on both sides: no value
 beyond the bound, and the largest within 10 % of it (so a bound that changes fails).
 """
+import inspect
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from lors.core import AdaptiveLors, StaticLors
-from lors.models.adamixer.mixing import build_mixing
+from lors.core import AdaptiveLors, StaticLors, share_layers
+from lors.core.static import DEFAULT_INIT
+from lors.models.adamixer.config import AdaptiveLorsConfig, LorsConfig, StaticLorsConfig
+from lors.models.adamixer.mixing import LorsMixer, build_mixing
 from lors.models.adamixer.stage import DecoderStage
 
 G, C, P_IN, P_OUT, D, R, K = 2, 64, 16, 32, 64, 4, [1, 1, 2, 3]  # the bench LORS config's sizes
@@ -46,8 +49,8 @@ def assert_zero(t: torch.Tensor, what: str) -> None:
 def mixing():
     torch.manual_seed(0)
     return build_mixing(num_stages=4, query_dim=D, feat_dim=C, num_groups=G, in_points=P_IN,
-                        out_points=P_OUT, adaptive=dict(rank=R, groups=K),
-                        static=dict(rank=R, groups=1), init="official")
+                        out_points=P_OUT, adaptive=AdaptiveLorsConfig(enabled=True, rank=R, groups=K),
+                        static=StaticLorsConfig(enabled=True, rank=R, groups=1), init="official")
 
 
 def test_official_shared_generators_have_zero_weight_and_linear_default_bias(mixing):
@@ -116,3 +119,9 @@ def test_paper_init_follows_section_4_1():
         assert_uniform(adaptive.B[i], 1 / math.sqrt(R), "adaptive B")
         assert_uniform(adaptive.A[i], 1 / math.sqrt(c), "adaptive A")
         assert_zero(adaptive.E[i].weight, "E-generator weight")
+
+
+def test_one_default_init_for_the_core_and_the_detector():
+    builders = (StaticLors, AdaptiveLors, share_layers, LorsMixer, build_mixing)
+    assert [inspect.signature(b).parameters["init"].default for b in builders] == [DEFAULT_INIT] * len(builders)
+    assert LorsConfig().init == DEFAULT_INIT == "paper"

@@ -10,6 +10,7 @@ from lors.engine import checkpoint as checkpoint_module
 from lors.experiments.detection import train as train_module
 from lors.engine.checkpoint import CheckpointWriteError, find_checkpoint
 from lors.engine.rundir import PREVIOUS, RunDirBusyError, RunLock
+from lors.engine.schedule import Schedule
 from lors.experiments.detection.train import EpochSampler, train
 from test_train import losses, tiny_config
 
@@ -134,18 +135,18 @@ def test_a_failed_checkpoint_write_leaves_no_partial_folder_and_keeps_the_previo
 def test_ctrl_c_leaves_a_resumable_run_and_releases_the_lock(tmp_path, monkeypatch, capsys):
     cfg = tiny_config(tmp_path, "tiny")
     run = tmp_path / "run"
-    real = train_module.learning_rate
+    real = Schedule.apply
 
-    def interrupt_at_3(step, *args):
+    def interrupt_at_3(self, optimizer, step):
         if step == 3:
             raise KeyboardInterrupt
-        return real(step, *args)
+        return real(self, optimizer, step)
 
-    monkeypatch.setattr(train_module, "learning_rate", interrupt_at_3)
+    monkeypatch.setattr(Schedule, "apply", interrupt_at_3)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, run, progress=False, evaluate_at_end=False)
     assert "ckpt_00000002 is intact, rerun the same command to resume" in capsys.readouterr().err
-    monkeypatch.setattr(train_module, "learning_rate", real)
+    monkeypatch.setattr(Schedule, "apply", real)
     assert train(cfg, run, progress=False, evaluate_at_end=False)["steps"] == 6
 
 

@@ -73,13 +73,13 @@ def test_merge_equals_unmerged_and_unmerge_restores(kind):
     randomize_adapters(model)
     with torch.no_grad():
         unmerged = run(model, x)
-        sl.merge(model)
+        sl.merge_adapter(model)
         merged = run(model, x)
         assert all(layer.merged for layer in sl.serial_layers(model))
         rel = (merged - unmerged).norm() / unmerged.norm()
         assert rel <= 1e-5, rel
         assert (merged - base_out(kind, x)).abs().max() > 1e-3  # the adapter really changed the output
-        sl.unmerge(model)
+        sl.unmerge_adapter(model)
         assert torch.allclose(run(model, x), unmerged, rtol=1e-5, atol=1e-6)
     for name, layer in model.named_modules():
         if isinstance(layer, sl.SerialLoraLinear):
@@ -193,14 +193,14 @@ def test_state_dict_of_a_merged_model_loads_as_merged():
     randomize_adapters(model)
     with torch.no_grad():
         expected = run(model, x)
-        sl.merge(model)
+        sl.merge_adapter(model)
         sd = model.state_dict()
         fresh, _ = build("bert")
         sl.inject(fresh, rank=4, alpha=8.0)  # unmerged: used to apply the adapter a second time
         fresh.load_state_dict(sd)
         assert torch.allclose(run(fresh, x), expected, rtol=1e-5, atol=1e-6)
         assert all(layer.merged for layer in sl.serial_layers(fresh))
-        sl.unmerge(fresh)
+        sl.unmerge_adapter(fresh)
         assert torch.allclose(run(fresh, x), expected, rtol=1e-5, atol=1e-6)
         assert torch.allclose(fresh.encoder.layer[0].attention.self.query.base_layer.weight,
                               build("bert")[0].encoder.layer[0].attention.self.query.weight, atol=1e-6)
@@ -211,7 +211,7 @@ def test_state_dict_records_the_merged_state():
     sl.inject(model, rank=2, alpha=2.0)
     key = "blocks.0.attn.qkv._extra_state"
     assert model.state_dict()[key].item() is False
-    sl.merge(model)
+    sl.merge_adapter(model)
     assert model.state_dict()[key].item() is True
 
 
@@ -222,12 +222,12 @@ def test_load_adapter_into_a_merged_model_is_refused(tmp_path):
     other, _ = build("bert")
     sl.inject(other, rank=4, alpha=8.0)
     sl.save_adapter(other, tmp_path / "other.safetensors")  # B = 0: a different adapter
-    sl.merge(model)
+    sl.merge_adapter(model)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="merged.*call unmerge\\(model\\) first"):
+    with pytest.raises(ValueError, match="merged.*call unmerge_adapter\\(model\\) first"):
         sl.load_adapter(model, tmp_path / "other.safetensors")
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
-    sl.unmerge(model)  # the documented fix: unmerge, load, and the base weights are intact
+    sl.unmerge_adapter(model)  # the documented fix: unmerge, load, and the base weights are intact
     sl.load_adapter(model, tmp_path / "other.safetensors")
     with torch.no_grad():
         assert torch.allclose(run(model, x), base_out("bert", x), rtol=1e-5, atol=1e-5)

@@ -10,7 +10,9 @@ import torch
 import torch.multiprocessing as mp
 
 from lors.experiments.detection import train as train_module
+from lors.experiments.detection.data import build_datasets
 from lors.engine.checkpoint import find_checkpoint, load_checkpoint
+from lors.engine.schedule import Schedule
 from lors.experiments.detection.train import EpochSampler, NonFiniteLossError, train
 from lors.models.adamixer import build_criterion, build_detector, load_detector_config
 from shapes_data import write_shapes
@@ -103,7 +105,7 @@ def _ddp_worker(rank, world, port, cfg, batch, out):
 
 def test_two_process_ddp_step_equals_one_process_on_the_combined_batch(tmp_path):
     cfg = tiny_config(tmp_path, "tiny_lors")
-    train_set, _ = train_module.build_datasets(cfg, val=False)
+    train_set, _ = build_datasets(cfg, val=False)
     from lors.data.coco import collate_fn
     batch = collate_fn([train_set[i] for i in range(4)])  # 4 images of one size
     out = tmp_path / "grads.pt"
@@ -156,13 +158,13 @@ def test_cli_eval_and_predict_read_a_run_directory(tmp_path, capsys):
 def test_log_csv_is_flushed_every_log_every_steps_not_only_at_checkpoints(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, "tiny", "train.checkpoint_every=100", "train.log_every=2")
     run, seen = tmp_path / "run", {}
-    real = train_module.learning_rate
+    real = Schedule.apply
 
-    def watch(step, *args):  # called at the start of each step: what has a reader seen so far?
+    def watch(self, optimizer, step):  # called at the start of each step: what has a reader seen so far?
         if (run / "log.csv").exists():
             seen[step] = [s for s, _ in losses(run)]
-        return real(step, *args)
+        return real(self, optimizer, step)
 
-    monkeypatch.setattr(train_module, "learning_rate", watch)
+    monkeypatch.setattr(Schedule, "apply", watch)
     train(cfg, run_dir=run, progress=False, evaluate_at_end=False)
     assert seen[2] == [1, 2] and seen[4] == [1, 2, 3, 4]  # before the first checkpoint (step 6)

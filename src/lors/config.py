@@ -5,17 +5,26 @@
 
 - A name without a slash or suffix resolves to ``configs/KIND/NAME.yaml`` (see
   ``resolve_config``); a path is read as given.
+- A YAML file may start from another with a top-level ``base: NAME_OR_PATH``: a preset name of
+  the same kind, or a path relative to the file's own folder. The base is loaded (with its own
+  base, and so on; a cycle is a ``ValueError`` naming the chain) and the file is merged over it:
+  mappings key by key, lists and scalars replaced. So a preset states only what differs from
+  its base, and ``save_config`` writes the resolved values, never ``base``.
 - Override values are parsed as YAML (``lors.adaptive.groups=[2,2,2,2,2,2]``,
   ``backbone.weights=null``); keys are dotted paths into the dataclasses. Float fields also
   take numbers that YAML 1.1 leaves as strings, such as ``1e-4``.
 - An unknown key or a value of the wrong type raises ``ValueError`` naming the key, the
-  valid keys or the expected type.
-- A config class may define ``validate()`` (ranges, rules between keys); ``apply_overrides``,
-  and so every loader, calls it on the final config, after all overrides.
+  valid keys or the expected type; one found in a YAML file also names the file.
+- A config class may define ``validate()`` (ranges, rules between keys). Every loader builds
+  the dataclass once, from the merged files with all overrides applied, and then calls it: a
+  preset whose values are only valid together with an override still loads.
+- A config built in Python rather than loaded can check its own field types the same way by
+  calling ``check_types(self)`` in ``__post_init__`` (and then its ``validate()``).
 """
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import types
 import typing
@@ -26,6 +35,15 @@ import yaml
 
 T = TypeVar("T")
 CONFIG_DIR_ENV = "LORS_CONFIG_DIR"
+BASE_KEY = "base"
+
+
+class ConfigTypeError(ValueError):
+    """A value that does not fit its field's annotation: ``key``, what it ``expected``, ``value``."""
+
+    def __init__(self, key: str, expected: str, value: Any):
+        super().__init__(f"config key '{key}' must be {expected}, got {value!r}")
+        self.key, self.expected, self.value = key, expected, value
 
 
 def _type_name(tp: Any) -> str:
@@ -35,7 +53,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _check(value: Any, tp: Any, key: str) -> Any:
-    """``value`` converted to ``tp`` (ints are accepted for floats), else ValueError."""
+    """``value`` converted to ``tp`` (ints are accepted for floats), else ValueError. A section
+    (a dataclass annotation) comes back as a checked dict, not yet built."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
@@ -43,7 +62,7 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise ValueError(f"config key '{key}' is a section ({tp.__name__}); got {value!r}, "
                              f"expected a mapping of its keys")
-        return from_dict(tp, value, prefix=f"{key}.")
+        return _checked(tp, value, prefix=f"{key}.")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -54,36 +73,36 @@ def _check(value: Any, tp: Any, key: str) -> Any:
                 return _check(value, option, key)
             except ValueError:
                 continue
-        raise ValueError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+        raise ConfigTypeError(key, _type_name(tp), value)
     if origin is typing.Literal:
         if value not in args:
-            raise ValueError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
+            raise ConfigTypeError(key, f"one of {list(args)}", value)
         return value
     if origin in (list, tuple, Sequence):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config key '{key}' expects a list ({_type_name(tp)}), got {value!r}")
+            raise ConfigTypeError(key, f"a list ({_type_name(tp)})", value)
         item = args[0] if args else Any
         return [_check(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"config key '{key}' expects true or false, got {value!r}")
+            raise ConfigTypeError(key, "true or false", value)
         return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"config key '{key}' expects an int, got {value!r}")
-        return value
+    if tp is int:  # numbers.Integral: numpy ints too
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigTypeError(key, "an integer", value)
+        return int(value)
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
                 return float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"config key '{key}' expects a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigTypeError(key, "a number", value)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError(f"config key '{key}' expects a string, got {value!r}")
+            raise ConfigTypeError(key, "a string", value)
         return value
     raise TypeError(f"config key '{key}': unsupported annotation {tp!r}")
 
@@ -93,21 +112,70 @@ def _fields(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a (nested) mapping; missing keys keep their defaults."""
+def _unknown(key: str, prefix: str, fields: Mapping[str, Any]) -> ValueError:
+    return ValueError(f"unknown config key '{prefix}{key}'; valid keys here: "
+                      f"{', '.join(prefix + k for k in fields)}")
+
+
+def _checked(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """``data``, a (partial, nested) mapping of ``cls``'s keys, with every key checked and
+    every value converted to its field's type; sections stay dicts."""
     fields = _fields(cls)
-    values = {}
+    out = {}
     for key, value in (data or {}).items():
         if key not in fields:
-            raise ValueError(f"unknown config key '{prefix}{key}'; valid keys here: "
-                             f"{', '.join(prefix + k for k in fields)}")
-        values[key] = _check(value, fields[key], f"{prefix}{key}")
-    return cls(**values)
+            raise _unknown(key, prefix, fields)
+        out[key] = _check(value, fields[key], f"{prefix}{key}")
+    return out
+
+
+def _build(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Dataclass ``cls`` from a mapping that ``_checked`` returned; missing keys keep their defaults."""
+    fields = _fields(cls)
+    return cls(**{k: _build(fields[k], v) if dataclasses.is_dataclass(fields[k]) else v
+                  for k, v in data.items()})
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a (nested) mapping; missing keys keep their defaults."""
+    return _build(cls, _checked(cls, data, prefix))
+
+
+def check_types(cfg: Any) -> None:
+    """Check the fields of a dataclass built in Python against their annotations, as a loaded
+    config's are; ints become floats for float fields (numpy ints become ints). Call it from
+    ``__post_init__`` (frozen classes too). ValueError naming the class, field and type.
+
+    Sections (dataclass fields holding an instance) are left to check themselves.
+    """
+    cls = type(cfg)
+    hints = _fields(cls)
+    for f in dataclasses.fields(cls):
+        tp, value = hints[f.name], getattr(cfg, f.name)
+        if dataclasses.is_dataclass(tp) and isinstance(value, tp):
+            continue
+        try:
+            checked = _check(value, tp, f.name)
+        except ConfigTypeError as err:
+            example = "" if f.default is dataclasses.MISSING else f": pass e.g. {f.name}={f.default!r}"
+            raise ValueError(f"{cls.__name__}.{err.key} must be {err.expected}, got {err.value!r} "
+                             f"({type(err.value).__name__}){example}") from None
+        if checked is not value:
+            object.__setattr__(cfg, f.name, checked)  # 3 -> 3.0 for a float field
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A config as plain nested dicts and lists (for YAML, JSON and checkpoints)."""
     return dataclasses.asdict(cfg)
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base``: mappings key by key (recursively); lists and scalars replace."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = merge(out[key], value) if both else value
+    return out
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -124,31 +192,41 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
-    """A copy of ``cfg`` with dotted ``key=value`` overrides applied, type-checked and, if ``cfg``
-    has a ``validate()`` method, validated."""
-    data = to_dict(cfg)
+def _set_override(cls: type, data: dict[str, Any], text: str) -> None:
+    """Set override ``text`` (``a.b=VALUE``) in the nested mapping ``data`` of ``cls``'s keys."""
+    key, value = parse_override(text)
+    parts = key.split(".")
+    node, where = data, ""
+    for i, part in enumerate(parts):
+        fields = _fields(cls)
+        if part not in fields:
+            raise _unknown(part, where, fields)
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            cls = fields[part]
+            if not dataclasses.is_dataclass(cls):
+                raise ValueError(f"config key '{where}{part}' is a value, not a section; cannot set '{key}'")
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node, where = node[part], f"{where}{part}."
+
+
+def _finish(cls: type[T], data: Mapping[str, Any], overrides: Sequence[str]) -> T:
+    """``cls`` built once from ``data`` with ``overrides`` applied, then validated."""
+    data = merge({}, data)  # a copy of every mapping level, which the overrides write into
     for text in overrides:
-        key, value = parse_override(text)
-        parts = key.split(".")
-        node, cls, where = data, type(cfg), ""
-        for i, part in enumerate(parts):
-            fields = _fields(cls)
-            if part not in fields:
-                raise ValueError(f"unknown config key '{where}{part}'; valid keys here: "
-                                 f"{', '.join(where + k for k in fields)}")
-            if i == len(parts) - 1:
-                node[part] = value
-            else:
-                sub = fields[part]
-                if not dataclasses.is_dataclass(sub):
-                    raise ValueError(f"config key '{where}{part}' is a value, not a section; "
-                                     f"cannot set '{key}'")
-                node, cls, where = node[part], sub, f"{where}{part}."
-    cfg = from_dict(type(cfg), data)
+        _set_override(cls, data, text)
+    cfg = from_dict(cls, data)
     if callable(getattr(cfg, "validate", None)):
         cfg.validate()  # ranges are checked once the overrides are in: they may fix each other
     return cfg
+
+
+def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
+    """A copy of ``cfg`` with dotted ``key=value`` overrides applied, type-checked and, if ``cfg``
+    has a ``validate()`` method, validated."""
+    return _finish(type(cfg), to_dict(cfg), overrides)
 
 
 def repo_root() -> Path:
@@ -174,28 +252,36 @@ def available_configs(kind: str) -> list[str]:
     return sorted(names)
 
 
+def _is_preset_name(text: str) -> bool:
+    return "/" not in text and "\\" not in text and Path(text).suffix not in (".yaml", ".yml")
+
+
+def _find_preset(name: str, kind: str) -> Path:
+    for d in config_dirs(kind):
+        candidate = d / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    names = available_configs(kind)
+    where = " or ".join(str(d) for d in config_dirs(kind))
+    if names:
+        raise ValueError(f"no {kind} config named {name!r} in {where}; presets: {', '.join(names)}")
+    raise ValueError(f"no {kind} config named {name!r}: no presets found in {where} (an installed "
+                     f"package has no configs/ folder); pass a YAML file's path, or set "
+                     f"{CONFIG_DIR_ENV} to a folder holding {kind}/{name}.yaml")
+
+
 def resolve_config(name_or_path: str | Path, kind: str) -> Path:
     """A preset name (``adamixer_r50_1x``) or a path to a YAML file -> the file's path."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
-    text = str(name_or_path)
-    if "/" not in text and "\\" not in text and path.suffix not in (".yaml", ".yml"):
-        for d in config_dirs(kind):
-            candidate = d / f"{text}.yaml"
-            if candidate.is_file():
-                return candidate
-        names = available_configs(kind)
-        where = " or ".join(str(d) for d in config_dirs(kind))
-        if names:
-            raise ValueError(f"no {kind} config named {text!r} in {where}; presets: {', '.join(names)}")
-        raise ValueError(f"no {kind} config named {text!r}: no presets found in {where} (an installed "
-                         f"package has no configs/ folder); pass a YAML file's path, or set "
-                         f"{CONFIG_DIR_ENV} to a folder holding {kind}/{text}.yaml")
+    if _is_preset_name(str(name_or_path)):
+        return _find_preset(str(name_or_path), kind)
     raise ValueError(f"config file {str(path)!r} does not exist")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in one YAML file, as written (a ``base`` key included)."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as err:
@@ -207,22 +293,56 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _base_path(base: Any, path: Path, kind: str) -> Path:
+    """The file that ``base: BASE`` in ``path`` names: a preset of ``kind``, or a path relative
+    to ``path``'s folder."""
+    if not isinstance(base, str) or not base.strip():
+        raise ValueError(f"{path}: '{BASE_KEY}' must be a preset name or a YAML path relative to "
+                         f"{path.parent}, got {base!r}")
+    try:
+        if _is_preset_name(base):
+            return _find_preset(base, kind)
+        found = path.parent / Path(base).expanduser()
+        if not found.is_file():
+            raise ValueError(f"{found} does not exist")
+        return found
+    except ValueError as err:
+        raise ValueError(f"{path}: {BASE_KEY} {base!r}: {err}") from None
+
+
+def _load_file(cls: type, path: str | Path, kind: str, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The checked mapping of ``cls``'s keys in YAML file ``path``, merged over its ``base``
+    chain (no ``base`` key left); ``chain`` holds the files that named it as their base.
+    Errors name the file that holds the problem."""
+    path = Path(path).resolve()
+    if path in chain:
+        names = " -> ".join(str(p) for p in (*chain, path))
+        raise ValueError(f"{chain[0]}: the '{BASE_KEY}' chain is a cycle ({names}): remove one of "
+                         f"these '{BASE_KEY}' keys")
+    data = load_yaml(path)
+    has_base, base = BASE_KEY in data, data.pop(BASE_KEY, None)
+    try:
+        own = _checked(cls, data)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if not has_base:
+        return own
+    return merge(_load_file(cls, _base_path(base, path, kind), kind, (*chain, path)), own)
+
+
 def load_config(cls: type[T], source: str | Path | Mapping[str, Any] | None = None,
                 overrides: Sequence[str] = (), kind: str = "") -> T:
-    """Load ``cls`` from a preset name, a YAML path or a mapping (``None``: the defaults),
-    then apply ``key=value`` overrides."""
+    """Load ``cls`` from a preset name, a YAML path (with its ``base`` chain) or a mapping
+    (``None``: the defaults), apply ``key=value`` overrides, build it once and validate it."""
     if source is None:
-        cfg = cls()
+        data = {}
     elif isinstance(source, Mapping):
-        cfg = from_dict(cls, source)
+        data = _checked(cls, source)
     else:
-        path = resolve_config(source, kind)
-        try:
-            cfg = from_dict(cls, load_yaml(path))
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-    return apply_overrides(cfg, overrides)
+        data = _load_file(cls, resolve_config(source, kind), kind)
+    return _finish(cls, data, overrides)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
+    """Write ``cfg``'s resolved values (every key, no ``base``) as YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -8,14 +8,14 @@ from lors.adapters.serial_lora import (
     inject,
     load_adapter,
     lora_plus_param_groups,
-    merge,
+    merge_adapter,
     save_adapter,
     trainable_parameters,
-    unmerge,
+    unmerge_adapter,
 )
 
 __all__ = [
     "AttentionBlock", "SerialLoraLinear", "SerialLoraPair", "adapter_state_dict", "find_attention_blocks",
-    "inject", "load_adapter", "lora_plus_param_groups", "merge", "save_adapter", "trainable_parameters",
-    "unmerge",
+    "inject", "load_adapter", "lora_plus_param_groups", "merge_adapter", "save_adapter", "trainable_parameters",
+    "unmerge_adapter",
 ]

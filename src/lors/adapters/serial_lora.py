@@ -129,7 +129,7 @@ class SerialLoraLinear(nn.Module):
         pair: the SerialLoraPair; owned by the attention block, only referred to here.
 
     `merged` (whether `base_layer.weight` already holds the pair) travels with the model's
-    state dict as this layer's `_extra_state`, a bool tensor: a state dict taken after `merge`
+    state dict as this layer's `_extra_state`, a bool tensor: a state dict taken after `merge_adapter`
     makes the model it is loaded into merged too, so the pair is never applied twice.
     """
 
@@ -247,14 +247,16 @@ def serial_layers(model: nn.Module) -> Iterator[SerialLoraLinear]:
     return (m for m in model.modules() if isinstance(m, SerialLoraLinear))
 
 
-def merge(model: nn.Module) -> None:
-    """Fold every pair into its frozen projections: W <- W (I + s B A). Outputs are unchanged."""
+def merge_adapter(model: nn.Module) -> None:
+    """Fold every pair into its frozen projections, in place and undoably (`unmerge_adapter`):
+    W <- W (I + s B A). Outputs are unchanged. (PEFT's name for the same; `lors.merge` instead
+    replaces LORS layers by plain Linears for good.)"""
     for layer in serial_layers(model):
         layer.merge()
 
 
-def unmerge(model: nn.Module) -> None:
-    """Undo `merge`, restoring the frozen weights (up to float rounding; computed in float64)."""
+def unmerge_adapter(model: nn.Module) -> None:
+    """Undo `merge_adapter`, restoring the frozen weights (up to float rounding; computed in float64)."""
     for layer in serial_layers(model):
         layer.unmerge()
 
@@ -324,7 +326,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a `save_adapter` file into `model`; a model without adapters is injected first.
 
     The file's keys must match the model's adapter keys exactly. A merged model is refused:
-    its weights hold the current pair, and replacing the pair would make `unmerge` subtract
+    its weights hold the current pair, and replacing the pair would make `unmerge_adapter` subtract
     the wrong one. Every problem is a ValueError; a missing, unreadable or non-finite file and
     a merged model are refused before the model is touched.
     """
@@ -334,7 +336,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     if merged:
         raise ValueError(f"{merged} projection(s) of this model are merged, so their weights already hold the "
                          "current adapter and loading another would make unmerge restore wrong weights: call "
-                         "unmerge(model) first, then load_adapter (and merge again if wanted), or load into "
+                         "unmerge_adapter(model) first, then load_adapter (and merge_adapter again if wanted), or load into "
                          "a fresh base model")
     if not any(isinstance(m, SerialLoraPair) for m in model.modules()):
         inject(model, int(meta["rank"]), float(meta["alpha"]), adapt_out=meta["adapt_out"] == "True")

@@ -8,10 +8,8 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
-from lors.experiments.detection.bench import add_bench_parsers
 from lors.commands.detect_data import add_data_parser
+from lors.experiments.detection.bench import LORS, PRETRAIN_STEPS, VANILLA, SweepOptions
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what `predict --out` writes
@@ -47,6 +45,23 @@ def _config(args: argparse.Namespace):
     return load_detector_config(args.config, args.overrides)
 
 
+def _sweep_options(args: argparse.Namespace) -> SweepOptions:
+    return SweepOptions(**{k: getattr(args, k) for k in SweepOptions.__dataclass_fields__})
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from lors.experiments.detection.bench import compare
+    compare(_sweep_options(args), out=args.out, vanilla=args.vanilla, lors=args.lors)
+    return 0
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    from lors.experiments.detection.bench import ablate
+    ablate(_sweep_options(args), args.suite, config=args.config, out_dir=args.out_dir,
+           runs_dir=args.runs_dir, retrain=args.retrain)
+    return 0
+
+
 def run_train(args: argparse.Namespace) -> int:
     from lors.experiments.detection.train import train
     cfg = _config(args)
@@ -60,7 +75,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from lors.engine.distributed import init_distributed
-    from lors.experiments.detection.train import evaluate_checkpoint, run_config
+    from lors.experiments.detection.evaluate import evaluate_checkpoint, run_config
     ckpt, cfg, _ = run_config(args.checkpoint, args.overrides)
     if args.config:
         cfg = _config(args)
@@ -73,26 +88,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from lors.data.coco import collate_fn, load_rgb
-    from lors.data.transforms import make_coco_transforms
-    from lors.engine.checkpoint import load_checkpoint
-    from lors.experiments.detection.train import run_config
-    from lors.models.adamixer import PostProcess, build_detector
-    from lors.plots import draw_detections
-    ckpt, cfg, state = run_config(args.checkpoint, args.overrides)
-    path = Path(args.image)
-    image = load_rgb(path)  # 8-bit RGB, 16-bit scaled; ImageFileError (a ValueError) names the file
-    model = build_detector(cfg).eval()
-    load_checkpoint(ckpt, model)
-    transform = make_coco_transforms(False, (cfg.data.min_size,), cfg.data.max_size)
-    batch, size, _ = collate_fn([transform(image, {"boxes": torch.zeros(0, 4)})], cfg.data.size_divisor)
-    with torch.no_grad():
-        outputs = model(batch, size)
-    det = PostProcess(cfg.test.max_detections)(outputs, size, torch.tensor([[image.height, image.width]]))[0]
-    keep = det["scores"] >= args.score_threshold
-    det = {k: v[keep] for k, v in det.items()}
-    draw_detections(image, det, state["class_names"], args.out)
-    print(f"{int(keep.sum())} detections with score >= {args.score_threshold} drawn to {args.out}")
+    from lors.experiments.detection.predict import predict_image
+    found = predict_image(args.checkpoint, args.image, args.out, args.score_threshold, args.overrides)
+    print(f"{found} detections with score >= {args.score_threshold} drawn to {args.out}")
     return 0
 
 
@@ -134,3 +132,70 @@ def register(sub) -> None:
     p.add_argument("--score-threshold", type=float, default=0.3)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
     p.set_defaults(func=run_predict)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="train.seed values (default 0)")
+    p.add_argument("--data-dir", default="runs/bench_data",
+                   help="benchmark folder: built if missing or empty; a folder that holds one is reused "
+                        "with its own settings (default runs/bench_data)")
+    p.add_argument("--data-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="BenchmarkConfig override for a new data folder, e.g. num_train=100 (repeatable); "
+                        "on an existing folder a differing value is refused")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--in-process", action="store_true",
+                   help="train in this process (starts faster; peak memory is then the largest so far)")
+    p.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",
+                   help="stop each run after N steps (the schedule is unchanged) and evaluate there")
+    p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
+                   help="runs trained at the same time, each in its own process with an equal share "
+                        "of the CPU threads (default: the number of CPU cores, at most 2)")
+    p.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=True,
+                   help="start the backbones from a ResNet-18 pretrained as a digit classifier on the "
+                        "train split's digits only (cached in DATA_DIR under a name keyed by its "
+                        "settings; default on)")
+    p.add_argument("--pretrain-steps", type=_positive_int, default=PRETRAIN_STEPS, metavar="N",
+                   help=f"training steps of that pretraining (default {PRETRAIN_STEPS}); each "
+                        "step count is cached separately")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="detector config overrides for every run (anywhere but right after --seeds)")
+
+
+def add_bench_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Add `compare` and `ablate` to the `detect` command's sub-parsers."""
+    p = subparsers.add_parser(
+        "compare", help="train and score AdaMixer and AdaMixer + LORS on the digits benchmark",
+        description="Build the benchmark (cached), train the vanilla and LORS bench configs with the "
+                    "same schedule and seeds, evaluate with COCOeval, print a table and write "
+                    "summary.json, table.md, ap_vs_decoder_params.png and predictions.png to --out.")
+    p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
+    p.add_argument("--vanilla", default=VANILLA, help=f"vanilla config (default {VANILLA})")
+    p.add_argument("--lors", default=LORS, help=f"LORS config (default {LORS})")
+    _common(p)
+    p.set_defaults(func=run_compare)
+
+    p = subparsers.add_parser(
+        "ablate", help="the paper's ablation tables 4-8 at small scale",
+        description="Train each variant of a suite (overrides of the LORS bench config) and write "
+                    "ablation_SUITE.md, .json and .png to --out-dir.")
+    p.add_argument("--suite", required=True,
+                   help="a suite in configs/ablate (table4 ... table8) or the path of a suite YAML file")
+    p.add_argument("--config", default=None, help="the config the rows override (default: the suite's, "
+                                                  f"{LORS} for the paper's tables)")
+    p.add_argument("--out-dir", default="docs/results", help="where the table and plot go")
+    p.add_argument("--runs", dest="runs_dir", default="runs/ablate",
+                   help="run directories, one per resolved config (a hash of it): a finished run is "
+                        "reused by every row and later call that trains the same config")
+    p.add_argument("--retrain", action="store_true", help="train every row again, even if finished")
+    _common(p)
+    p.set_defaults(func=run_ablate)

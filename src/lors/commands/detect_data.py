@@ -12,9 +12,8 @@ from lors.data.benchmark import BenchmarkConfig, build_benchmark, read_meta
 
 
 def run_data(args: argparse.Namespace) -> int:
-    """Build the benchmark in `args.out` from the defaults, the overrides and `--seed`; print counts."""
-    overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
-    cfg = apply_overrides(BenchmarkConfig(), overrides)  # unknown key / bad value: ValueError
+    """Build the benchmark in `args.out` from the defaults and the `key=value` overrides; print counts."""
+    cfg = apply_overrides(BenchmarkConfig(), args.overrides)  # unknown key / bad value: ValueError
     out = build_benchmark(args.out, cfg, progress=not args.quiet)
     counts = read_meta(out)["counts"]
     print(f"benchmark in {out} (seed {cfg.seed}, {cfg.image_size}x{cfg.image_size} px)")
@@ -26,7 +25,7 @@ def run_data(args: argparse.Namespace) -> int:
 
 
 def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `data --out DIR [--seed S] [--quiet] [KEY=VALUE ...]` to `subparsers`; returns its parser."""
+    """Add `data --out DIR [--quiet] [KEY=VALUE ...]` to `subparsers`; returns its parser."""
     keys = ", ".join(BenchmarkConfig.__dataclass_fields__)
     p = subparsers.add_parser(
         "data", help="build the digits-on-photos COCO benchmark (cached)",
@@ -36,9 +35,9 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                     "other files, is refused, never replaced: nothing is deleted.")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (new, empty, or a previous build with these settings)")
-    p.add_argument("--seed", default=None, metavar="S", help="random seed, an integer >= 0 (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help=f"BenchmarkConfig overrides, values read as YAML scalars; keys: {keys}")
+                   help=f"BenchmarkConfig overrides, values read as YAML scalars (e.g. seed=5 for "
+                        f"another draw); keys: {keys}")
     p.set_defaults(func=run_data)
     return p

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from lors.core.static import INITS, check_ranks, kaiming_, kaiming_official_, per_layer
+from lors.core.static import DEFAULT_INIT, INITS, check_ranks, kaiming_, kaiming_official_, per_layer
 
 
 def _per_head(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,7 @@ class AdaptiveLors(nn.Module):
 
     def __init__(self, num_layers: int, query_dim: int, shape: Sequence[int],
                  rank: int | Sequence[int] = 16, groups: int | Sequence[int] = 1,
-                 bias: bool = True, init: str = "paper", shared: bool = True, device=None,
+                 bias: bool = True, init: str = DEFAULT_INIT, shared: bool = True, device=None,
                  dtype=None, name: str = "AdaptiveLors"):
         super().__init__()
         shape = tuple(int(s) for s in shape)

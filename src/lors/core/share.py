@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from lors.core.static import StaticLors, per_layer
+from lors.core.static import DEFAULT_INIT, StaticLors, per_layer
 
 STACK_TYPES = (nn.ModuleList, nn.Sequential)
 
@@ -238,7 +238,7 @@ def _pick_targets(layer: nn.Module, targets: str | Iterable[str] | None) -> list
 
 def share_layers(module: nn.Module, targets: str | Iterable[str] | None = None,
                  rank: int | Sequence[int] = 8, groups: int | Sequence[int] = 1,
-                 init: str = "paper", shared_bias: bool = False) -> dict[str, StaticLors]:
+                 init: str = DEFAULT_INIT, shared_bias: bool = False) -> dict[str, StaticLors]:
     """Make the Linears of a stack of identical layers share weights, LORS^T style.
 
     Args:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 INITS = ("paper", "official")
+DEFAULT_INIT = "paper"  # the one default everywhere: section 4.1, what the paper reports
 
 
 def per_layer(value: int | Sequence[int], num_layers: int, what: str) -> list[int]:
@@ -111,7 +112,7 @@ class StaticLors(nn.Module):
 
     def __init__(self, num_layers: int, in_features: int, out_features: int,
                  rank: int | Sequence[int] = 8, groups: int | Sequence[int] = 1,
-                 bias: bool = True, shared_bias: bool = False, init: str = "paper",
+                 bias: bool = True, shared_bias: bool = False, init: str = DEFAULT_INIT,
                  device=None, dtype=None, name: str = "StaticLors"):
         super().__init__()
         if num_layers < 1:

@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from lors.config import apply_overrides
+from lors.config import apply_overrides, check_types
 
 BUILDER_VERSION = 1  # bump when the output for a given config changes
 TRAIN_PHOTOS = ("astronaut", "camera", "coffee", "rocket", "hubble_deep_field",
@@ -78,17 +78,11 @@ class BenchmarkConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, np.integer):
-                value = int(value)
-                setattr(self, f.name, value)
-            if f.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"BenchmarkConfig.{f.name} must be an integer, got {value!r} "
-                                 f"({type(value).__name__}): pass e.g. {f.name}={f.default}")
-            if f.type in ("float", float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"BenchmarkConfig.{f.name} must be a number, got {value!r}: "
-                                 f"pass e.g. {f.name}={f.default}")
+        check_types(self)  # ints for the int fields (numpy ints become ints), numbers for max_overlap
+        self.validate()
+
+    def validate(self) -> None:
+        """ValueError naming the first setting that makes the benchmark impossible."""
         c, fix = self, "lower max_objects or min_digit_size, or raise image_size"
         checks = [
             (c.seed >= 0, f"seed must be >= 0, got {c.seed}"),

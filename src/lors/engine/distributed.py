@@ -26,15 +26,6 @@ def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]
     return rank, world, dev
 
 
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def close() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

@@ -1,134 +1,144 @@
-"""Outputs of `lors detect compare` and `ablate`: the mean over seeds, the markdown table, the
-plot of AP against decoder parameters and the picture of predictions on val images."""
+"""Tables and pictures of every experiment: the mean and spread over seeds, markdown tables,
+a plot of a metric against parameters (or anything else), and detections drawn on images.
+
+Each experiment says *what* to show (its rows, columns and series); how it is written lives here.
+"""
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
-METRICS = ("AP", "AP50", "AP75")
-# per model, in summary.json and the table
-KEYS = ("decoder_params", "total_params", "AP", "AP50", "AP75", "seconds_per_step", "peak_memory_mb")
+import torch
+from PIL import Image, ImageDraw
+
+COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6",
+          "#bfef45", "#fabed4", "#469990", "#dcbeff", "#9a6324"]
 
 
-def aggregate(per_seed: list[dict]) -> dict:
-    """Mean of each KEY over seeds, with ``KEY_std`` (sample std, 0 for one seed) for the metrics."""
-    out = {k: statistics.fmean(r[k] for r in per_seed) for k in KEYS}
-    for k in (*METRICS, "seconds_per_step"):
+def mean_and_spread(per_seed: Sequence[Mapping[str, Any]], keys: Sequence[str],
+                    spread: Sequence[str] = ()) -> dict[str, float]:
+    """The mean of each of ``keys`` over seeds, and ``KEY_std`` (sample standard deviation, 0
+    for one seed) for each of ``spread``."""
+    out = {k: statistics.fmean(r[k] for r in per_seed) for k in keys}
+    for k in spread:
         values = [r[k] for r in per_seed]
         out[f"{k}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    out["decoder_params"], out["total_params"] = per_seed[0]["decoder_params"], per_seed[0]["total_params"]
     return out
 
 
-def _fmt(row: dict, key: str) -> str:
-    v = row[key]
-    if key.endswith("params"):
-        return f"{int(v):,}"
-    if key in METRICS:
-        std = row.get(f"{key}_std", 0.0)
-        return f"{100 * v:.1f}" + (f" ± {100 * std:.1f}" if row.get("n_seeds", 1) > 1 else "")
-    if key == "seconds_per_step":
-        return f"{v:.2f}"
-    return f"{v:.0f}"
+@dataclass(frozen=True)
+class Column:
+    """A table column: its header and how a row's cell is written."""
+
+    header: str
+    cell: Callable[[Mapping[str, Any]], str]
 
 
-HEADERS = {"decoder_params": "Decoder params", "total_params": "Total params", "AP": "AP",
-           "AP50": "AP50", "AP75": "AP75", "seconds_per_step": "s / step", "peak_memory_mb": "Peak mem (MB)"}
-
-
-def markdown_table(rows: dict[str, dict], first: str = "Model") -> str:
-    """A markdown table of ``rows`` (label -> aggregated KEYS); AP columns in percent."""
-    lines = ["| " + " | ".join([first, *(HEADERS[k] for k in KEYS)]) + " |",
-             "|" + "---|" * (len(KEYS) + 1)]
-    for label, row in rows.items():
-        lines.append("| " + " | ".join([label, *(_fmt(row, k) for k in KEYS)]) + " |")
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
+    """A markdown table, one line per row."""
+    lines = ["| " + " | ".join(c.header for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(c.cell(row) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def plot_ap(rows: dict[str, dict], path: Path, title: str) -> Path:
-    """AP and AP50 (percent, with the spread over seeds) against decoder parameters."""
+@dataclass
+class Series:
+    """Points of one line or marker set in `plot_points`: x, y, optional error bars (one value
+    each, or a (low, high) pair of lists) and a label beside each point."""
+
+    label: str
+    x: Sequence[float]
+    y: Sequence[float]
+    err: Sequence[float] | tuple[Sequence[float], Sequence[float]] | None = None
+    notes: Sequence[str] = ()
+    style: str = "o"
+    note_offset: tuple[int, int] = (5, 4)
+
+
+def plot_points(series: Sequence[Series], path: str | Path, xlabel: str, ylabel: str, title: str,
+                hlines: Sequence[tuple[float, str]] = (), logx: bool = False,
+                xlim: tuple[float, float] | None = None, ylim: tuple[float, float] | None = None,
+                xticks: Sequence[float] | None = None, xformat: Callable[[float], str] | None = None) -> Path:
+    """A PNG of ``series`` (with error bars and point labels) and horizontal reference lines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for key, marker in (("AP", "o"), ("AP50", "s")):
-        xs = [r["decoder_params"] / 1e6 for r in rows.values()]
-        ys = [100 * r[key] for r in rows.values()]
-        errs = [100 * r.get(f"{key}_std", 0.0) for r in rows.values()]
-        ax.errorbar(xs, ys, yerr=errs, fmt=marker, capsize=3, label=key)
-        for x, y, label in zip(xs, ys, rows):
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    top = max(100 * (r[k] + r.get(f"{k}_std", 0.0)) for r in rows.values() for k in ("AP", "AP50"))
-    ax.set_ylim(0, max(5.0, 1.15 * top))  # a fixed floor of scale, so noise near 0 looks like 0
-    ax.set_xlim(0, 1.15 * max(r["decoder_params"] for r in rows.values()) / 1e6)
-    ax.set_xlabel("decoder parameters (M)")
-    ax.set_ylabel("COCO metric on val (%)")
+    for s in series:
+        line = ax.errorbar(s.x, s.y, yerr=s.err, fmt=s.style, capsize=3, label=s.label)
+        for x, y, note in zip(s.x, s.y, s.notes):
+            ax.annotate(note, (x, y), textcoords="offset points", xytext=s.note_offset, fontsize=8,
+                        color=line[0].get_color() if len(series) > 1 and "-" in s.style else None)
+    for y, label in hlines:
+        ax.axhline(y, ls="--", c="gray", label=label)
+    if logx:
+        ax.set_xscale("log")
+    if xticks is not None:
+        ax.set_xticks(list(xticks))
+    if xformat is not None:
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: xformat(v)))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if xlim is not None:
+        ax.set_xlim(*xlim)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def draw_predictions(runs: dict[str, Path], data_dir: Path, path: Path, num_images: int = 4,
-                     score_threshold: float = 0.3, min_shown: int = 2, scale: int = 3) -> Path:
-    """A grid of val images: ground truth in the first row, then one row per trained run
-    (label -> run directory) with its detections scoring >= ``score_threshold``, and at least
-    its ``min_shown`` best, so that a weak model still shows what it predicts."""
-    import torch
-    from PIL import Image, ImageDraw
+def draw_boxes(image: Image.Image, det: Mapping[str, torch.Tensor], class_names: Sequence[str],
+               width: int = 2) -> Image.Image:
+    """A copy of ``image`` with ``det["boxes"]`` (n, 4, absolute xyxy), their class names and,
+    if given, ``det["scores"]`` drawn on it."""
+    image = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(image)
+    scores = det.get("scores")
+    for k, (box, label) in enumerate(zip(det["boxes"].tolist(), det["labels"].tolist())):
+        color = COLORS[int(label) % len(COLORS)]
+        draw.rectangle(box, outline=color, width=width)
+        text = class_names[int(label)] + (f" {scores[k]:.2f}" if scores is not None else "")
+        x, y = box[0], max(box[1] - 11, 0)
+        draw.rectangle(draw.textbbox((x, y), text), fill=color)
+        draw.text((x, y), text, fill="white")
+    return image
 
-    from lors.data.coco import CocoDetection, collate_fn
-    from lors.data.transforms import make_coco_transforms
-    from lors.engine.checkpoint import load_checkpoint
-    from lors.experiments.detection.train import run_config
-    from lors.models.adamixer import PostProcess, build_detector
-    from lors.plots import draw_boxes
 
-    def enlarge(image, det):
-        image = image.resize((image.width * scale, image.height * scale), Image.BILINEAR)
-        return draw_boxes(image, {**det, "boxes": det["boxes"] * scale}, names)
+def draw_detections(image: Image.Image, det: Mapping[str, torch.Tensor], class_names: Sequence[str],
+                    out: str | Path) -> Path:
+    """Save ``image`` with ``det`` drawn on it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    draw_boxes(image, det, class_names).save(out)
+    return out
 
-    rows = {}
-    for label, run_dir in runs.items():
-        ckpt, cfg, _ = run_config(run_dir)
-        val = CocoDetection(data_dir / "val" / "images", data_dir / "val" / "annotations.json",
-                            make_coco_transforms(False, (cfg.data.min_size,), cfg.data.max_size))
-        names = val.class_names
-        if "ground truth" not in rows:
-            gt = []
-            for i in range(min(num_images, len(val))):
-                image = val.load_image(val.ids[i])
-                target = val.load_target(val.ids[i], *image.size)
-                gt.append(enlarge(image, {"boxes": target["boxes"], "labels": target["labels"]}))
-            rows["ground truth"] = gt
-        model = build_detector(cfg).eval()
-        load_checkpoint(ckpt, model)
-        images, sizes, targets = collate_fn([val[i] for i in range(len(rows["ground truth"]))])
-        with torch.no_grad():
-            outputs = model(images, sizes)
-        orig = torch.stack([t["orig_size"] for t in targets])
-        tiles = []
-        for i, det in enumerate(PostProcess(cfg.test.max_detections)(outputs, sizes, orig)):
-            keep = det["scores"] >= score_threshold  # PostProcess sorts by score
-            keep[:min_shown] = True
-            tiles.append(enlarge(val.load_image(val.ids[i]), {k: v[keep] for k, v in det.items()}))
-        rows[label] = tiles
-    tile_w, tile_h = rows["ground truth"][0].size
-    num_images = len(rows["ground truth"])
-    margin, head = 6, 16
-    grid = Image.new("RGB", (num_images * (tile_w + margin) + margin, len(rows) * (tile_h + head + margin) + margin), "white")
+
+def image_grid(rows: Mapping[str, Sequence[Image.Image]], captions: Mapping[str, str], path: str | Path,
+               margin: int = 6, head: int = 16) -> Path:
+    """Save a grid of equal-size tiles, one captioned row per entry of ``rows``."""
+    first = next(iter(rows.values()))
+    tile_w, tile_h = first[0].size
+    cols = max(len(tiles) for tiles in rows.values())
+    grid = Image.new("RGB", (cols * (tile_w + margin) + margin, len(rows) * (tile_h + head + margin) + margin),
+                     "white")
     draw = ImageDraw.Draw(grid)
     for r, (label, tiles) in enumerate(rows.items()):
         y = margin + r * (tile_h + head + margin)
-        caption = label if label == "ground truth" else \
-            f"{label}: detections with score >= {score_threshold}, and at least the best {min_shown}"
-        draw.text((margin, y), caption, fill="black")
+        draw.text((margin, y), captions.get(label, label), fill="black")
         for c, tile in enumerate(tiles):
             grid.paste(tile, (margin + c * (tile_w + margin), y + head))
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path

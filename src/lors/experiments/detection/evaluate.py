@@ -1,9 +1,15 @@
-"""COCO box evaluation with pycocotools' COCOeval, as torchvision's detection references do.
+"""From a checkpoint to detections to COCO AP: the one path every command and report takes.
 
-Predictions are one dict per image:
+- `load_detector(path)`: a run directory or ``ckpt_*`` folder -> (model, config, state).
+- `predict(model, images, sizes, orig_sizes, max_detections)`: a batch -> one detection dict
+  per image (``boxes`` absolute xyxy in the original image, ``labels``, ``scores``, best first).
+- `evaluate(model, dataset, cfg, device)` and `evaluate_checkpoint(ckpt, cfg, device)`: COCOeval
+  metrics on a data set, with `coco_evaluate`, as torchvision's detection references score.
+
+`coco_evaluate` takes predictions as one dict per image:
 
     image_id  int, a COCO image id of `coco_gt`
-    boxes     (n, 4) absolute xyxy pixels in the *original* image (see `rescale_boxes`)
+    boxes     (n, 4) absolute xyxy pixels in the *original* image
     labels    (n,) contiguous labels 0..C-1, mapped to category ids by `label_to_cat_id`
     scores    (n,) confidences
 
@@ -15,26 +21,24 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from functools import partial
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from lors.data.coco import fill_eval_defaults
+from lors.data.coco import CocoDetection, collate_fn, fill_eval_defaults
+from lors.engine.checkpoint import find_checkpoint, load_checkpoint, read_state
+from lors.engine.loop import autocast_dtype
+from lors.experiments.detection.data import build_datasets, to_device
+from lors.models.adamixer import DetectorConfig, PostProcess, build_detector
 
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
-
-
-def rescale_boxes(boxes: torch.Tensor, from_size: Sequence[int] | torch.Tensor, to_size: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """Scale xyxy boxes (n, 4) from an image of (h, w) `from_size` to one of (h, w) `to_size`.
-
-    Maps predictions on the resized network input back to the original image:
-    `rescale_boxes(boxes, target["size"], target["orig_size"])`.
-    """
-    (fh, fw), (th, tw) = [int(v) for v in from_size], [int(v) for v in to_size]
-    scale = boxes.new_tensor([tw / fw, th / fh, tw / fw, th / fh])
-    return boxes * scale
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
 
 
 def _to_coco_results(
@@ -105,7 +109,7 @@ def coco_evaluate(
             f"returning 0.0 for every metric",
             stacklevel=2,
         )
-        return {k: 0.0 for k in METRICS}
+        return {k: 0.0 for k in COCO_METRICS}
 
     with contextlib.redirect_stdout(io.StringIO()):  # loadRes/evaluate/accumulate progress lines
         coco_dt = coco_gt.loadRes(results)
@@ -118,4 +122,74 @@ def coco_evaluate(
         evaluator.summarize()
     if verbose:
         print(summary.getvalue(), end="")
-    return {k: float(v) for k, v in zip(METRICS, evaluator.stats[:6])}
+    return {k: float(v) for k, v in zip(COCO_METRICS, evaluator.stats[:6])}
+
+
+def run_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, DetectorConfig, dict]:
+    """The checkpoint folder of ``path`` (a run directory or a ckpt_* folder), the
+    DetectorConfig stored with it (plus ``overrides``) and its state.json."""
+    from lors.config import load_config
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise ValueError(f"{path} holds no checkpoint (no state.json or last.json): pass a run "
+                         "directory written by `lors detect train` or one of its ckpt_* folders")
+    state = read_state(ckpt)
+    return ckpt, load_config(DetectorConfig, state["config"], overrides), state
+
+
+def load_detector(path: str | Path, overrides: Sequence[str] = (), cfg: DetectorConfig | None = None,
+                  device: torch.device | str = "cpu") -> tuple[nn.Module, DetectorConfig, dict]:
+    """The trained detector of a run directory or ckpt_* folder, in eval mode on ``device``,
+    with its config (``cfg`` instead, if given) and its state.json."""
+    ckpt, stored, state = run_config(path, overrides)
+    cfg = cfg or stored
+    model = build_detector(cfg).to(device)
+    load_checkpoint(ckpt, model)
+    return model.eval(), cfg, state
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, sizes: torch.Tensor, orig_sizes: torch.Tensor,
+            max_detections: int, dtype: torch.dtype | None = None) -> list[dict[str, torch.Tensor]]:
+    """Detections of a padded batch.
+
+    Args:
+        images: (B, 3, H, W) on the model's device; sizes: (B, 2) the (h, w) of each image in it.
+        orig_sizes: (B, 2) the (h, w) of the original images, where the boxes are returned.
+        max_detections: best-scoring detections kept per image.
+        dtype: autocast dtype (None: float32).
+
+    Returns:
+        one dict per image: ``boxes`` (n, 4) absolute xyxy, ``labels`` (n,), ``scores`` (n,),
+        sorted by score, as float32 CPU tensors (labels int64).
+    """
+    model.eval()
+    device = images.device
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        outputs = model(images, sizes)
+    dets = PostProcess(max_detections)(outputs, sizes, orig_sizes.to(device))
+    return [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in d.items()} for d in dets]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: CocoDetection, cfg: DetectorConfig, device: torch.device,
+             batch_size: int = 2, progress: bool = True, verbose: bool = True) -> dict[str, float]:
+    """COCOeval AP, AP50, AP75, APs, APm, APl of ``model`` on ``dataset``."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        collate_fn=partial(collate_fn, stride=cfg.data.size_divisor),
+                        num_workers=cfg.data.num_workers)
+    predictions, dtype = [], autocast_dtype(cfg.train.amp, device)
+    for images, sizes, targets in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        images, sizes, targets = to_device(images, sizes, targets, device)
+        orig = torch.stack([t["orig_size"] for t in targets])
+        for t, det in zip(targets, predict(model, images, sizes, orig, cfg.test.max_detections, dtype)):
+            predictions.append({"image_id": t["image_id"], **det})
+    return coco_evaluate(dataset.coco, predictions, dataset.label_to_cat_id, verbose=verbose)
+
+
+def evaluate_checkpoint(ckpt: str | Path, cfg: DetectorConfig, device: torch.device,
+                        progress: bool = True, verbose: bool = True) -> dict[str, float]:
+    """COCOeval metrics of the model in checkpoint folder ``ckpt`` on ``cfg``'s val split."""
+    model, cfg, _ = load_detector(ckpt, cfg=cfg, device=device)
+    _, val_set = build_datasets(cfg, train=False)
+    return evaluate(model, val_set, cfg, device, progress=progress, verbose=verbose)

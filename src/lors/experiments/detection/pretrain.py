@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from lors.config import check_types
 from lors.data.benchmark import DIGIT_SPLIT_SEED, TRAIN_PHOTOS, digit_split, load_digits, load_photo
 from lors.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lors.engine.schedule import Schedule
 
 
 def _background_bank(rng: np.random.Generator, count: int, size: int) -> torch.Tensor:
@@ -84,7 +86,7 @@ def train_digit_indices() -> np.ndarray:
     return digit_split(labels)["train"]
 
 
-PRETRAIN_VERSION = 1  # bump when the recipe below changes what a config produces
+PRETRAIN_VERSION = 2  # bump when the recipe below changes what a config produces (2: the engine's Schedule)
 
 
 @dataclass(frozen=True)
@@ -106,10 +108,14 @@ class PretrainConfig:
     levels: int = 3
 
     def __post_init__(self):
+        check_types(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """ValueError naming the first setting out of its range."""
         for name in ("steps", "batch_size", "image_size", "backgrounds", "levels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"pretraining {name} must be a positive int, got {value!r}")
+            if getattr(self, name) < 1:
+                raise ValueError(f"pretraining {name} must be a positive int, got {getattr(self, name)!r}")
         if self.image_size < 32:
             raise ValueError(f"pretraining image_size must be >= 32 (ResNet-18 strides by 32), "
                              f"got {self.image_size}")
@@ -126,6 +132,12 @@ class PretrainConfig:
                 "digit_split": {"seed": DIGIT_SPLIT_SEED, "train_sha256": split},
                 "train_photos": list(TRAIN_PHOTOS), "device": torch.device(device).type,
                 "torch": torch.__version__.split("+")[0]}
+
+
+def lr_schedule(cfg: PretrainConfig) -> Schedule:
+    """5 % linear warm-up from 2 % of the rate, then cosine to zero over the steps."""
+    return Schedule(lr=cfg.lr, total_steps=cfg.steps, warmup_steps=max(1, round(0.05 * cfg.steps)),
+                    warmup_start=0.02, decay="cosine")
 
 
 def train_digit_backbone(cfg: PretrainConfig = PretrainConfig(), progress: bool = True,
@@ -155,10 +167,9 @@ def train_digit_backbone(cfg: PretrainConfig = PretrainConfig(), progress: bool 
     correct = seen = 0
     bar = tqdm(total=cfg.steps, unit="step", desc="pretrain resnet18 on train digits",
                disable=not progress, dynamic_ncols=True)
+    schedule = lr_schedule(cfg)
     for step in range(cfg.steps):
-        frac = step / cfg.steps  # 5 % linear warm-up, then cosine over the steps
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (frac + 1e-3) / 0.05) * 0.5 * (1 + np.cos(np.pi * frac))
+        schedule.apply(opt, step)
         x, y = make_batch(alphas, labels, bank, cfg.batch_size, cfg.image_size, gen)
         x, y = x.to(device), y.to(device)
         logits = net(x)

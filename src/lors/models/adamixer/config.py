@@ -1,7 +1,8 @@
 """Configuration of AdaMixer (+ LORS) detection: model, loss, training and data.
 
-Defaults are the paper's 1x setting with ResNet-50 and plain AdaMixer; the YAML presets in
-``configs/detect/`` override what differs. Load one with
+Defaults are the paper's 1x setting with ResNet-50 and plain AdaMixer (and ``lors.init`` the
+core's ``DEFAULT_INIT``); each YAML preset in ``configs/detect/`` states what differs from them
+or from the preset it names as its ``base``. Load one with
 ``load_detector_config("adamixer_lors_r50_1x", ["decoder.num_queries=300"])``.
 
 Each section's ``validate`` checks the ranges of its keys and `DetectorConfig.validate` the rules
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from lors.config import load_config
+from lors.core.static import DEFAULT_INIT
 
 RESNET_DEPTHS = (18, 34, 50, 101, 152)  # torchvision's ResNets
 
@@ -147,9 +149,10 @@ class StaticLorsConfig:
 class LorsConfig:
     adaptive: AdaptiveLorsConfig = field(default_factory=AdaptiveLorsConfig)
     static: StaticLorsConfig = field(default_factory=StaticLorsConfig)
-    # "official": the authors' code (zero shared-generator weight, as AdaMixer zeroes its
-    # generators); "paper": section 4.1 (Kaiming generator). See docs/detection.md.
-    init: Literal["official", "paper"] = "official"
+    # "paper": section 4.1 (Kaiming generator), the core's default; "official": the authors'
+    # code (zero shared-generator weight, as AdaMixer zeroes its generators), which every
+    # preset states. See docs/detection.md.
+    init: Literal["official", "paper"] = DEFAULT_INIT
 
     def validate(self, num_stages: int) -> None:
         self.adaptive.validate(num_stages)

@@ -129,26 +129,6 @@ class AdaMixer(nn.Module):
         return self.decode(self.features(images), image_sizes)
 
 
-def lors_options(cfg: DetectorConfig) -> tuple[dict | None, dict | None]:
-    """The LORS^A and LORS^T options of ``cfg`` (None where off), checked against the stages."""
-    n = cfg.decoder.num_stages
-    adaptive = static = None
-    for name, part in (("adaptive", cfg.lors.adaptive), ("static", cfg.lors.static)):
-        if not part.enabled:
-            continue
-        for field in ("rank", "groups"):
-            value = getattr(part, field)
-            if isinstance(value, list) and len(value) != n:
-                raise ValueError(f"lors.{name}.{field} has {len(value)} values but decoder.num_stages is "
-                                 f"{n}; give one value per stage or a single int")
-        options = {"rank": part.rank, "groups": part.groups}
-        if name == "adaptive":
-            adaptive = {**options, "use_shared": part.use_shared, "use_private": part.use_private}
-        else:
-            static = options
-    return adaptive, static
-
-
 def build_detector(cfg: DetectorConfig, device: torch.device | str | None = None) -> AdaMixer:
     """Build AdaMixer from a DetectorConfig.
 
@@ -156,7 +136,6 @@ def build_detector(cfg: DetectorConfig, device: torch.device | str | None = None
     backbone weights are then not loaded.
     """
     dec = cfg.decoder
-    adaptive, static = lors_options(cfg)
     with torch.device(device) if device is not None else nullcontext():
         backbone = ResNetBackbone(depth=cfg.backbone.depth, weights=cfg.backbone.weights,
                                   frozen_stages=cfg.backbone.frozen_stages, norm_eval=cfg.backbone.norm_eval,
@@ -168,6 +147,6 @@ def build_detector(cfg: DetectorConfig, device: torch.device | str | None = None
                   for _ in range(dec.num_stages)]
         mixing = build_mixing(num_stages=dec.num_stages, query_dim=dec.query_dim, feat_dim=cfg.neck.dim,
                               num_groups=dec.num_groups, in_points=dec.in_points, out_points=dec.out_points,
-                              adaptive=adaptive, static=static, init=cfg.lors.init)
+                              adaptive=cfg.lors.adaptive, static=cfg.lors.static, init=cfg.lors.init)
         queries = InitialQueries(dec.num_queries, dec.query_dim)
         return AdaMixer(backbone, neck, queries, AdaMixerDecoder(stages, mixing))

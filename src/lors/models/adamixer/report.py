@@ -1,4 +1,4 @@
-"""`lors params detect`: the detector's parameters by component and, optionally, its MACs.
+"""The detector's parameters by component and, optionally, its MACs (`lors params detect`).
 
 Models are built on the meta device, so counting the full-size detector takes well under a
 second and allocates nothing. Shared LORS tensors are counted once (``count_parameters``).
@@ -9,15 +9,12 @@ backbone + neck + queries + decoder.
 """
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lors.core import count_parameters
-from lors.models.adamixer.config import DetectorConfig, load_detector_config
+from lors.models.adamixer.config import DetectorConfig
 from lors.models.adamixer.detector import AdaMixer, build_detector
 
 # Decoder components by the DecoderStage attributes that hold them.
@@ -112,34 +109,3 @@ def detect_report(cfg: DetectorConfig, flops: bool = False) -> dict:
     if flops:
         report["macs"] = count_macs(model)
     return report
-
-
-def _print(report: dict, name: str) -> None:
-    print(f"{name}: {report['model']}")
-    rows = [("backbone", report["backbone"]), ("neck", report["neck"]), ("queries", report["queries"]),
-            ("decoder", report["decoder"])]
-    for label, value in rows:
-        print(f"  {label:<42s}{value:>14,d}")
-    for key, value in report["decoder_components"].items():
-        extra = ""
-        split = report["lors"].get(key)
-        if split and (split["shared"] or split["private"]):
-            extra = f"   (LORS shared {split['shared']:,d}, private {split['private']:,d})"
-        print(f"    {LABELS.get(key, key):<40s}{value:>14,d}{extra}")
-    print(f"  {'total':<42s}{report['total']:>14,d}")
-    if "macs" in report:
-        m = report["macs"]
-        h, w = m["input"]
-        print(f"MACs at {w}x{h} (FlopCounterMode FLOPs / 2): decoder {m['decoder'] / 1e9:.2f} G, "
-              f"backbone + neck {m['backbone_neck'] / 1e9:.2f} G, model {m['model'] / 1e9:.2f} G")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Entry point of ``lors params detect``."""
-    cfg = load_detector_config(args.config, args.overrides)
-    report = detect_report(cfg, flops=args.flops)
-    if args.json:
-        print(json.dumps({"config": str(args.config), **report}, indent=2))
-    else:
-        _print(report, str(args.config))
-    return 0

@@ -1,0 +1,317 @@
+"""The training loop of every experiment, and the run around it.
+
+`train_one_epoch` is the loop: a function of built objects (model, loss, batches, optimiser,
+schedule) that steps until the batches or the step budget end. `fit` is what every trainer
+needs around it, so each experiment only builds its objects:
+
+- the run directory is locked, and a fresh start sets an earlier run aside until the new
+  one has saved its first checkpoint (`lors.engine.rundir`);
+- ``resume``: the newest readable checkpoint is loaded (model, optimiser, RNG) after checking
+  that the requested config may continue it; the batches of a step are a function of (seed,
+  epoch, step) (`lors.engine.sampler`) and the rate one of the step (`lors.engine.schedule`),
+  so a resumed run reproduces the uninterrupted one;
+- DDP under torchrun, autocast (bf16 / fp16 with a gradient scaler), gradient clipping;
+- a NaN or infinite loss stops the run with the last checkpoint intact;
+- ``log.csv`` (one row per step, flushed every ``log_every``) and TensorBoard scalars;
+- atomic checkpoints every ``checkpoint_every`` steps and at the end; Ctrl-C names the
+  checkpoint a rerun resumes from.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from lors.engine import distributed
+from lors.engine.checkpoint import checkpoints, find_checkpoint, load_checkpoint, read_state, save_checkpoint
+from lors.engine.memory import PeakMemory
+from lors.engine.rundir import RunLock, config_differences, describe, drop_set_aside, set_aside
+from lors.engine.schedule import Schedule
+
+# loss_fn(model, batch) -> (total loss to minimise, {name: float} logged beside it)
+LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last checkpoint is left as it was."""
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """``amp`` ("auto", "bf16", "fp16", "fp32") -> the autocast dtype, None for float32.
+    "auto": bf16 on GPU, float32 on CPU (where bf16 is slow without bf16 units)."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+
+
+def train_one_epoch(model: nn.Module, loss_fn: LossFn, batches: Iterable, optimizer: torch.optim.Optimizer,
+                    schedule: Schedule, step: int, last: int, *, dtype: torch.dtype | None = None,
+                    scaler: torch.amp.GradScaler | None = None, clip_grad: float = 0.0,
+                    on_step: Callable[[int, float, dict, float, float], None] | None = None) -> int:
+    """Train on ``batches`` from global step ``step`` until they end or step ``last`` is done;
+    returns the global step reached. ``on_step(step, loss, terms, lr, seconds)`` follows each
+    step (logging, checkpoints). Raises NonFiniteLossError before a bad step is taken."""
+    device = next(model.parameters()).device
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    for batch in batches:
+        tic = time.perf_counter()
+        lr = schedule.apply(optimizer, step)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss, terms = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss is {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip_grad > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        step += 1
+        if on_step is not None:
+            on_step(step, loss.item(), terms, lr, time.perf_counter() - tic)
+        if step >= last:
+            break
+    return step
+
+
+@dataclass
+class RunSettings:
+    """How `fit` runs and records a training run (none of it changes the weights but ``amp``
+    and ``clip_grad``, which belong to the experiment's config)."""
+
+    run_dir: Path
+    config: Mapping[str, Any]  # the experiment's config as a dict: stored, and compared on resume
+    resume_free: Sequence[str] = ()  # dotted config keys that may differ when resuming
+    length_key: str = "train.epochs"  # the config key of the schedule's length (--extend grows it)
+    log_terms: Sequence[str] = ()  # the names of the loss terms that loss_fn returns, in order
+    checkpoint_every: int = 1000
+    log_every: int = 20
+    clip_grad: float = 0.0
+    amp: str = "auto"
+    state: dict = field(default_factory=dict)  # stored with every checkpoint (class names, ...)
+    resume: bool = True
+    extend: bool = False
+    stop_after: int | None = None
+    progress: bool = True
+    fail_hint: str = "lower the learning rate or check the data, then resume"
+
+
+def _dotted(config: Mapping[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
+
+
+def check_resumable(stored: Mapping[str, Any], requested: Mapping[str, Any], ckpt: Path,
+                    free: Sequence[str] = (), extend: bool = False, length_key: str = "train.epochs") -> None:
+    """Refuse to resume the run of checkpoint ``ckpt`` (config ``stored``) with the
+    ``requested`` config if a setting that shapes the weights differs (keys in ``free`` may),
+    or if the schedule's length (``length_key``) changes unasked."""
+    run_dir = ckpt.parent
+    requested = json.loads(json.dumps(requested))
+    diffs = config_differences(stored, requested, (*free, length_key))
+    if diffs:
+        raise ValueError(f"{run_dir} holds a run with other settings ({describe(diffs)}): rerun with "
+                         "the run's settings to resume it, pass --no-resume to replace it, or train "
+                         "into another --run-dir")
+    before, now = _dotted(stored, length_key), _dotted(requested, length_key)
+    if before != now and not (extend and before is not None and now > before):
+        hint = (f"pass --extend to continue it to {now}" if before is not None and now > before
+                else f"a run cannot be shortened: use {length_key}={before}")
+        raise ValueError(f"{run_dir} holds a run of {length_key}={before}, not {now}: {hint}, "
+                         "--no-resume to replace it, or another --run-dir")
+
+
+def resume_from(run_dir: Path, settings: RunSettings, model: nn.Module,
+                optimizer: torch.optim.Optimizer) -> int:
+    """Load the newest readable checkpoint of ``run_dir`` (model, optimiser, RNG) after
+    checking that ``settings.config`` may continue it; returns its step, 0 if there is none.
+
+    An unreadable newest checkpoint (a truncated file) is reported and the previous one used.
+    """
+    newest = find_checkpoint(run_dir)
+    order = ([newest] if newest else []) + [c for c in checkpoints(run_dir) if c != newest]
+    for ckpt in order:
+        try:
+            state = read_state(ckpt)
+        except ValueError as err:
+            print(f"warning: {err}; trying an earlier checkpoint", flush=True)
+            continue
+        check_resumable(state.get("config", {}), settings.config, ckpt, settings.resume_free,
+                        settings.extend, settings.length_key)
+        try:
+            return load_checkpoint(ckpt, model, optimizer, restore_rng=True)["step"]
+        except (ValueError, OSError, RuntimeError) as err:
+            print(f"warning: checkpoint {ckpt} is unreadable ({err}); trying an earlier one", flush=True)
+    if order:
+        raise ValueError(f"{run_dir} holds checkpoints but none is readable: pass --no-resume to start "
+                         f"over (the old files are kept in {run_dir}/.previous_run until the new run "
+                         "saves its first checkpoint)")
+    return 0
+
+
+class RunLog:
+    """``log.csv`` (step, epoch, lr, loss, the loss terms, seconds) and TensorBoard scalars of
+    the main process. A resumed run drops rows after its checkpoint and appends."""
+
+    def __init__(self, run_dir: Path, terms: Sequence[str], step: int, log_every: int):
+        self.path, self.log_every = run_dir / "log.csv", log_every
+        _trim_log(self.path, step)
+        self.file = self.path.open("a" if step else "w", newline="")  # a fresh start replaces the log
+        self.csv = csv.writer(self.file)
+        if step == 0:
+            self.csv.writerow(["step", "epoch", "lr", "loss", *terms, "seconds"])
+        self.tb = _tensorboard(run_dir)
+
+    def step(self, step: int, epoch: int, lr: float, loss: float, terms: Mapping[str, float],
+             seconds: float) -> None:
+        self.csv.writerow([step, epoch, f"{lr:.6g}", f"{loss:.6f}", *(f"{v:.6f}" for v in terms.values()),
+                           f"{seconds:.4f}"])
+        if step % self.log_every == 0:
+            self.file.flush()  # a user (or a sweep's progress bar) can follow the run
+            self.scalars("train", {"loss": loss, "lr": lr, **terms}, step)
+
+    def scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log rows after ``step`` (written after the checkpoint a resumed run starts from)."""
+    if not path.exists():
+        return
+    with path.open() as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= step]
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(kept)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional; the CSV log is always written
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def fit(model: nn.Module, loss_fn: LossFn, epoch_batches: Callable[[int, int], Iterable],
+        steps_per_epoch: int, optimizer: torch.optim.Optimizer, schedule: Schedule,
+        settings: RunSettings, rank: int = 0, world: int = 1,
+        evaluate: Callable[[], dict[str, float]] | None = None) -> dict:
+    """Train ``model`` to ``schedule.total_steps`` (or ``settings.stop_after``) in
+    ``settings.run_dir``; returns a summary (steps, total_steps, run_dir, seconds_per_step,
+    peak_memory_mb).
+
+    ``epoch_batches(epoch, start_step)`` gives this process's batches of an epoch from its
+    ``start_step``-th on; ``loss_fn(model, batch)`` moves a batch to the model's device and
+    returns (loss, terms). ``evaluate()``, if given, runs in the main process once the whole
+    schedule is trained; its metrics go to the summary's ``metrics`` and to TensorBoard.
+    Call `fit` in every process of a torchrun job.
+    """
+    run_dir = Path(settings.run_dir)
+    try:
+        with RunLock(run_dir) if rank == 0 else contextlib.nullcontext():
+            return _fit(model, loss_fn, epoch_batches, steps_per_epoch, optimizer, schedule, settings,
+                        rank, world, run_dir, evaluate)
+    except KeyboardInterrupt:
+        if rank == 0:
+            ckpt = find_checkpoint(run_dir)
+            print(f"\ninterrupted: {ckpt} is intact, rerun the same command to resume from it" if ckpt
+                  else f"\ninterrupted before the first checkpoint of {run_dir}", file=sys.stderr, flush=True)
+        raise
+
+
+def _fit(model, loss_fn, epoch_batches, steps_per_epoch, optimizer, schedule, s: RunSettings,
+         rank, world, run_dir: Path, evaluate) -> dict:
+    main = rank == 0
+    dev = next(model.parameters()).device
+    bases = [group["lr"] for group in optimizer.param_groups]  # the rates the optimiser was built with
+    step = resume_from(run_dir, s, model, optimizer) if s.resume else 0
+    for group, base in zip(optimizer.param_groups, bases):  # the schedule scales these, even after a resume
+        group["base_lr"] = base
+    distributed.barrier()
+    ddp = DistributedDataParallel(model) if world > 1 else model
+    total = schedule.total_steps
+    last = min(total, s.stop_after) if s.stop_after is not None else total
+    set_aside_dir = None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if step == 0:  # a fresh start must not resume the old run after a crash, nor delete it yet
+            set_aside_dir = set_aside(run_dir)
+            if set_aside_dir is not None:
+                print(f"fresh start in {run_dir}: the earlier run's files are kept in {set_aside_dir} "
+                      "until this run saves its first checkpoint", flush=True)
+        elif step >= last:
+            print(f"{run_dir} is already trained to step {step}: nothing to train; --no-resume "
+                  "trains it again", flush=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(s.config)), sort_keys=False))
+    log = RunLog(run_dir, s.log_terms, step, s.log_every) if main else None
+    dtype = autocast_dtype(s.amp, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    bar = tqdm(total=last, initial=step, desc="train", disable=not (s.progress and main), dynamic_ncols=True)
+    step_times: list[float] = []
+    epoch = step // steps_per_epoch
+
+    def on_step(now: int, loss: float, terms: dict, lr: float, seconds: float) -> None:
+        nonlocal set_aside_dir
+        step_times.append(seconds)
+        if main:
+            log.step(now, epoch, lr, loss, terms, seconds)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+        if now % s.checkpoint_every == 0 or now == last:
+            if main:
+                log.flush()
+                save_checkpoint(run_dir, now, model, optimizer, {**s.state, "config": dict(s.config),
+                                                                  "epoch": epoch})
+                if set_aside_dir is not None:
+                    drop_set_aside(run_dir)
+                    set_aside_dir = None
+            distributed.barrier()
+
+    ddp.train()
+    with PeakMemory(dev) as memory:
+        while step < last:
+            epoch, offset = divmod(step, steps_per_epoch)
+            try:
+                step = train_one_epoch(ddp, loss_fn, epoch_batches(epoch, offset), optimizer, schedule, step,
+                                       last, dtype=dtype, scaler=scaler, clip_grad=s.clip_grad, on_step=on_step)
+            except NonFiniteLossError as err:
+                raise NonFiniteLossError(f"{err} (epoch {epoch}); the last checkpoint in {run_dir} is "
+                                         f"intact. {s.fail_hint}") from None
+    bar.close()
+    summary = {"steps": step, "total_steps": total, "run_dir": str(run_dir),
+               "seconds_per_step": statistics.median(step_times[1:] or step_times) if step_times else math.nan,
+               "peak_memory_mb": memory.peak_mib}
+    if main:
+        if evaluate is not None and step == total:
+            summary["metrics"] = evaluate()
+            log.scalars("val", summary["metrics"], step)
+        log.close()
+    distributed.barrier()
+    return summary

@@ -1,0 +1,75 @@
+"""The package's layers point one way: core <- models <- engine <- experiments <- commands <- cli.
+
+Every `import lors.X` / `from lors.X import` in src/lors (at module level or inside a function)
+is read with `ast`; a module may import its own layer or any layer below it, never above.
+"""
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "lors"
+ROOT = SRC.parents[1]
+# the layer of each top-level name under lors (a package or a module); higher imports lower
+LAYERS = {
+    "core": 0, "config": 0, "serialization": 0,
+    "models": 1, "adapters": 1, "data": 1,
+    "engine": 2,
+    "experiments": 3,
+    "commands": 4,
+    "cli": 5, "__main__": 5, "__init__": 5,
+}
+
+
+def _lors_imports(path: Path) -> set[str]:
+    """The top-level lors sub-package or module of every lors import in ``path``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names if node.module == "lors"]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "lors" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def _layer_of(path: Path) -> str:
+    rel = path.relative_to(SRC).parts
+    return rel[0] if len(rel) > 1 else path.stem
+
+
+MODULES = sorted(SRC.rglob("*.py"))
+
+
+def test_every_module_has_a_layer():
+    assert {_layer_of(p) for p in MODULES} <= set(LAYERS)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))
+def test_no_module_imports_a_layer_above_its_own(path):
+    own = LAYERS[_layer_of(path)]
+    above = sorted(m for m in _lors_imports(path) if m in LAYERS and LAYERS[m] > own)
+    assert not above, f"{path.relative_to(SRC)} (layer {own}) imports {above} from above it"
+
+
+def test_core_imports_torch_and_the_standard_library_only():
+    import sys
+    for path in (SRC / "core").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                for name in names:
+                    top = name.split(".")[0]
+                    assert top in ("torch", "lors", "__future__") or top in sys.stdlib_module_names, (path, name)
+                    if top == "lors":
+                        assert name.startswith("lors.core"), (path, name)
+
+
+@pytest.mark.parametrize("folder", ["tests", "benchmarks"])
+def test_tests_and_benchmarks_do_not_import_commands(folder):
+    for path in (ROOT / folder).rglob("*.py"):
+        assert "commands" not in _lors_imports(path), f"{path.relative_to(ROOT)} imports lors.commands"
