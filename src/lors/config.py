@@ -130,10 +130,18 @@ def _checked(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> dic
 
 
 def _build(cls: type[T], data: Mapping[str, Any]) -> T:
-    """Dataclass ``cls`` from a mapping that ``_checked`` returned; missing keys keep their defaults."""
+    """Dataclass ``cls`` from a mapping that ``_checked`` returned; missing keys keep their
+    defaults. Sections, and lists of sections (``list[Row]``), are built too."""
     fields = _fields(cls)
-    return cls(**{k: _build(fields[k], v) if dataclasses.is_dataclass(fields[k]) else v
-                  for k, v in data.items()})
+
+    def value(tp: Any, v: Any) -> Any:
+        if dataclasses.is_dataclass(tp):
+            return _build(tp, v)
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) in (list, tuple, Sequence) and args and dataclasses.is_dataclass(args[0]):
+            return [_build(args[0], item) for item in v]
+        return v
+    return cls(**{k: value(fields[k], v) for k, v in data.items()})
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") -> T:

@@ -74,14 +74,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from lors.engine.distributed import init_distributed
-    from lors.experiments.detection.evaluate import evaluate_checkpoint, run_config
-    ckpt, cfg, _ = run_config(args.checkpoint, args.overrides)
-    if args.config:
-        cfg = _config(args)
-    _, _, dev = init_distributed(args.device)
+    from lors.experiments.detection.evaluate import evaluate_run
     with _json_only(args):
-        metrics = evaluate_checkpoint(ckpt, cfg, dev, verbose=not args.json)
+        metrics = evaluate_run(args.checkpoint, args.overrides, args.config, args.device, verbose=not args.json)
     print(json.dumps(metrics, indent=2) if args.json else
           "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return 0

@@ -6,7 +6,8 @@
 with ``decay`` one of
     "constant"  1
     "step"      gamma ** (number of ``milestones`` <= step)       (the detector's 1x schedule)
-    "linear"    max(0, (total_steps - step) / (total_steps - warmup_steps)), down to 0 at the end
+    "linear"    (total_steps - step) / (total_steps - warmup_steps), clipped to [0, 1]: 1 until the
+                warm-up ends, then down to 0 at the end
     "cosine"    (1 + cos(pi * step / total_steps)) / 2
 
 The rate is a function of the step alone, so a resumed run continues exactly where it stopped.
@@ -52,7 +53,7 @@ class Schedule:
         if self.decay == "step":
             return self.gamma ** sum(step >= m for m in self.milestones)
         if self.decay == "linear":
-            return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps))
+            return min(1.0, max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps)))
         if self.decay == "cosine":
             return 0.5 * (1 + math.cos(math.pi * step / self.total_steps))
         return 1.0

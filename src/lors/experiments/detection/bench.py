@@ -45,9 +45,6 @@ class Suite:
     config: str = LORS
     variants: list[Variant] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.variants = [v if isinstance(v, Variant) else Variant(**v) for v in self.variants]
-
     def validate(self) -> None:
         if not self.variants:
             raise ValueError(f"ablation suite {self.title!r} has no variants: list at least one row")

@@ -193,3 +193,16 @@ def evaluate_checkpoint(ckpt: str | Path, cfg: DetectorConfig, device: torch.dev
     model, cfg, _ = load_detector(ckpt, cfg=cfg, device=device)
     _, val_set = build_datasets(cfg, train=False)
     return evaluate(model, val_set, cfg, device, progress=progress, verbose=verbose)
+
+
+def evaluate_run(path: str | Path, overrides: Sequence[str] = (), config: str | Path | None = None,
+                 device: str | None = None, verbose: bool = True) -> dict[str, float]:
+    """`lors detect eval`: COCOeval metrics of a run directory or ckpt_* folder on the val split
+    of its stored config plus ``overrides`` (or of ``config``, a preset name or YAML path)."""
+    from lors.engine.distributed import init_distributed
+    from lors.models.adamixer import load_detector_config
+    ckpt, cfg, _ = run_config(path, overrides)
+    if config:
+        cfg = load_detector_config(config, overrides)
+    _, _, dev = init_distributed(device)
+    return evaluate_checkpoint(ckpt, cfg, dev, verbose=verbose)

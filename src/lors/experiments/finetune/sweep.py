@@ -1,0 +1,154 @@
+"""`lors finetune`: the sweep that compares full fine-tuning, PEFT LoRA and Serial LoRA.
+
+    results = run_sweep("minilm_fortunes", ["ranks=[4,8]"], seeds=[0, 1], report="r.md")
+
+The sweep is a config (``configs/finetune/NAME.yaml`` + ``key=value`` overrides, `FinetuneSweep`);
+every run goes through `lors.experiments.runner` in a fresh process, so its time and peak
+memory are its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from lors.config import load_config, to_dict
+from lors.data.text import CATEGORIES, FORTUNES_DIR, load_fortunes
+from lors.experiments.finetune.report import _write, comparison, summarize, table, write_plot, write_report
+from lors.experiments.finetune.run import METHODS, PRESET, FinetuneConfig, finetune, load_minilm
+from lors.experiments.runner import Job, run_jobs
+
+@dataclass
+class FinetuneSweep:
+    """What `lors finetune` compares: every method at every rank (full fine-tuning once), each
+    seed, on the same data and budget. alpha=None is 2 x rank; lr=None as in FinetuneConfig."""
+
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    ranks: list[int] = field(default_factory=lambda: [8])  # full fine-tuning runs at the first only
+    alpha: float | None = None
+    steps: int = 150
+    batch_size: int = 16
+    max_len: int = 64
+    lr: float | None = None
+    head_lr: float = 1e-3
+    lora_plus_ratio: float = 1.0
+    adapt_out: bool = False
+    train_per_class: int = 64
+    test_per_class: int = 80
+    data_dir: str = str(FORTUNES_DIR)
+
+    def validate(self) -> None:
+        if not self.methods:
+            raise ValueError(f"methods is empty: name at least one of {list(METHODS)}, e.g. methods=[lora]")
+        for m in self.methods:
+            if m not in METHODS:
+                raise ValueError(f"unknown method '{m}' in methods: use any of {list(METHODS)}, "
+                                 f"e.g. methods=[lora,serial-lora]")
+        if not self.ranks or any(r < 1 for r in self.ranks):
+            raise ValueError(f"ranks {self.ranks} must hold at least one rank, each at least 1: "
+                             f"e.g. ranks=[4,8,16,32]")
+        if len(set(self.methods)) < len(self.methods) or len(set(self.ranks)) < len(self.ranks):
+            raise ValueError(f"methods {self.methods} and ranks {self.ranks} must not repeat an entry")
+        for name in ("steps", "batch_size", "max_len", "train_per_class", "test_per_class"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+        for name in ("alpha", "lr", "head_lr", "lora_plus_ratio"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} {value} must be positive" + (" (or null for the default)"
+                                                                       if name in ("alpha", "lr") else ""))
+
+
+def load_sweep(config: str | Path = PRESET, overrides: Sequence[str] = ()) -> FinetuneSweep:
+    """A sweep from a preset (configs/finetune/NAME.yaml) or YAML path and key=value overrides,
+    validated (ValueError) before anything is loaded or trained."""
+    return load_config(FinetuneSweep, str(config), list(overrides), kind="finetune")
+
+
+
+def plan(sweep: FinetuneSweep, seeds: Sequence[int]) -> list[FinetuneConfig]:
+    """The runs of a sweep, rank-major (an interrupted sweep still holds complete comparisons);
+    full fine-tuning, which has no rank, runs at the first rank only."""
+    return [FinetuneConfig(method=method, rank=rank, alpha=2.0 * rank if sweep.alpha is None else sweep.alpha,
+                           lr=sweep.lr, head_lr=sweep.head_lr, lora_plus_ratio=sweep.lora_plus_ratio,
+                           adapt_out=sweep.adapt_out, steps=sweep.steps, batch_size=sweep.batch_size,
+                           max_len=sweep.max_len, seed=seed)
+            for rank in sweep.ranks for method in sweep.methods
+            if method != "full" or rank == sweep.ranks[0] for seed in seeds]
+
+
+def _data(sweep: FinetuneSweep) -> dict:
+    return {"categories": CATEGORIES, "train_per_class": sweep.train_per_class,
+            "test_per_class": sweep.test_per_class, "root": sweep.data_dir}
+
+
+def _run_one(cfg: FinetuneConfig, data: dict, device: str) -> dict:
+    """One run (in its own process): load the data, train, score."""
+    train, test = load_fortunes(**data)
+    return finetune(cfg, train, test, device=device, load=load_minilm)
+
+
+def command_line(config: str | Path = PRESET, overrides: Sequence[str] = (), seeds: Sequence[int] = (0, 1),
+                 device: str = "cpu", threads: int | None = None, json_path: str | None = None,
+                 report: str | None = None, plot: str | None = None) -> str:
+    """The `lors finetune` command that reproduces a sweep."""
+    parts = ["lors", "finetune", "--config", str(config), *overrides, "--seeds", *map(str, seeds),
+             "--device", device]
+    for flag, value in (("--threads", threads), ("--report", report), ("--plot", plot), ("--json", json_path)):
+        if value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def machine(device: str, threads: int | None = None) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    used = f", {threads} thread{'s' * (threads > 1)} per run" if threads else ""
+    return f"CPU, {cores} cores ({platform.processor() or platform.machine()}){used}, torch {torch.__version__}"
+
+
+def run_sweep(config: str | Path = PRESET, overrides: Sequence[str] = (), seeds: Sequence[int] = (0, 1),
+              device: str = "cpu", threads: int | None = None, json_path: str | None = None,
+              report: str | None = None, plot: str | None = None) -> list[dict]:
+    """Load and validate the sweep, train every run of it one at a time, each in a fresh process
+    (so its time and peak memory are its own), print a line per run, then the table and the
+    comparison, and write the JSON, plot and report asked for. Returns the runs' results."""
+    sweep = load_sweep(config, overrides)
+    if not seeds:
+        raise ValueError("no seeds: pass at least one, e.g. --seeds 0 1")
+    data = _data(sweep)
+    train, test = load_fortunes(**data)  # fail early if the data is missing
+    configs = plan(sweep, seeds)
+
+    def done(i: int, job: Job, r: dict) -> None:
+        print(f"[{i + 1}/{len(configs)}] {r['method']:<11} rank {r['rank']:>2} seed {r['seed']}: "
+              f"acc {r['accuracy']:.2f}%  trainable {r['trainable_params']:,}  {r['train_time_s']:.0f} s  "
+              f"peak {r['peak_mem_mib']:.0f} MiB", flush=True)
+
+    jobs = [Job(f"{c.method} rank {c.rank} seed {c.seed}", _run_one, (c, data, device), steps=c.steps)
+            for c in configs]
+    results = run_jobs(jobs, width=1, isolate=True, threads=threads, on_result=done)
+    meta = {"command": command_line(config, overrides, seeds, device, threads, json_path, report, plot),
+            "machine": machine(device, threads), "seeds": list(seeds), "sweep": to_dict(sweep),
+            "classes": list(CATEGORIES), "train_size": len(train), "test_size": len(test),
+            "steps": sweep.steps, "batch_size": sweep.batch_size, "max_len": sweep.max_len,
+            "lr": sweep.lr or "5e-5 full / 1e-3 adapters", "head_lr": sweep.head_lr,
+            "alpha": sweep.alpha or "2 x rank", "lora_plus_ratio": sweep.lora_plus_ratio,
+            "adapt_out": sweep.adapt_out}
+    rows = summarize(results)
+    print(table(rows))
+    print("\n".join(comparison(rows)))
+    if json_path:
+        _write(json_path, json.dumps({"meta": meta, "runs": results}, indent=1) + "\n")
+    if plot:
+        write_plot(rows, plot)
+    if report:
+        write_report(results, meta, report, plot)
+    return results

@@ -1,0 +1,78 @@
+"""The engine's one schedule, one memory measure and the loop on a toy model."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lors.engine.loop import NonFiniteLossError, train_one_epoch
+from lors.engine.memory import PeakMemory
+from lors.engine.schedule import Schedule
+
+
+def test_step_decay_with_warmup_is_the_detectors_1x_schedule():
+    s = Schedule(lr=1e-4, total_steps=120, warmup_steps=10, warmup_start=0.001, decay="step",
+                 milestones=(80, 110), gamma=0.1)
+    assert s(0) == 1e-4 * 0.001
+    assert s(5) == 1e-4 * (0.001 + 0.999 * 5 / 10)
+    assert s(10) == s(79) == 1e-4
+    assert s(80) == pytest.approx(1e-5) and s(110) == pytest.approx(1e-6)
+
+
+def test_linear_decay_holds_during_warmup_and_ends_at_zero():
+    s = Schedule(lr=1.0, total_steps=100, warmup_steps=10, decay="linear")
+    rates = [s(t) for t in range(101)]
+    assert rates[0] == 0.0 and rates[10] == 1.0 and rates[100] == 0.0
+    assert all(a <= b for a, b in zip(rates[:10], rates[1:11]))  # warm-up rises
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))   # then decays
+
+
+def test_cosine_decay_halves_at_midpoint():
+    s = Schedule(lr=2.0, total_steps=100, decay="cosine")
+    assert s(0) == 2.0 and s(50) == pytest.approx(1.0) and s(100) == pytest.approx(0.0)
+
+
+def test_apply_keeps_each_groups_ratio_and_rejects_unknown_decays():
+    a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [a], "lr": 1e-3}, {"params": [b], "lr": 1e-2}])
+    s = Schedule(lr=1e-3, total_steps=10, decay="cosine")
+    for step in (0, 3, 7):
+        s.apply(opt, step)
+        assert opt.param_groups[1]["lr"] == pytest.approx(10 * opt.param_groups[0]["lr"])
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.7)))
+    with pytest.raises(ValueError, match="unknown learning-rate decay 'exp'"):
+        Schedule(lr=1.0, total_steps=10, decay="exp")
+
+
+def test_peak_memory_sees_a_block_and_forgets_earlier_peaks():
+    big = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched
+    del big
+    with PeakMemory("cpu") as quiet:
+        pass
+    with PeakMemory("cpu") as busy:
+        block = torch.ones(128 * 2**20 // 4)
+        del block
+    assert busy.growth_mib > 100, busy.growth_mib
+    assert quiet.growth_mib < 50, quiet.growth_mib  # the earlier 256 MiB peak is not this block's
+
+
+def test_train_one_epoch_steps_until_the_budget_and_stops_on_a_nan():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(5)]
+
+    def loss_fn(m, batch):
+        x, y = batch
+        loss = ((m(x) - y) ** 2).mean()
+        return loss, {"mse": loss.item()}
+
+    seen = []
+    step = train_one_epoch(model, loss_fn, batches, opt, Schedule(lr=0.1, total_steps=3), 0, 3,
+                           on_step=lambda *a: seen.append(a[0]))
+    assert step == 3 and seen == [1, 2, 3]
+    before = [p.detach().clone() for p in model.parameters()]
+    bad = [(torch.full((4, 3), float("nan")), torch.zeros(4, 1))]
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 3"):
+        train_one_epoch(model, loss_fn, bad, opt, Schedule(lr=0.1, total_steps=9), 3, 9)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # no bad step taken
