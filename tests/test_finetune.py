@@ -175,3 +175,19 @@ def test_schedule_keeps_each_groups_own_rate():
                              {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": cfg.head_lr}])
     lr_schedule(cfg).apply(opt, 5)
     assert opt.param_groups[1]["lr"] == pytest.approx(10 * opt.param_groups[0]["lr"])
+
+
+def test_serial_lora_runs_through_the_peft_front_door_with_the_native_parameter_count(tmp_path):
+    pytest.importorskip("lors.adapters.peft")
+    import peft
+
+    from lors.adapters import serial_lora
+    from lors.experiments.finetune import build_classifier
+    load = tiny_loader(tmp_path)
+    cfg = FinetuneConfig(method="serial-lora", rank=4)
+    model = build_classifier(cfg, load()[0], num_classes=3)
+    assert isinstance(model.encoder, peft.PeftModel)
+    native = load()[0]
+    serial_lora.inject(native, cfg.rank, cfg.alpha)
+    wrapped = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
+    assert wrapped == serial_lora.trainable_parameters(native) == 2 * 2 * 32 * 4  # 2 blocks, A and B

@@ -114,8 +114,9 @@ class SerialLoraPair(nn.Module):
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., d) -> (..., d)."""
-        return x + self.scale * F.linear(F.linear(x, self.A), self.B)  # x + s B (A x)
+        """x: (..., d) -> (..., d). The update is computed in the pair's dtype and added in x's, so a
+        float32 pair (PEFT's default on a bfloat16 model) works in front of a bfloat16 projection."""
+        return x + (self.scale * F.linear(F.linear(x.to(self.A.dtype), self.A), self.B)).to(x.dtype)  # x + s B (A x)
 
     def extra_repr(self) -> str:
         return f"features={self.features}, rank={self.rank}, alpha={self.alpha}"

@@ -107,8 +107,24 @@ def build_classifier(cfg: FinetuneConfig, encoder: nn.Module, num_classes: int) 
         model.encoder = peft.get_peft_model(encoder, peft.LoraConfig(
             r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=LORA_TARGETS))
     elif cfg.method == "serial-lora":
-        serial_lora.inject(encoder, cfg.rank, cfg.alpha, adapt_out=cfg.adapt_out)
+        door = serial_lora_peft()
+        if door is not None:  # the same machinery as PEFT's LoRA above
+            import peft
+            model.encoder = peft.get_peft_model(encoder, door.SerialLoraConfig(
+                r=cfg.rank, alpha=cfg.alpha, adapt_out=cfg.adapt_out))
+        else:
+            serial_lora.inject(encoder, cfg.rank, cfg.alpha, adapt_out=cfg.adapt_out)
     return model
+
+
+def serial_lora_peft():
+    """`lors.adapters.peft` (Serial LoRA registered as a PEFT method) where a supported PEFT is
+    installed, else None (then Serial LoRA is injected natively: the same layers and maths)."""
+    try:
+        from lors.adapters import peft as door
+    except ImportError:
+        return None
+    return door
 
 
 def param_groups(model: TextClassifier, cfg: FinetuneConfig) -> list[dict]:
@@ -218,4 +234,5 @@ def finetune(cfg: FinetuneConfig, train: TextSplit, test: TextSplit, device: str
     return {**asdict(cfg), "trainable_params": trainable, "adapter_params": trainable - head,
             "accuracy": evaluate(model, test_data, dev), "train_time_s": train_time,
             "peak_mem_mib": mem.growth_mib, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-            "device": str(dev)}
+            "device": str(dev), "serial_lora_via": ("peft" if serial_lora_peft() else "inject")
+            if cfg.method == "serial-lora" else None}
