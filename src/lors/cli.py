@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lors.commands import detect, finetune, params
+from lors.commands import detect, finetune, lm, params
 
-COMMANDS = (params, detect, finetune)
+COMMANDS = (params, detect, lm, finetune)
 
 
 class IntermixedParser(argparse.ArgumentParser):

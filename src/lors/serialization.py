@@ -27,6 +27,38 @@ from lors.core.static import StaticLors
 
 FORMAT_VERSION = 1
 LAYOUT_KEY = "lors"  # the safetensors metadata entry that holds the layout (JSON)
+ALIASES_KEY = "lors_aliases"  # {state-dict key: key stored in its place}, for tied tensors (JSON)
+
+
+def _untie(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors to write, each stored once, and the keys that name one already stored.
+
+    Tied weights (an embedding shared with the output layer, ALBERT-style tied blocks) are one
+    tensor under several state-dict keys; safetensors refuses to write memory twice, so the
+    later keys become aliases of the first. A tensor that overlaps another without being the
+    same view is copied.
+    """
+    tensors, aliases, views, storages = {}, {}, {}, set()
+    for key, value in state.items():
+        value = value.detach()
+        if value.numel() == 0:
+            tensors[key] = value.contiguous()
+            continue
+        ptr = value.untyped_storage().data_ptr()
+        view = (ptr, value.storage_offset(), tuple(value.shape), value.stride(), value.dtype)
+        if view in views:
+            aliases[key] = views[view]
+            continue
+        views[view] = key
+        tensors[key] = value.clone() if ptr in storages else value.contiguous()
+        storages.add(ptr)
+    return tensors, aliases
+
+
+def read_aliases(path: str | Path) -> dict[str, str]:
+    """The tied-tensor aliases that `save` recorded in ``path`` ({} for none)."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
 
 
 class SaveError(OSError, ValueError):
@@ -108,11 +140,14 @@ def save(model: nn.Module, path: str | Path) -> Path:
         raise ValueError(f"state dict entry '{odd[0]}' is a {type(state[odd[0]]).__name__}, not "
                          "a tensor; safetensors stores tensors only: make get_extra_state return "
                          "a tensor")
-    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    tensors, aliases = _untie(state)
+    metadata = {LAYOUT_KEY: json.dumps(describe(model))}
+    if aliases:
+        metadata[ALIASES_KEY] = json.dumps(aliases)
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata={LAYOUT_KEY: json.dumps(describe(model))})
+        save_file(tensors, str(tmp), metadata=metadata)
         tmp.replace(path)
     except (OSError, SafetensorError) as err:
         with contextlib.suppress(OSError):
@@ -204,6 +239,9 @@ def load(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
             raise ValueError(f"checkpoint {path}: tensor '{name}' has {bad} non-finite values "
                              "(NaN/inf); training diverged before it was saved: use an earlier "
                              "checkpoint")
+    for alias, stored in read_aliases(path).items():  # tied tensors were written once
+        if stored in tensors:
+            tensors[alias] = tensors[stored]
     layout = read_layout(path)
     if layout is None:
         raise ValueError(f"checkpoint {path} has no LORS layout (no '{LAYOUT_KEY}' metadata, no "

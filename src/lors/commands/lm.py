@@ -1,0 +1,70 @@
+"""`lors lm`: train, evaluate and sample byte-level GPT language models (dense, LORS or tied)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from lors.experiments.lm.train import train
+    from lors.models.gpt import load_lm_config
+    summary = train(load_lm_config(args.config, args.overrides), run_dir=args.run_dir, resume=not args.no_resume,
+                    device=args.device, extend=args.extend)
+    metrics = summary.get("metrics", {})
+    print(json.dumps(summary, indent=2) if args.json else
+          f"{summary['steps']} steps in {summary['run_dir']}" +
+          (f": val bits per byte {metrics['val_bpb']:.4f}, perplexity {metrics['val_ppl']:.2f}" if metrics else ""))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from lors.experiments.lm.train import evaluate_run
+    metrics = evaluate_run(args.checkpoint, args.overrides, args.device)
+    print(json.dumps(metrics, indent=2) if args.json else
+          f"val bits per byte {metrics['val_bpb']:.4f}, perplexity {metrics['val_ppl']:.2f}")
+    return 0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from lors.experiments.lm.train import sample
+    print(sample(args.checkpoint, args.prompt, args.tokens, top_k=args.top_k, seed=args.seed, merged=args.merged))
+    return 0
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("lm", help="train, evaluate and sample byte-level GPT language models")
+    cmds = parser.add_subparsers(dest="lm_command", required=True, metavar="COMMAND")
+
+    p = cmds.add_parser("train", help="train a GPT (configs/lm) on a byte-level corpus")
+    p.add_argument("--config", default="gpt_small", help="preset name (configs/lm/NAME.yaml) or YAML path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
+    p.add_argument("--run-dir", help="checkpoints and logs (default: train.output_dir)")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if run-dir has a checkpoint")
+    p.add_argument("--extend", action="store_true", help="let a larger train.steps continue a shorter run")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: this process's GPU, else CPU)")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.set_defaults(func=run_train)
+
+    p = cmds.add_parser("eval", help="val bits per byte and perplexity of a trained run")
+    p.add_argument("--checkpoint", required=True, help="a run directory or a ckpt_* folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (data.*)")
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_eval)
+
+    p = cmds.add_parser("sample", help="generate text from a prompt")
+    p.add_argument("--checkpoint", required=True, help="a run directory or a ckpt_* folder")
+    p.add_argument("--prompt", default="", help="text to continue (default: a new line)")
+    p.add_argument("--tokens", type=_positive, default=200, help="bytes to generate")
+    p.add_argument("--top-k", type=_positive, default=None, help="sample from the k most likely bytes "
+                                                                 "(default: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the top-k sampling")
+    p.add_argument("--merged", action="store_true", help="merge the LORS layers into plain Linears first "
+                                                         "(the same text, as fast as a dense model)")
+    p.set_defaults(func=run_sample)

@@ -1,0 +1,104 @@
+"""Byte-level text corpora for language models: UTF-8 bytes as tokens (vocabulary 256), so the
+metric is bits per byte and no tokenizer is needed.
+
+The default corpus is every English fortune file of the Debian package `fortunes`
+(/usr/share/games/fortunes, `apt-get install fortunes`; BSD licence): each file is split into its
+fortunes (entries between lines holding a single ``%``), and each fortune goes to train or val by
+a hash of its text, so the split is the same on every machine and a fortune never straddles it.
+A user's corpus (``data.corpus=PATH``: a UTF-8 text file or a folder of them) is split the same
+way by paragraph (blank lines). Train and val are each one long byte sequence, entries joined by
+``\\n\\n``.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+VOCAB_SIZE = 256  # bytes
+INSTALL = "install the Debian package with `apt-get install fortunes`, or pass data.corpus=PATH (a UTF-8 text file or folder)"
+
+
+@dataclass
+class Corpus:
+    """Train and val byte sequences, (N,) uint8 tensors, and where they came from."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    source: str
+    files: int
+    entries: int
+
+
+def _split_entries(text: str, fortunes: bool) -> list[str]:
+    parts = re.split(r"^%\s*$", text, flags=re.MULTILINE) if fortunes else re.split(r"\n\s*\n", text)
+    return [p.strip("\n") for p in parts if p.strip()]
+
+
+def _read(path: Path) -> str:
+    data = path.read_bytes()
+    if b"\x00" in data[:4096]:
+        raise ValueError(f"{path} looks binary (it holds NUL bytes): a corpus is UTF-8 text; remove the "
+                         "file or point data.corpus at the text files only")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start} does not decode): convert it with "
+                         "`iconv -t UTF-8` or leave it out") from None
+
+
+def _files(root: Path, fortunes: bool) -> list[Path]:
+    if root.is_file():
+        return [root]
+    if fortunes:  # the English fortune files: plain files beside their .dat index, not the .u8 links
+        return sorted(p for p in root.iterdir() if p.is_file() and p.with_name(p.name + ".dat").exists())
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def load_corpus(path: str | Path | None = None, val_fraction: float = 0.05, context: int = 1) -> Corpus:
+    """The byte-level corpus at ``path`` (None: the Debian fortunes), split into train and val.
+
+    Raises ValueError, naming the fix, for a missing corpus, an empty one, one whose train or val
+    part is shorter than ``context + 1`` bytes (one window and its next byte), and a binary or
+    non-UTF-8 file.
+    """
+    fortunes = path is None
+    root = FORTUNES_DIR if fortunes else Path(path).expanduser()
+    if not root.exists():
+        raise ValueError(f"no corpus at {root}: {INSTALL}" if fortunes else
+                         f"corpus {root} does not exist: pass an existing UTF-8 text file or folder")
+    files = _files(root, fortunes)
+    if not files:
+        raise ValueError(f"{root} holds no text files: {INSTALL}" if fortunes else
+                         f"corpus folder {root} holds no files: put UTF-8 text files in it")
+    train, val, entries = [], [], 0
+    for f in files:
+        for entry in _split_entries(_read(f), fortunes):
+            entries += 1
+            digest = hashlib.sha256(entry.encode("utf-8")).digest()
+            (val if digest[0] < 256 * val_fraction else train).append(entry)
+    if not entries:
+        raise ValueError(f"corpus {root} is empty (no text in {len(files)} file(s)): pass a corpus with text in it")
+    out = {}
+    for name, part in (("train", train), ("val", val)):
+        data = "\n\n".join(part).encode("utf-8")
+        if len(data) < context + 1:
+            raise ValueError(f"corpus {root}: the {name} split has {len(data)} bytes, fewer than one context "
+                             f"window of {context} + 1: use a larger corpus or a smaller model.block_size")
+        out[name] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return Corpus(out["train"], out["val"], str(root), len(files), entries)
+
+
+def decode(tokens: torch.Tensor | list[int]) -> str:
+    """Bytes back to text (invalid UTF-8, e.g. a cut multi-byte character, as U+FFFD)."""
+    values = tokens.tolist() if torch.is_tensor(tokens) else tokens
+    return bytes(values).decode("utf-8", errors="replace")
+
+
+def encode(text: str) -> torch.Tensor:
+    """Text as (N,) int64 byte tokens."""
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)

@@ -1,0 +1,1 @@
+"""Language models trained from scratch: `train` (on the engine's loop), `evaluate`, `sample`."""

@@ -1,0 +1,145 @@
+"""Training a GPT on a byte-level corpus: `train(cfg)` builds the model, the batches and the
+loss and hands them to the engine's loop (`lors.engine.loop.fit`), which gives it the
+detector's guarantees: locked run directory, atomic checkpoints, exact resume, CSV and
+TensorBoard logs, the NaN guard and torchrun DDP.
+
+A step's batch is ``train.batch_size`` windows of ``model.block_size + 1`` bytes at offsets
+drawn from a generator seeded by (seed, step, process), so a resumed run sees the batches the
+uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lors.config import load_config, to_dict
+from lors.data.corpus import Corpus, load_corpus
+from lors.engine import distributed
+from lors.engine.checkpoint import find_checkpoint, load_checkpoint, read_state
+from lors.engine.loop import RunSettings, fit
+from lors.engine.schedule import Schedule
+from lors.models.gpt import LMConfig, build_gpt
+
+RESUME_FREE = ("train.output_dir", "train.log_every", "train.checkpoint_every", "train.eval_every",
+               "train.eval_batches")
+LN2 = math.log(2.0)
+
+
+def windows(data: torch.Tensor, starts: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-byte targets, both (len(starts), block) int64, from (N,) uint8 ``data``."""
+    idx = starts[:, None] + torch.arange(block + 1)[None]  # (B, block + 1)
+    chunk = data[idx].long()
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def step_batch(data: torch.Tensor, cfg: LMConfig, step: int, rank: int = 0, per_process: int | None = None):
+    """The batch of global step ``step`` for process ``rank``: a function of (seed, step, rank)."""
+    g = torch.Generator().manual_seed((cfg.train.seed * 1000003 + step) * 1009 + rank)
+    n = per_process or cfg.train.batch_size
+    starts = torch.randint(len(data) - cfg.model.block_size - 1, (n,), generator=g)
+    return windows(data, starts, cfg.model.block_size)
+
+
+def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy in nats."""
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, corpus: Corpus, cfg: LMConfig, device: torch.device) -> dict[str, float]:
+    """Val loss over ``train.eval_batches`` fixed batches (the same for every model and run):
+    bits per byte and perplexity."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(20240601)
+    block, total = cfg.model.block_size, 0.0
+    for _ in range(cfg.train.eval_batches):
+        starts = torch.randint(len(corpus.val) - block - 1, (cfg.train.batch_size,), generator=g)
+        x, y = windows(corpus.val, starts, block)
+        total += lm_loss(model, x.to(device), y.to(device)).item()
+    model.train(was_training)
+    loss = total / cfg.train.eval_batches
+    return {"val_loss": loss, "val_bpb": loss / LN2, "val_ppl": math.exp(loss)}
+
+
+def schedule(cfg: LMConfig) -> Schedule:
+    t = cfg.train
+    return Schedule(lr=t.lr, total_steps=t.steps, warmup_steps=t.warmup_steps, decay="cosine")
+
+
+def train(cfg: LMConfig, run_dir: str | Path | None = None, resume: bool = True, stop_after: int | None = None,
+          device: str | None = None, progress: bool = True, evaluate_at_end: bool = True,
+          extend: bool = False) -> dict:
+    """Train ``cfg``'s GPT; returns the engine's summary plus val bits-per-byte at the end."""
+    cfg.validate()
+    rank, world, dev = distributed.init_distributed(device)
+    t = cfg.train
+    if t.batch_size % world:
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the {world} processes: make it "
+                         "a multiple of the process count")
+    per_process = t.batch_size // world
+    corpus = load_corpus(cfg.data.corpus, cfg.data.val_fraction, cfg.model.block_size)
+    torch.manual_seed(t.seed)
+    model = build_gpt(cfg).to(dev)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95),
+                                  fused=dev.type in ("cpu", "cuda"))
+
+    def epoch_batches(epoch: int, start: int) -> Iterator:
+        return (step_batch(corpus.train, cfg, s, rank, per_process) for s in range(start, t.steps))
+
+    def loss_fn(model, batch):
+        x, y = (b.to(dev) for b in batch)
+        loss = lm_loss(model, x, y)
+        return loss, {"bpb": loss.item() / LN2}
+
+    settings = RunSettings(
+        run_dir=run_dir or t.output_dir, config=to_dict(cfg), resume_free=RESUME_FREE, length_key="train.steps",
+        log_terms=("bpb",), checkpoint_every=t.checkpoint_every, log_every=t.log_every, clip_grad=t.clip_grad,
+        amp=t.amp, resume=resume, extend=extend, stop_after=stop_after, progress=progress,
+        state={"corpus": corpus.source},
+        fail_hint="Lower train.lr or keep train.clip_grad on, then resume")
+    final = partial(evaluate, model, corpus, cfg, dev) if evaluate_at_end else None
+    return fit(model, loss_fn, epoch_batches, t.steps, optimizer, schedule(cfg), settings, rank, world,
+               evaluate=final)
+
+
+def load_lm(path: str | Path, overrides: Sequence[str] = (), device: torch.device | str = "cpu"):
+    """The trained GPT of a run directory or ckpt_* folder (eval mode) and its config."""
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise ValueError(f"{path} holds no checkpoint: pass a run directory written by `lors lm train`")
+    cfg = load_config(LMConfig, read_state(ckpt)["config"], overrides)
+    model = build_gpt(cfg).to(device)
+    load_checkpoint(ckpt, model)
+    return model.eval(), cfg
+
+
+def evaluate_run(path: str | Path, overrides: Sequence[str] = (), device: str | None = None) -> dict[str, float]:
+    """`lors lm eval`: val bits per byte and perplexity of a trained run."""
+    _, _, dev = distributed.init_distributed(device)
+    model, cfg = load_lm(path, overrides, dev)
+    return evaluate(model, load_corpus(cfg.data.corpus, cfg.data.val_fraction, cfg.model.block_size), cfg, dev)
+
+
+def sample(path: str | Path, prompt: str, max_new_tokens: int = 200, top_k: int | None = None,
+           seed: int = 0, merged: bool = False) -> str:
+    """`lors lm sample`: text generated from ``prompt`` (greedy, or top-k with ``seed``); with
+    ``merged``, from the model with its LORS layers merged into plain Linears."""
+    from lors.core import merge
+    from lors.data.corpus import decode, encode
+    model, _ = load_lm(path)
+    if merged:
+        merge(model)
+    idx = encode(prompt or "\n")[None]
+    out = model.generate(idx, max_new_tokens, top_k=top_k, generator=torch.Generator().manual_seed(seed))
+    return decode(out[0, idx.shape[1]:])

@@ -1,0 +1,114 @@
+"""Configuration of a GPT language model (+ LORS or tied layers) and its training.
+
+Load one with ``load_lm_config("gpt_small_lors", ["lors.rank=16"])`` (``configs/lm/NAME.yaml``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+from lors.config import load_config
+
+TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # the Linears of a block
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256                 # bytes
+    block_size: int = 128                 # context window, tokens
+    n_layer: int = 6
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    bias: bool = True
+    positions: Literal["learned", "rotary"] = "learned"
+    sharing: Literal["none", "lors", "tied"] = "none"  # tied: one block's weights for every layer (ALBERT)
+
+    def validate(self) -> None:
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"config key 'model.{key}' must be >= 1, got {getattr(self, key)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"config key 'model.n_embd' ({self.n_embd}) must be a multiple of model.n_head "
+                             f"({self.n_head})")
+        if self.positions == "rotary" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rotary positions need an even head width, got n_embd / n_head = "
+                             f"{self.n_embd // self.n_head}: change model.n_embd or model.n_head")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"config key 'model.dropout' must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class LorsSection:
+    """LORS^T on the block Linears (used when model.sharing is "lors")."""
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    rank: int | list[int] = 8
+    groups: int | list[int] = 1
+    init: Literal["paper", "official"] = "paper"
+
+    def validate(self, n_layer: int) -> None:
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(f"config key 'lors.targets' has {unknown or 'no targets'}: choose from {list(TARGETS)}")
+        for key in ("rank", "groups"):
+            value = getattr(self, key)
+            values = value if isinstance(value, list) else [value]
+            if isinstance(value, list) and len(value) != n_layer:
+                raise ValueError(f"config key 'lors.{key}' has {len(value)} values but model.n_layer is {n_layer}: "
+                                 "give one per layer or a single int")
+            if any(v < 1 for v in values):
+                raise ValueError(f"config key 'lors.{key}' must be >= 1, got {value}")
+
+
+@dataclass
+class TrainSection:
+    batch_size: int = 16
+    steps: int = 1000                      # the token budget is steps x batch_size x block_size
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    seed: int = 0
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    checkpoint_every: int = 250
+    log_every: int = 20
+    eval_every: int = 0                    # 0: evaluate at the end only
+    eval_batches: int = 20
+    output_dir: str = "runs/lm"
+
+    def validate(self) -> None:
+        for key in ("batch_size", "steps", "checkpoint_every", "log_every", "eval_batches"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"config key 'train.{key}' must be >= 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ValueError(f"config key 'train.lr' must be > 0, got {self.lr}")
+
+
+@dataclass
+class DataSection:
+    corpus: str | None = None              # None: the Debian fortunes; else a UTF-8 file or folder
+    val_fraction: float = 0.05
+
+    def validate(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"config key 'data.val_fraction' must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class LMConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lors: LorsSection = field(default_factory=LorsSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataSection = field(default_factory=DataSection)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.lors.validate(self.model.n_layer)
+        self.train.validate()
+        self.data.validate()
+
+
+def load_lm_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> LMConfig:
+    """A preset in configs/lm (or a YAML path), with ``key=value`` overrides, validated."""
+    return load_config(LMConfig, name_or_path, overrides, kind="lm")

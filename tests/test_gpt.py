@@ -1,0 +1,122 @@
+"""The GPT language model: closed-form parameter counts (dense, LORS, tied), merged LORS equals
+unmerged, exact resume, tied weights through a checkpoint, and the corpus errors."""
+import csv
+
+import pytest
+import torch
+
+from lors import count_parameters, merge
+from lors.cli import main
+from lors.data.corpus import decode, encode, load_corpus
+from lors.experiments.lm.train import load_lm, train
+from lors.models.gpt import build_gpt, load_lm_config
+
+TINY = ["model.n_layer=3", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "train.batch_size=4",
+        "train.steps=6", "train.warmup_steps=2", "train.checkpoint_every=2", "train.eval_batches=2"]
+
+
+def write_corpus(root, n: int = 60):
+    lines = [f"fortune number {i}: the quick brown fox jumps over the lazy dog {i % 7}" for i in range(n)]
+    (root / "corpus.txt").write_text("\n\n".join(lines))
+    return root / "corpus.txt"
+
+
+def config(name, tmp_path, *extra):
+    return load_lm_config(name, [*TINY, f"data.corpus={write_corpus(tmp_path)}", *extra])
+
+
+def non_embedding(model) -> int:
+    return count_parameters(model).total - model.wte.weight.numel() - (model.wpe.weight.numel() if model.wpe else 0)
+
+
+@pytest.mark.parametrize("sharing", ["none", "lors", "tied"])
+def test_parameter_counts_match_their_closed_form(tmp_path, sharing):
+    cfg = config("gpt_small", tmp_path, f"model.sharing={sharing}", "lors.rank=4", "lors.groups=2")
+    model = build_gpt(cfg)
+    n, c, r, k = cfg.model.n_layer, cfg.model.n_embd, 4, 2
+    shapes = {"attn.qkv": (c, 3 * c), "attn.proj": (c, c), "mlp.fc1": (c, 4 * c), "mlp.fc2": (4 * c, c)}
+    norms = n * 4 * c + 2 * c  # ln1, ln2 per block (weight + bias), ln_f
+    if sharing == "none":
+        expected = n * sum(i * o + o for i, o in shapes.values()) + norms
+    elif sharing == "lors":  # shared weight once, per layer: K rank-r pairs and a bias
+        expected = sum(i * o + n * (k * r * (i + o) + o) for i, o in shapes.values()) + norms
+    else:  # tied: weights once, biases per layer
+        expected = sum(i * o + n * o for i, o in shapes.values()) + norms
+    assert non_embedding(model) == expected
+    assert count_parameters(model).total == expected + 256 * c + cfg.model.block_size * c  # tied lm_head
+
+
+def test_merged_lors_gives_the_same_logits_and_the_same_greedy_text(tmp_path):
+    cfg = config("gpt_small_lors", tmp_path, "lors.rank=4")
+    torch.manual_seed(0)
+    model = build_gpt(cfg).eval()
+    for p in model.parameters():  # a trained-looking model: private parts non-zero
+        p.data.add_(0.05 * torch.randn_like(p))
+    idx = torch.randint(0, 256, (2, 12))
+    before = model(idx)
+    greedy = model.generate(idx[:, :4], 10)
+    merge(model)
+    torch.testing.assert_close(model(idx), before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.generate(idx[:, :4], 10), greedy)
+
+
+def _losses(run):
+    with open(run / "log.csv") as f:
+        return [(r["step"], r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_a_resumed_run_logs_the_uninterrupted_losses(tmp_path):
+    cfg = config("gpt_small_lors", tmp_path)
+    train(cfg, tmp_path / "whole", progress=False, evaluate_at_end=False)
+    train(cfg, tmp_path / "cut", stop_after=3, progress=False, evaluate_at_end=False)
+    train(cfg, tmp_path / "cut", progress=False, evaluate_at_end=False)
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "whole") and len(_losses(tmp_path / "whole")) == 6
+
+
+def test_tied_weights_survive_a_checkpoint_and_stay_tied(tmp_path):
+    cfg = config("gpt_small_tied", tmp_path)
+    summary = train(cfg, tmp_path / "run", progress=False)
+    model, _ = load_lm(tmp_path / "run")
+    assert model.lm_head.weight is model.wte.weight
+    assert model.blocks[2].mlp.fc1.weight is model.blocks[0].mlp.fc1.weight
+    assert model.blocks[2].mlp.fc1.bias is not model.blocks[0].mlp.fc1.bias
+    assert summary["metrics"]["val_bpb"] > 0
+
+
+def test_cli_trains_evaluates_and_samples_the_same_text_merged(tmp_path, capsys):
+    corpus = write_corpus(tmp_path)
+    run = tmp_path / "run"
+    assert main(["lm", "train", "--config", "gpt_small_lors", "--run-dir", str(run), *TINY,
+                 f"data.corpus={corpus}"]) == 0
+    assert "val bits per byte" in capsys.readouterr().out
+    assert main(["lm", "eval", "--checkpoint", str(run)]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["lm", "sample", "--checkpoint", str(run), "--prompt", "the ", "--tokens", "12"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["lm", "sample", "--checkpoint", str(run), "--prompt", "the ", "--tokens", "12", "--merged"]) == 0
+    assert capsys.readouterr().out == plain
+
+
+def test_bytes_round_trip():
+    assert decode(encode("naïve café")) == "naïve café"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "nothing_here", "does not exist"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "holds no files"),
+    (lambda d: (d / "blank.txt").write_text("\n\n  \n") and d / "blank.txt", "is empty"),
+    (lambda d: (d / "short.txt").write_text("tiny") and d / "short.txt", "fewer than one context window"),
+    (lambda d: (d / "b.bin").write_bytes(b"\x00\x01\x02" * 50) and d / "b.bin", "looks binary"),
+    (lambda d: (d / "latin.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50) and d / "latin.txt",
+     "is not UTF-8"),
+])
+def test_every_bad_corpus_gives_its_named_error(tmp_path, make, message):
+    with pytest.raises(ValueError, match=message):
+        load_corpus(make(tmp_path), context=16)
+
+
+def test_a_missing_fortunes_package_says_how_to_install_it(monkeypatch, tmp_path):
+    import lors.data.corpus as corpus
+    monkeypatch.setattr(corpus, "FORTUNES_DIR", tmp_path / "no_fortunes")
+    with pytest.raises(ValueError, match="apt-get install fortunes"):
+        load_corpus(None)
