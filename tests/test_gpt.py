@@ -120,3 +120,60 @@ def test_a_missing_fortunes_package_says_how_to_install_it(monkeypatch, tmp_path
     monkeypatch.setattr(corpus, "FORTUNES_DIR", tmp_path / "no_fortunes")
     with pytest.raises(ValueError, match="apt-get install fortunes"):
         load_corpus(None)
+
+
+def test_compare_writes_the_table_summary_and_both_plots(tmp_path):
+    from lors.experiments.lm.compare import compare
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "cmp"
+    summary = compare(seeds=[0], out=out, overrides=[*TINY, f"data.corpus={corpus}", "train.eval_every=3"],
+                      jobs=1, quiet=True)
+    rows = {r["model"]: r for r in summary["rows"]}
+    assert list(rows) == ["dense", "LORS", "tied", "dense-small"]
+    assert rows["tied"]["non_embedding_params"] < rows["LORS"]["non_embedding_params"] < rows["dense"]["non_embedding_params"]
+    assert rows["dense-small"]["n_embd"] < rows["dense"]["n_embd"] and rows["dense-small"]["sharing"] == "none"
+    assert all(r["val_bpb"] > 0 and [s for s, _ in r["curve"]] == [3, 6] for r in rows.values())
+    for png in ("bpb_vs_params.png", "val_curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| dense-small |" in (out / "table.md").read_text()
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg, x, y, out):
+    import os
+
+    from lors.experiments.lm.train import lm_loss
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = build_gpt(cfg)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    half = slice(rank * 2, rank * 2 + 2)
+    lm_loss(ddp, x[half], y[half]).backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_step_equals_one_process_on_the_combined_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    from lors.experiments.lm.train import lm_loss, step_batch
+    cfg = config("gpt_small_lors", tmp_path)
+    x, y = step_batch(load_corpus(cfg.data.corpus, context=16).train, cfg, step=0)  # 4 windows
+    out = tmp_path / "grads.pt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, x, y, out), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = build_gpt(cfg)
+    lm_loss(model, x, y).backward()
+    ddp_grads = torch.load(out)
+    assert len(ddp_grads) == sum(p.grad is not None for p in model.parameters()) > 0
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -31,6 +31,12 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_compare(args: argparse.Namespace) -> int:
+    from lors.experiments.lm.compare import compare
+    compare(args.seeds, args.out, args.dense, args.lors, args.tied, args.overrides, args.jobs, args.quiet)
+    return 0
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -68,3 +74,16 @@ def register(sub) -> None:
     p.add_argument("--merged", action="store_true", help="merge the LORS layers into plain Linears first "
                                                          "(the same text, as fast as a dense model)")
     p.set_defaults(func=run_sample)
+
+    p = cmds.add_parser("compare", help="dense vs LORS vs tied vs dense-small GPT, same tokens and seeds",
+                        description="Train the four models for every seed on the same token budget and write "
+                                    "a table, summary.json and two plots to --out (see docs/lm.md).")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], metavar="S")
+    p.add_argument("--out", default="runs/lm_compare")
+    p.add_argument("--dense", default="gpt_small", help="the dense config (default gpt_small)")
+    p.add_argument("--lors", default="gpt_small_lors", help="the LORS config (default gpt_small_lors)")
+    p.add_argument("--tied", default="gpt_small_tied", help="the tied config (default gpt_small_tied)")
+    p.add_argument("--jobs", type=_positive, default=None, help="runs at a time (default: cores, at most 2)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for all four models")
+    p.set_defaults(func=run_compare)

@@ -100,6 +100,7 @@ class RunSettings:
     log_terms: Sequence[str] = ()  # the names of the loss terms that loss_fn returns, in order
     checkpoint_every: int = 1000
     log_every: int = 20
+    eval_every: int = 0  # with fit's ``evaluate``: also every this many steps, to val.csv (0: at the end only)
     clip_grad: float = 0.0
     amp: str = "auto"
     state: dict = field(default_factory=dict)  # stored with every checkpoint (class names, ...)
@@ -171,7 +172,11 @@ class RunLog:
 
     def __init__(self, run_dir: Path, terms: Sequence[str], step: int, log_every: int):
         self.path, self.log_every = run_dir / "log.csv", log_every
+        self.val_path = run_dir / "val.csv"
         _trim_log(self.path, step)
+        _trim_log(self.val_path, step)
+        if step == 0:
+            self.val_path.unlink(missing_ok=True)
         self.file = self.path.open("a" if step else "w", newline="")  # a fresh start replaces the log
         self.csv = csv.writer(self.file)
         if step == 0:
@@ -190,6 +195,15 @@ class RunLog:
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def val(self, step: int, metrics: Mapping[str, float]) -> None:
+        """A row of ``val.csv`` (step, then the metrics) and val/ scalars in TensorBoard."""
+        new = not self.val_path.exists()
+        with self.val_path.open("a", newline="") as f:
+            if new:
+                csv.writer(f).writerow(["step", *metrics])
+            csv.writer(f).writerow([step, *(f"{v:.6g}" for v in metrics.values())])
+        self.scalars("val", metrics, step)
 
     def flush(self) -> None:
         self.file.flush()
@@ -284,6 +298,8 @@ def _fit(model, loss_fn, epoch_batches, steps_per_epoch, optimizer, schedule, s:
             log.step(now, epoch, lr, loss, terms, seconds)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+        if main and evaluate is not None and s.eval_every and now % s.eval_every == 0 and now < total:
+            log.val(now, evaluate())  # the final evaluation comes after the loop
         if now % s.checkpoint_every == 0 or now == last:
             if main:
                 log.flush()
@@ -311,7 +327,7 @@ def _fit(model, loss_fn, epoch_batches, steps_per_epoch, optimizer, schedule, s:
     if main:
         if evaluate is not None and step == total:
             summary["metrics"] = evaluate()
-            log.scalars("val", summary["metrics"], step)
+            log.val(step, summary["metrics"])
         log.close()
     distributed.barrier()
     return summary

@@ -28,7 +28,7 @@ except ImportError:  # Windows: no advisory locks; runs are then not protected f
 PREVIOUS = ".previous_run"
 LOCK = ".lock"
 # what a training run writes into its directory; anything else there belongs to the user
-RUN_FILES = ("last.json", "last.json.tmp", "log.csv", "config.yaml", "result.json", "eval.txt", "tb")
+RUN_FILES = ("last.json", "last.json.tmp", "log.csv", "val.csv", "config.yaml", "result.json", "eval.txt", "tb")
 RUN_GLOBS = ("ckpt_*", ".ckpt_*.tmp")
 
 

@@ -14,6 +14,7 @@ import concurrent.futures as cf
 import multiprocessing
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
@@ -35,6 +36,18 @@ class Job:
 def default_width() -> int:
     """Runs at a time by default: one per CPU core, at most 2."""
     return max(1, min(2, os.cpu_count() or 1))
+
+
+def logged_step(run_dir: Path) -> int:
+    """The last step in ``run_dir/log.csv`` (0 if none yet): a running child's progress
+    (every trainer on the engine's loop writes it)."""
+    try:
+        with (run_dir / "log.csv").open("rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 200))
+            last = f.read().decode(errors="replace").strip().splitlines()[-1]
+        return int(last.split(",")[0])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _call(fn: Callable[..., Any], args: tuple, threads: int | None) -> Any:

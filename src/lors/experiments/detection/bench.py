@@ -24,7 +24,7 @@ from lors.engine.checkpoint import find_checkpoint
 from lors.engine.sampler import EpochSampler
 from lors.experiments.detection.pretrain import PretrainConfig
 from lors.experiments.detection.report import KEYS, SHOWN_METRICS, aggregate, draw_predictions, plot_ap, results_table
-from lors.experiments.runner import Job, default_width, run_jobs
+from lors.experiments.runner import Job, default_width, logged_step, run_jobs
 
 VANILLA, LORS = "bench_adamixer", "bench_adamixer_lors"
 PRETRAIN_STEPS = PretrainConfig.steps
@@ -137,17 +137,6 @@ def planned_steps(cfg, max_steps: int | None = None) -> int:
     num_images = len(json.loads(Path(cfg.data.train_annotations).read_text())["images"])
     steps = cfg.train.epochs * EpochSampler(num_images, cfg.train.batch_size, cfg.train.seed).steps
     return min(steps, max_steps) if max_steps else steps
-
-
-def logged_step(run_dir: Path) -> int:
-    """The last step in ``run_dir/log.csv`` (0 if none yet): a running child's progress."""
-    try:
-        with (run_dir / "log.csv").open("rb") as f:
-            f.seek(max(0, f.seek(0, 2) - 200))
-            last = f.read().decode(errors="replace").strip().splitlines()[-1]
-        return int(last.split(",")[0])
-    except (OSError, IndexError, ValueError):
-        return 0
 
 
 def run_all(runs: list[tuple[str, Run, Path]], data_dir: Path, opts: SweepOptions,

@@ -104,7 +104,8 @@ def train(cfg: LMConfig, run_dir: str | Path | None = None, resume: bool = True,
 
     settings = RunSettings(
         run_dir=run_dir or t.output_dir, config=to_dict(cfg), resume_free=RESUME_FREE, length_key="train.steps",
-        log_terms=("bpb",), checkpoint_every=t.checkpoint_every, log_every=t.log_every, clip_grad=t.clip_grad,
+        log_terms=("bpb",), checkpoint_every=t.checkpoint_every, log_every=t.log_every, eval_every=t.eval_every,
+        clip_grad=t.clip_grad,
         amp=t.amp, resume=resume, extend=extend, stop_after=stop_after, progress=progress,
         state={"corpus": corpus.source},
         fail_hint="Lower train.lr or keep train.clip_grad on, then resume")
