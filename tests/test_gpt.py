@@ -123,17 +123,18 @@ def test_a_missing_fortunes_package_says_how_to_install_it(monkeypatch, tmp_path
 
 
 def test_compare_writes_the_table_summary_and_both_plots(tmp_path):
-    from lors.experiments.lm.compare import compare
+    from lors.experiments.lm.compare import compare_lm
     corpus = write_corpus(tmp_path)
     out = tmp_path / "cmp"
-    summary = compare(seeds=[0], out=out, overrides=[*TINY, f"data.corpus={corpus}", "train.eval_every=3"],
+    summary = compare_lm(seeds=[0], out=out, overrides=[*TINY, f"data.corpus={corpus}", "train.eval_every=3"],
                       jobs=1, quiet=True)
     rows = {r["model"]: r for r in summary["rows"]}
     assert list(rows) == ["dense", "LORS", "tied", "dense-small"]
     assert rows["tied"]["non_embedding_params"] < rows["LORS"]["non_embedding_params"] < rows["dense"]["non_embedding_params"]
-    assert rows["dense-small"]["n_embd"] < rows["dense"]["n_embd"] and rows["dense-small"]["sharing"] == "none"
+    depth, width = rows["dense-small"]["depth_x_width"].split(" x ")
+    assert depth == "3" and int(width) < 32 and rows["dense-small"]["sharing"] == "none"
     assert all(r["val_bpb"] > 0 and [s for s, _ in r["curve"]] == [3, 6] for r in rows.values())
-    for png in ("bpb_vs_params.png", "val_curves.png"):
+    for png in ("metric_vs_params.png", "val_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| dense-small |" in (out / "table.md").read_text()
 

@@ -32,8 +32,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from lors.experiments.lm.compare import compare
-    compare(args.seeds, args.out, args.dense, args.lors, args.tied, args.overrides, args.jobs, args.quiet)
+    from lors.experiments.lm.compare import compare_lm
+    compare_lm(args.seeds, args.out, args.dense, args.lors, args.tied, args.overrides, args.jobs, args.quiet)
     return 0
 
 

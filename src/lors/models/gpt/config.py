@@ -9,7 +9,7 @@ from typing import Literal, Sequence
 
 from lors.config import load_config
 
-TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # the Linears of a block
+from lors.models.sharing import LorsSection
 
 
 @dataclass
@@ -37,28 +37,6 @@ class ModelConfig:
                              f"{self.n_embd // self.n_head}: change model.n_embd or model.n_head")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"config key 'model.dropout' must be in [0, 1), got {self.dropout}")
-
-
-@dataclass
-class LorsSection:
-    """LORS^T on the block Linears (used when model.sharing is "lors")."""
-    targets: list[str] = field(default_factory=lambda: list(TARGETS))
-    rank: int | list[int] = 8
-    groups: int | list[int] = 1
-    init: Literal["paper", "official"] = "paper"
-
-    def validate(self, n_layer: int) -> None:
-        unknown = [t for t in self.targets if t not in TARGETS]
-        if unknown or not self.targets:
-            raise ValueError(f"config key 'lors.targets' has {unknown or 'no targets'}: choose from {list(TARGETS)}")
-        for key in ("rank", "groups"):
-            value = getattr(self, key)
-            values = value if isinstance(value, list) else [value]
-            if isinstance(value, list) and len(value) != n_layer:
-                raise ValueError(f"config key 'lors.{key}' has {len(value)} values but model.n_layer is {n_layer}: "
-                                 "give one per layer or a single int")
-            if any(v < 1 for v in values):
-                raise ValueError(f"config key 'lors.{key}' must be >= 1, got {value}")
 
 
 @dataclass

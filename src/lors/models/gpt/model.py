@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lors.core import share_layers
-from lors.models.gpt.config import TARGETS, LMConfig
+from lors.models.gpt.config import LMConfig
+from lors.models.sharing import apply_sharing
 
 
 def rotary(x: Tensor, positions: Tensor) -> Tensor:
@@ -134,24 +134,11 @@ class GPT(nn.Module):
         return idx
 
 
-def tie_blocks(blocks: nn.ModuleList, targets=TARGETS) -> None:
-    """ALBERT-style: every block's ``targets`` Linears use block 0's weight tensor; biases and
-    norms stay per block."""
-    first = blocks[0]
-    for block in blocks[1:]:
-        for t in targets:
-            block.get_submodule(t).weight = first.get_submodule(t).weight
-
-
 def build_gpt(cfg: LMConfig, device: torch.device | str | None = None) -> GPT:
     """The GPT that ``cfg.model`` describes, with ``cfg.lors`` applied when sharing is "lors"."""
     m = cfg.model
     with torch.device(device) if device is not None else torch.device("cpu"):
         model = GPT(m.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.mlp_ratio, m.bias,
                     m.dropout, m.positions)
-    if m.sharing == "lors":
-        share_layers(model.blocks, targets=cfg.lors.targets, rank=cfg.lors.rank, groups=cfg.lors.groups,
-                     init=cfg.lors.init)
-    elif m.sharing == "tied":
-        tie_blocks(model.blocks)
+    apply_sharing(model.blocks, m.sharing, cfg.lors.targets, cfg.lors.rank, cfg.lors.groups, cfg.lors.init)
     return model

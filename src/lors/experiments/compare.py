@@ -1,0 +1,152 @@
+"""Does LORS pay off in a transformer trained from scratch? The four-way comparison behind
+`lors lm compare` and `lors vit compare`.
+
+For the same budget (steps x batch) and seeds it trains four models of one family (a `Task`):
+  dense        the base config (``model.sharing=none``);
+  LORS         LORS^T on all four block Linears (the LORS preset);
+  tied         one block's weights for every block, no private part (ALBERT-style);
+  dense-small  a dense model as deep as the base but narrower: the width whose non-embedding
+               parameter count is closest to the LORS model's.
+Runs go through `lors.experiments.runner` (each in its own process, two at a time on a 2-core
+machine). Writes ``summary.json``, ``table.md``, ``metric_vs_params.png`` (the val metric
+against non-embedding parameters) and ``val_curves.png`` (the val metric during training,
+mean over seeds).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from lors.core import count_parameters
+from lors.experiments.report import Column, Series, markdown_table, mean_and_spread, plot_points
+from lors.experiments.runner import Job, default_width, logged_step, run_jobs
+
+MODELS = ("dense", "LORS", "tied", "dense-small")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A model family for `compare`. The callables must be module-level functions (they are
+    sent to the child processes)."""
+
+    title: str                                   # "byte-level GPT on the Debian fortunes"
+    load: Callable[[str | None, Sequence[str]], Any]      # (preset or path, overrides) -> config
+    build: Callable[..., nn.Module]              # (config, device=...) -> model
+    embedding: Callable[[nn.Module], int]        # the model's embedding parameters
+    train: Callable[[Any, str, bool], dict]      # (config, run_dir, progress) -> summary with metrics
+    depth_key: str                               # "model.n_layer"
+    width_key: str                               # "model.n_embd"
+    heads_key: str                               # "model.n_head"
+    metric: str                                  # "val_bpb", in the summary's metrics and val.csv
+    metric_label: str                            # "val bits per byte"
+    lower_is_better: bool
+    unit: str                                    # "tokens", "images": what a step trains on
+    units_per_step: Callable[[Any], int]
+
+
+def _get(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def non_embedding_params(task: Task, cfg: Any) -> tuple[int, int]:
+    """(non-embedding, total) parameters, shared tensors once."""
+    model = task.build(cfg, device="meta")
+    total = count_parameters(model).total
+    return total - task.embedding(model), total
+
+
+def small_width(task: Task, base: str, overrides: Sequence[str], target: int) -> int:
+    """The dense width (a multiple of 2 x heads) whose non-embedding count is closest to ``target``."""
+    cfg = task.load(base, overrides)
+    step, best = 2 * _get(cfg, task.heads_key), None
+    for width in range(step, _get(cfg, task.width_key) + 1, step):
+        gap = abs(non_embedding_params(task, task.load(base, [*overrides, f"{task.width_key}={width}"]))[0] - target)
+        if best is None or gap < best[0]:
+            best = (gap, width)
+    return best[1]
+
+
+def model_configs(task: Task, dense: str, lors: str, tied: str, overrides: Sequence[str]) -> dict[str, Any]:
+    cfgs = {"dense": task.load(dense, overrides), "LORS": task.load(lors, overrides), "tied": task.load(tied, overrides)}
+    width = small_width(task, dense, overrides, non_embedding_params(task, cfgs["LORS"])[0])
+    cfgs["dense-small"] = task.load(dense, [*overrides, f"{task.width_key}={width}"])
+    return cfgs
+
+
+def val_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
+    with (run_dir / "val.csv").open() as f:
+        return [(int(r["step"]), float(r[metric])) for r in csv.DictReader(f)]
+
+
+def compare(task: Task, seeds: Sequence[int], out: str | Path, dense: str, lors: str, tied: str,
+            overrides: Sequence[str] = (), jobs: int | None = None, quiet: bool = False) -> dict:
+    """Train the four models for every seed; write and print the table; returns the summary."""
+    tic = time.perf_counter()
+    out = Path(out)
+    cfgs = model_configs(task, dense, lors, tied, overrides)
+    width = max(1, jobs or default_width())
+    runs, job_list = [], []
+    for seed in seeds:
+        for name, cfg in cfgs.items():
+            run_cfg = copy.deepcopy(cfg)
+            run_cfg.train.seed = seed
+            run_dir = out / f"{name}_seed{seed}"
+            runs.append((name, run_dir))
+            job_list.append(Job(f"{name}, seed {seed}", task.train, (run_cfg, str(run_dir), not quiet and width == 1),
+                                steps=cfg.train.steps, done=lambda d=run_dir: logged_step(d)))
+    results = run_jobs(job_list, width=width, quiet=quiet)
+    rows = []
+    for name, cfg in cfgs.items():
+        per_seed = [r for (n, _), r in zip(runs, results) if n == name]
+        curves = [val_curve(d, task.metric) for n, d in runs if n == name]
+        ne, total = non_embedding_params(task, cfg)
+        units = task.units_per_step(cfg)
+        values = [r["metrics"][task.metric] for r in per_seed]
+        rows.append({"model": name, "depth_x_width": f"{_get(cfg, task.depth_key)} x {_get(cfg, task.width_key)}",
+                     "sharing": cfg.model.sharing, "non_embedding_params": ne, "total_params": total,
+                     f"{task.metric}_per_seed": values,
+                     **mean_and_spread([{task.metric: v, "units_per_s": units / r["seconds_per_step"],
+                                         "peak_memory_mb": r["peak_memory_mb"]} for v, r in zip(values, per_seed)],
+                                       (task.metric, "units_per_s", "peak_memory_mb"), (task.metric,)),
+                     "curve": [(s, statistics.fmean(c[i][1] for c in curves)) for i, (s, _) in enumerate(curves[0])]})
+    dense_ne, m = rows[0]["non_embedding_params"], task.metric
+    columns = [Column("Model", lambda r: r["model"]),
+               Column("Depth x width", lambda r: r["depth_x_width"]),
+               Column("Non-embedding params", lambda r: f"{r['non_embedding_params']:,} "
+                                                        f"({r['non_embedding_params'] / dense_ne:.0%})"),
+               Column("Total params", lambda r: f"{r['total_params']:,}"),
+               Column(task.metric_label, lambda r: f"{r[m]:.4f}" + (f" ± {r[m + '_std']:.4f}" if len(seeds) > 1 else "")),
+               Column(f"{task.unit.capitalize()}/s", lambda r: f"{r['units_per_s']:,.0f}"),
+               Column("Peak mem (MB)", lambda r: f"{r['peak_memory_mb']:.0f}")]
+    table = markdown_table(rows, columns)
+    units = task.units_per_step(cfgs["dense"])
+    plot_points([Series(r["model"], [r["non_embedding_params"] / 1e6], [r[m]], [r[m + "_std"]], notes=[r["model"]])
+                 for r in rows], out / "metric_vs_params.png", "non-embedding parameters (M)", task.metric_label,
+                f"{task.title}, seeds {list(seeds)}")
+    plot_points([Series(r["model"], [s * units / 1e6 for s, _ in r["curve"]], [v for _, v in r["curve"]], style="o-")
+                 for r in rows], out / "val_curves.png", f"training {task.unit} (M)", task.metric_label,
+                f"{task.metric_label} during training, mean of seeds {list(seeds)}")
+    summary = {"task": task.title, "seeds": list(seeds), "overrides": list(overrides),
+               "configs": {"dense": dense, "LORS": lors, "tied": tied,
+                           "dense-small": f"{dense} {task.width_key}={_get(cfgs['dense-small'], task.width_key)}"},
+               f"{task.unit}_per_run": cfgs["dense"].train.steps * units, "rows": rows,
+               "wall_seconds": time.perf_counter() - tic}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "table.md").write_text(table + "\n")
+    print(f"\n{task.title}: {summary[f'{task.unit}_per_run']:,} training {task.unit} per run, seeds {list(seeds)} "
+          f"({task.metric_label}, mean ± sample std):\n")
+    print(table)
+    print(f"\nwall time {summary['wall_seconds'] / 60:.1f} min; wrote {out / 'summary.json'}, {out / 'table.md'}, "
+          f"{out / 'metric_vs_params.png'}, {out / 'val_curves.png'}")
+    return summary

@@ -1,0 +1,1 @@
+"""Vision transformers trained from scratch on Fashion-MNIST: `train`, `compare`."""

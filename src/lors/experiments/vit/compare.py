@@ -1,0 +1,35 @@
+"""`lors vit compare`: the four-way comparison (`lors.experiments.compare`) for the ViT."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from lors.experiments.compare import Task, compare
+from lors.experiments.vit.train import train
+from lors.models.vit import build_vit, load_vit_config
+
+
+def _embedding(model) -> int:
+    """The patch embedding, class token and positions: what every variant has in full."""
+    return (sum(p.numel() for p in model.patch_embed.parameters()) + model.cls_token.numel()
+            + model.pos_embed.numel())
+
+
+def _train(cfg, run_dir: str, progress: bool) -> dict:
+    return train(cfg, run_dir, resume=False, progress=progress)
+
+
+def _images(cfg) -> int:
+    return cfg.train.batch_size
+
+
+VIT_TASK = Task(title="ViT on Fashion-MNIST", load=load_vit_config, build=build_vit, embedding=_embedding,
+                train=_train, depth_key="model.depth", width_key="model.embed_dim", heads_key="model.num_heads",
+                metric="val_acc", metric_label="test accuracy (%)", lower_is_better=False, unit="images",
+                units_per_step=_images)
+
+
+def compare_vit(seeds: Sequence[int] = (0, 1), out: str | Path = "runs/vit_compare", dense: str = "vit_small",
+                lors: str = "vit_small_lors", tied: str = "vit_small_tied", overrides: Sequence[str] = (),
+                jobs: int | None = None, quiet: bool = False) -> dict:
+    return compare(VIT_TASK, seeds, out, dense, lors, tied, overrides, jobs, quiet)

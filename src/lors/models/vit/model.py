@@ -1,0 +1,110 @@
+"""A small vision transformer for 28 x 28 grey images, from timm's `VisionTransformer` (its
+blocks name their Linears ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``, as the GPT's do),
+with its blocks dense, LORS or tied (`lors.models.sharing`), and its config.
+
+Load a config with ``load_vit_config("vit_small_lors", ["lors.rank=16"])`` (``configs/vit/``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+
+from lors.config import load_config
+from lors.models.sharing import LorsSection, apply_sharing
+
+
+@dataclass
+class VitModelConfig:
+    img_size: int = 28
+    patch_size: int = 4
+    in_chans: int = 1
+    num_classes: int = 10
+    embed_dim: int = 64
+    depth: int = 6
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    sharing: Literal["none", "lors", "tied"] = "none"
+
+    def validate(self) -> None:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"config key 'model.img_size' ({self.img_size}) must be a multiple of model.patch_size "
+                             f"({self.patch_size})")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"config key 'model.embed_dim' ({self.embed_dim}) must be a multiple of "
+                             f"model.num_heads ({self.num_heads})")
+        for key in ("depth", "num_heads", "num_classes", "embed_dim"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"config key 'model.{key}' must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class VitTrainConfig:
+    batch_size: int = 64
+    steps: int = 1500
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    clip_grad: float = 1.0
+    seed: int = 0
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    checkpoint_every: int = 500
+    log_every: int = 20
+    eval_every: int = 250
+    output_dir: str = "runs/vit"
+
+    def validate(self) -> None:
+        for key in ("batch_size", "steps", "checkpoint_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"config key 'train.{key}' must be >= 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ValueError(f"config key 'train.lr' must be > 0, got {self.lr}")
+
+
+@dataclass
+class VitDataConfig:
+    root: str = "/usr/share/datasets/fashion-mnist"  # the Debian package dataset-fashion-mnist
+    train_images: int = 60000  # the first N of the train split (fewer: a quicker run)
+    test_images: int = 10000
+
+    def validate(self) -> None:
+        if not 1 <= self.train_images <= 60000 or not 1 <= self.test_images <= 10000:
+            raise ValueError("config keys 'data.train_images' and 'data.test_images' must be in 1..60000 and "
+                             f"1..10000, got {self.train_images} and {self.test_images}")
+
+
+@dataclass
+class VitConfig:
+    model: VitModelConfig = field(default_factory=VitModelConfig)
+    lors: LorsSection = field(default_factory=LorsSection)
+    train: VitTrainConfig = field(default_factory=VitTrainConfig)
+    data: VitDataConfig = field(default_factory=VitDataConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.lors.validate(self.model.depth)
+        self.train.validate()
+        self.data.validate()
+
+
+def load_vit_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> VitConfig:
+    """A preset in configs/vit (or a YAML path), with ``key=value`` overrides, validated."""
+    return load_config(VitConfig, name_or_path, overrides, kind="vit")
+
+
+def build_vit(cfg: VitConfig, device: torch.device | str | None = None) -> nn.Module:
+    """timm's VisionTransformer as ``cfg.model`` describes it (class token, no pre-norm), with its
+    blocks shared as ``cfg.model.sharing`` says. Needs timm: pip install -e '.[vit]'."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError as err:
+        raise ValueError("the ViT needs timm: pip install -e '.[vit]' (or pip install timm)") from err
+    m = cfg.model
+    with torch.device(device) if device is not None else torch.device("cpu"):
+        model = VisionTransformer(img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans,
+                                  num_classes=m.num_classes, embed_dim=m.embed_dim, depth=m.depth,
+                                  num_heads=m.num_heads, mlp_ratio=m.mlp_ratio)
+    apply_sharing(model.blocks, m.sharing, cfg.lors.targets, cfg.lors.rank, cfg.lors.groups, cfg.lors.init)
+    return model
