@@ -137,7 +137,14 @@ def compare(task: Task, seeds: Sequence[int], out: str | Path, dense: str, lors:
     plot_points([Series(r["model"], [s * units / 1e6 for s, _ in r["curve"]], [v for _, v in r["curve"]], style="o-")
                  for r in rows], out / "val_curves.png", f"training {task.unit} (M)", task.metric_label,
                 f"{task.metric_label} during training, mean of seeds {list(seeds)}")
-    summary = {"task": task.title, "seeds": list(seeds), "overrides": list(overrides),
+    by = {r["model"]: r[m] for r in rows}
+    better = (lambda a, b: a < b) if task.lower_is_better else (lambda a, b: a > b)
+    verdict = {"lors_vs_dense": by["LORS"] - by["dense"],
+               "lors_vs_dense_relative": (by["LORS"] - by["dense"]) / by["dense"],
+               "lors_beats_tied": better(by["LORS"], by["tied"]),
+               "lors_beats_dense_small": better(by["LORS"], by["dense-small"]),
+               "lors_non_embedding_share": rows[1]["non_embedding_params"] / dense_ne}
+    summary = {"task": task.title, "verdict": verdict, "seeds": list(seeds), "overrides": list(overrides),
                "configs": {"dense": dense, "LORS": lors, "tied": tied,
                            "dense-small": f"{dense} {task.width_key}={_get(cfgs['dense-small'], task.width_key)}"},
                f"{task.unit}_per_run": cfgs["dense"].train.steps * units, "rows": rows,
@@ -147,6 +154,10 @@ def compare(task: Task, seeds: Sequence[int], out: str | Path, dense: str, lors:
     print(f"\n{task.title}: {summary[f'{task.unit}_per_run']:,} training {task.unit} per run, seeds {list(seeds)} "
           f"({task.metric_label}, mean ± sample std):\n")
     print(table)
+    print(f"\nLORS keeps {verdict['lors_non_embedding_share']:.1%} of the dense non-embedding parameters; "
+          f"{task.metric_label}: LORS - dense = {verdict['lors_vs_dense']:+.4f} ({verdict['lors_vs_dense_relative']:+.2%}); "
+          f"LORS {'beats' if verdict['lors_beats_tied'] else 'does not beat'} tied and "
+          f"{'beats' if verdict['lors_beats_dense_small'] else 'does not beat'} dense-small")
     print(f"\nwall time {summary['wall_seconds'] / 60:.1f} min; wrote {out / 'summary.json'}, {out / 'table.md'}, "
           f"{out / 'metric_vs_params.png'}, {out / 'val_curves.png'}")
     return summary
