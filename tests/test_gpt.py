@@ -178,3 +178,14 @@ def test_two_process_ddp_step_equals_one_process_on_the_combined_batch(tmp_path)
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lors_shared_weights_start_as_the_dense_gpt_linears_do():
+    import math
+    cfg = load_lm_config("gpt_small_lors")
+    model = build_gpt(cfg)
+    n = cfg.model.n_layer
+    qkv, proj = model.blocks[0].attn.qkv.lors, model.blocks[0].attn.proj.lors
+    assert abs(qkv.shared_weight.std().item() - 0.02) < 0.002
+    assert abs(proj.shared_weight.std().item() - 0.02 / math.sqrt(2 * n)) < 0.001  # a residual projection
+    assert qkv.bias.abs().max() == 0 and all(a.abs().max() == 0 for a in qkv.A)  # layers start equal

@@ -12,12 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
+import torch
 from torch import nn
 
 from lors.core import share_layers
 
 SHARINGS = ("none", "lors", "tied")
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # nanoGPT's and timm's names
+RESIDUAL = ("attn.proj", "mlp.fc2")  # the Linears that write back into the residual stream
 
 
 def tie_blocks(blocks: nn.ModuleList, targets: Sequence[str] = BLOCK_LINEARS) -> None:
@@ -28,12 +30,30 @@ def tie_blocks(blocks: nn.ModuleList, targets: Sequence[str] = BLOCK_LINEARS) ->
             block.get_submodule(t).weight = first.get_submodule(t).weight
 
 
-def apply_sharing(blocks: nn.ModuleList, sharing: str, targets: Sequence[str], rank, groups, init: str) -> None:
-    """Make ``blocks`` dense, LORS or tied (see the module docstring), in place."""
+def apply_sharing(blocks: nn.ModuleList, sharing: str, lors: "LorsSection",
+                  std: float | None = None, residual_std: float | None = None) -> None:
+    """Make ``blocks`` dense, LORS or tied (see the module docstring), in place.
+
+    With ``std``, a LORS stack's shared part starts as the family's own Linears do rather than
+    with `share_layers`' ``init``: shared weight N(0, std) (N(0, residual_std) for the
+    projections back into the residual stream, ``attn.proj`` and ``mlp.fc2``) and zero biases;
+    the private factors keep ``init`` (A zero for "paper", so every layer starts equal to the
+    shared weight).
+    """
     if sharing not in SHARINGS:
         raise ValueError(f"unknown sharing {sharing!r}: use one of {SHARINGS}")
     if sharing == "lors":
-        share_layers(blocks, targets=list(targets), rank=rank, groups=groups, init=init)
+        stacks = {}
+        for target in lors.targets:  # one call per target: attention and MLP may differ in rank
+            stacks.update(share_layers(blocks, targets=[target], rank=lors.rank_of(target), groups=lors.groups,
+                                       init=lors.init))
+        if std is not None:
+            with torch.no_grad():
+                for target, lors in stacks.items():
+                    out_std = residual_std if residual_std is not None and target in RESIDUAL else std
+                    lors.shared_weight.normal_(0.0, out_std)
+                    if lors.bias is not None:
+                        lors.bias.zero_()
     elif sharing == "tied":
         tie_blocks(blocks, BLOCK_LINEARS)
 
@@ -46,13 +66,21 @@ class LorsSection:
     rank: int | list[int] = 8
     groups: int | list[int] = 1
     init: Literal["paper", "official"] = "paper"
+    attn_rank: int | list[int] | None = None  # instead of rank for attn.* targets (e.g. more in deeper layers)
+    mlp_rank: int | list[int] | None = None   # instead of rank for mlp.* targets
+
+    def rank_of(self, target: str) -> int | list[int]:
+        own = self.attn_rank if target.startswith("attn.") else self.mlp_rank if target.startswith("mlp.") else None
+        return self.rank if own is None else own
 
     def validate(self, n_layer: int) -> None:
         unknown = [t for t in self.targets if t not in BLOCK_LINEARS]
         if unknown or not self.targets:
             raise ValueError(f"config key 'lors.targets' has {unknown or 'no targets'}: choose from {list(BLOCK_LINEARS)}")
-        for key in ("rank", "groups"):
+        for key in ("rank", "groups", "attn_rank", "mlp_rank"):
             value = getattr(self, key)
+            if value is None:
+                continue
             values = value if isinstance(value, list) else [value]
             if isinstance(value, list) and len(value) != n_layer:
                 raise ValueError(f"config key 'lors.{key}' has {len(value)} values but model.n_layer is {n_layer}: "

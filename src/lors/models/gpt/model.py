@@ -140,5 +140,6 @@ def build_gpt(cfg: LMConfig, device: torch.device | str | None = None) -> GPT:
     with torch.device(device) if device is not None else torch.device("cpu"):
         model = GPT(m.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.mlp_ratio, m.bias,
                     m.dropout, m.positions)
-    apply_sharing(model.blocks, m.sharing, cfg.lors.targets, cfg.lors.rank, cfg.lors.groups, cfg.lors.init)
+    # LORS's shared part starts as the dense GPT's Linears do (N(0, 0.02), residual projections scaled)
+    apply_sharing(model.blocks, m.sharing, cfg.lors, std=0.02, residual_std=0.02 / math.sqrt(2 * m.n_layer))
     return model

@@ -106,5 +106,5 @@ def build_vit(cfg: VitConfig, device: torch.device | str | None = None) -> nn.Mo
         model = VisionTransformer(img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans,
                                   num_classes=m.num_classes, embed_dim=m.embed_dim, depth=m.depth,
                                   num_heads=m.num_heads, mlp_ratio=m.mlp_ratio)
-    apply_sharing(model.blocks, m.sharing, cfg.lors.targets, cfg.lors.rank, cfg.lors.groups, cfg.lors.init)
+    apply_sharing(model.blocks, m.sharing, cfg.lors, std=0.02)  # as timm starts its Linears: std 0.02, zero bias
     return model
