@@ -76,7 +76,7 @@ def test_a_resumed_run_logs_the_uninterrupted_losses(tmp_path):
 def test_tied_weights_survive_a_checkpoint_and_stay_tied(tmp_path):
     cfg = config("gpt_small_tied", tmp_path)
     summary = train(cfg, tmp_path / "run", progress=False)
-    model, _ = load_lm(tmp_path / "run")
+    model, _, _ = load_lm(tmp_path / "run")
     assert model.lm_head.weight is model.wte.weight
     assert model.blocks[2].mlp.fc1.weight is model.blocks[0].mlp.fc1.weight
     assert model.blocks[2].mlp.fc1.bias is not model.blocks[0].mlp.fc1.bias
@@ -189,3 +189,23 @@ def test_lors_shared_weights_start_as_the_dense_gpt_linears_do():
     assert abs(qkv.shared_weight.std().item() - 0.02) < 0.002
     assert abs(proj.shared_weight.std().item() - 0.02 / math.sqrt(2 * n)) < 0.001  # a residual projection
     assert qkv.bias.abs().max() == 0 and all(a.abs().max() == 0 for a in qkv.A)  # layers start equal
+
+
+def test_a_bpe_run_trains_evaluates_in_bits_per_byte_and_samples_text(tmp_path):
+    pytest.importorskip("tokenizers")
+    from lors.experiments.lm.train import evaluate_run, load_tokens, sample
+    cfg = config("gpt_small", tmp_path, "data.tokenizer=bpe", "model.vocab_size=300")
+    tokens = load_tokens(cfg)
+    assert tokens.vocab_size == 300 and tokens.bytes_per_token > 1.5  # merges: fewer tokens than bytes
+    assert tokens.decode(tokens.encode("the quick brown fox")) == "the quick brown fox"
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["metrics"] == pytest.approx(evaluate_run(tmp_path / "run"))  # the stored BPE is reused
+    text = sample(tmp_path / "run", "the ", 8)
+    assert isinstance(text, str) and text == sample(tmp_path / "run", "the ", 8, merged=True)
+
+
+def test_byte_tokens_need_vocab_256_and_a_bpe_needs_more():
+    with pytest.raises(ValueError, match="byte tokens need 256"):
+        load_lm_config("gpt_small", ["model.vocab_size=300"])
+    with pytest.raises(ValueError, match="BPE needs model.vocab_size > 256"):
+        load_lm_config("gpt_small", ["data.tokenizer=bpe"])

@@ -102,3 +102,73 @@ def decode(tokens: torch.Tensor | list[int]) -> str:
 def encode(text: str) -> torch.Tensor:
     """Text as (N,) int64 byte tokens."""
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+@dataclass
+class Tokens:
+    """A corpus as token ids: train and val (N,) int64, and what turns text into ids and back.
+
+    ``bytes_per_token`` is val's bytes over its tokens, so a loss per token converts to bits
+    per byte: ``loss / ln 2 / bytes_per_token``. ``tokenizer_json`` is the BPE (None for bytes).
+    """
+
+    train: torch.Tensor
+    val: torch.Tensor
+    vocab_size: int
+    bytes_per_token: float
+    tokenizer_json: str | None = None
+    train_bytes_per_token: float = 1.0
+
+    def _bpe(self):
+        from tokenizers import Tokenizer
+        if not hasattr(self, "_tok"):
+            self._tok = Tokenizer.from_str(self.tokenizer_json)
+        return self._tok
+
+    def encode(self, text: str) -> torch.Tensor:
+        if self.tokenizer_json is None:
+            return encode(text)
+        return torch.tensor(self._bpe().encode(text).ids, dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        if self.tokenizer_json is None:
+            return decode(ids)
+        return self._bpe().decode(ids.tolist() if torch.is_tensor(ids) else list(ids))
+
+
+def train_bpe(text: str, vocab_size: int) -> str:
+    """A byte-level BPE of ``vocab_size`` tokens trained on ``text`` with HF `tokenizers`; its JSON."""
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError as err:
+        raise ValueError("data.tokenizer=bpe needs HF tokenizers: pip install tokenizers") from err
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(text.split("\n\n"), trainer)
+    return tok.to_str()
+
+
+def tokenize(corpus: Corpus, tokenizer: str = "bytes", vocab_size: int = VOCAB_SIZE,
+             tokenizer_json: str | None = None) -> Tokens:
+    """``corpus`` as token ids: its bytes, or a byte-level BPE (``tokenizer_json``, or one of
+    ``vocab_size`` tokens trained on the train split)."""
+    if tokenizer == "bytes":
+        return Tokens(corpus.train.long(), corpus.val.long(), VOCAB_SIZE, 1.0)
+    from tokenizers import Tokenizer
+    train_text, val_text = decode(corpus.train), decode(corpus.val)
+    tokenizer_json = tokenizer_json or train_bpe(train_text, vocab_size)
+    tok = Tokenizer.from_str(tokenizer_json)
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"the BPE has {tok.get_vocab_size()} tokens but model.vocab_size is {vocab_size}")
+    train_ids, val_ids = (torch.tensor(tok.encode(t).ids, dtype=torch.long) for t in (train_text, val_text))
+    return Tokens(train_ids, val_ids, vocab_size, len(corpus.val) / len(val_ids), tokenizer_json,
+                  len(corpus.train) / len(train_ids))
+
+
+def codec(tokenizer_json: str | None) -> Tokens:
+    """Encoding and decoding only (no corpus): bytes, or the BPE of ``tokenizer_json``."""
+    empty = torch.zeros(0, dtype=torch.long)
+    return Tokens(empty, empty, VOCAB_SIZE, 1.0, tokenizer_json)

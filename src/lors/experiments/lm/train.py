@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lors.config import load_config, to_dict
-from lors.data.corpus import Corpus, load_corpus
+from lors.data.corpus import Tokens, codec, load_corpus, tokenize
 from lors.engine import distributed
 from lors.engine.checkpoint import find_checkpoint, load_checkpoint, read_state
 from lors.engine.loop import RunSettings, fit
@@ -52,21 +52,32 @@ def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
 
 
+def load_tokens(cfg: LMConfig, tokenizer_json: str | None = None) -> Tokens:
+    """The corpus of ``cfg.data`` as token ids (bytes, or a BPE: ``tokenizer_json`` or trained)."""
+    corpus = load_corpus(cfg.data.corpus, cfg.data.val_fraction, cfg.model.block_size)
+    tokens = tokenize(corpus, cfg.data.tokenizer, cfg.model.vocab_size, tokenizer_json)
+    for name, ids in (("train", tokens.train), ("val", tokens.val)):
+        if len(ids) < cfg.model.block_size + 2:
+            raise ValueError(f"the {name} split has {len(ids)} tokens, fewer than one context window of "
+                             f"{cfg.model.block_size} + 1: use a larger corpus or a smaller model.block_size")
+    return tokens
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, corpus: Corpus, cfg: LMConfig, device: torch.device) -> dict[str, float]:
+def evaluate(model: nn.Module, tokens: Tokens, cfg: LMConfig, device: torch.device) -> dict[str, float]:
     """Val loss over ``train.eval_batches`` fixed batches (the same for every model and run):
-    bits per byte and perplexity."""
+    bits per byte (the loss per token over the bytes per token) and perplexity per token."""
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(20240601)
     block, total = cfg.model.block_size, 0.0
     for _ in range(cfg.train.eval_batches):
-        starts = torch.randint(len(corpus.val) - block - 1, (cfg.train.batch_size,), generator=g)
-        x, y = windows(corpus.val, starts, block)
+        starts = torch.randint(len(tokens.val) - block - 1, (cfg.train.batch_size,), generator=g)
+        x, y = windows(tokens.val, starts, block)
         total += lm_loss(model, x.to(device), y.to(device)).item()
     model.train(was_training)
     loss = total / cfg.train.eval_batches
-    return {"val_loss": loss, "val_bpb": loss / LN2, "val_ppl": math.exp(loss)}
+    return {"val_loss": loss, "val_bpb": loss / LN2 / tokens.bytes_per_token, "val_ppl": math.exp(loss)}
 
 
 def schedule(cfg: LMConfig) -> Schedule:
@@ -85,7 +96,12 @@ def train(cfg: LMConfig, run_dir: str | Path | None = None, resume: bool = True,
         raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the {world} processes: make it "
                          "a multiple of the process count")
     per_process = t.batch_size // world
-    corpus = load_corpus(cfg.data.corpus, cfg.data.val_fraction, cfg.model.block_size)
+    previous = find_checkpoint(run_dir or t.output_dir) if resume else None  # a resumed run keeps its BPE
+    try:
+        tokenizer_json = read_state(previous).get("tokenizer") if previous else None
+    except ValueError:
+        tokenizer_json = None
+    tokens = load_tokens(cfg, tokenizer_json)
     torch.manual_seed(t.seed)
     model = build_gpt(cfg).to(dev)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -95,41 +111,43 @@ def train(cfg: LMConfig, run_dir: str | Path | None = None, resume: bool = True,
                                   fused=dev.type in ("cpu", "cuda"))
 
     def epoch_batches(epoch: int, start: int) -> Iterator:
-        return (step_batch(corpus.train, cfg, s, rank, per_process) for s in range(start, t.steps))
+        return (step_batch(tokens.train, cfg, s, rank, per_process) for s in range(start, t.steps))
 
     def loss_fn(model, batch):
         x, y = (b.to(dev) for b in batch)
         loss = lm_loss(model, x, y)
-        return loss, {"bpb": loss.item() / LN2}
+        return loss, {"bpb": loss.item() / LN2 / tokens.train_bytes_per_token}
 
     settings = RunSettings(
         run_dir=run_dir or t.output_dir, config=to_dict(cfg), resume_free=RESUME_FREE, length_key="train.steps",
         log_terms=("bpb",), checkpoint_every=t.checkpoint_every, log_every=t.log_every, eval_every=t.eval_every,
         clip_grad=t.clip_grad,
         amp=t.amp, resume=resume, extend=extend, stop_after=stop_after, progress=progress,
-        state={"corpus": corpus.source},
+        state={"tokenizer": tokens.tokenizer_json},
         fail_hint="Lower train.lr or keep train.clip_grad on, then resume")
-    final = partial(evaluate, model, corpus, cfg, dev) if evaluate_at_end else None
+    final = partial(evaluate, model, tokens, cfg, dev) if evaluate_at_end else None
     return fit(model, loss_fn, epoch_batches, t.steps, optimizer, schedule(cfg), settings, rank, world,
                evaluate=final)
 
 
 def load_lm(path: str | Path, overrides: Sequence[str] = (), device: torch.device | str = "cpu"):
-    """The trained GPT of a run directory or ckpt_* folder (eval mode) and its config."""
+    """The trained GPT of a run directory or ckpt_* folder (eval mode), its config and its
+    tokenizer's JSON (None for bytes)."""
     ckpt = find_checkpoint(path)
     if ckpt is None:
         raise ValueError(f"{path} holds no checkpoint: pass a run directory written by `lors lm train`")
-    cfg = load_config(LMConfig, read_state(ckpt)["config"], overrides)
+    state = read_state(ckpt)
+    cfg = load_config(LMConfig, state["config"], overrides)
     model = build_gpt(cfg).to(device)
     load_checkpoint(ckpt, model)
-    return model.eval(), cfg
+    return model.eval(), cfg, state.get("tokenizer")
 
 
 def evaluate_run(path: str | Path, overrides: Sequence[str] = (), device: str | None = None) -> dict[str, float]:
     """`lors lm eval`: val bits per byte and perplexity of a trained run."""
     _, _, dev = distributed.init_distributed(device)
-    model, cfg = load_lm(path, overrides, dev)
-    return evaluate(model, load_corpus(cfg.data.corpus, cfg.data.val_fraction, cfg.model.block_size), cfg, dev)
+    model, cfg, tokenizer_json = load_lm(path, overrides, dev)
+    return evaluate(model, load_tokens(cfg, tokenizer_json), cfg, dev)
 
 
 def sample(path: str | Path, prompt: str, max_new_tokens: int = 200, top_k: int | None = None,
@@ -137,10 +155,10 @@ def sample(path: str | Path, prompt: str, max_new_tokens: int = 200, top_k: int 
     """`lors lm sample`: text generated from ``prompt`` (greedy, or top-k with ``seed``); with
     ``merged``, from the model with its LORS layers merged into plain Linears."""
     from lors.core import merge
-    from lors.data.corpus import decode, encode
-    model, _ = load_lm(path)
+    model, _, tokenizer_json = load_lm(path)
     if merged:
         merge(model)
-    idx = encode(prompt or "\n")[None]
+    text = codec(tokenizer_json)
+    idx = text.encode(prompt or "\n")[None]
     out = model.generate(idx, max_new_tokens, top_k=top_k, generator=torch.Generator().manual_seed(seed))
-    return decode(out[0, idx.shape[1]:])
+    return text.decode(out[0, idx.shape[1]:])

@@ -67,6 +67,8 @@ class TrainSection:
 class DataSection:
     corpus: str | None = None              # None: the Debian fortunes; else a UTF-8 file or folder
     val_fraction: float = 0.05
+    tokenizer: Literal["bytes", "bpe"] = "bytes"  # bpe: byte-level BPE of model.vocab_size tokens, trained
+                                                  # on the train split with HF tokenizers
 
     def validate(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -85,6 +87,12 @@ class LMConfig:
         self.lors.validate(self.model.n_layer)
         self.train.validate()
         self.data.validate()
+        if self.data.tokenizer == "bytes" and self.model.vocab_size != 256:
+            raise ValueError(f"config key 'model.vocab_size' is {self.model.vocab_size}, but byte tokens need 256: "
+                             "set model.vocab_size=256, or data.tokenizer=bpe to train a BPE of that size")
+        if self.data.tokenizer == "bpe" and self.model.vocab_size <= 256:
+            raise ValueError(f"a BPE needs model.vocab_size > 256 (the 256 bytes plus merges), got "
+                             f"{self.model.vocab_size}: e.g. model.vocab_size=1024")
 
 
 def load_lm_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> LMConfig:
