@@ -209,3 +209,17 @@ def test_byte_tokens_need_vocab_256_and_a_bpe_needs_more():
         load_lm_config("gpt_small", ["model.vocab_size=300"])
     with pytest.raises(ValueError, match="BPE needs model.vocab_size > 256"):
         load_lm_config("gpt_small", ["data.tokenizer=bpe"])
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_the_gpt_is_causal_with_either_position_encoding(tmp_path, positions):
+    cfg = config("gpt_small_lors", tmp_path, f"model.positions={positions}")
+    torch.manual_seed(0)
+    model = build_gpt(cfg).eval()
+    idx = torch.randint(0, 256, (1, 12))
+    changed = idx.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 256
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed)[:, :8], model(idx)[:, :8])  # the future is not seen
+        assert not torch.allclose(model(changed)[:, 8:], model(idx)[:, 8:])
+    assert (model.wpe is None) == (positions == "rotary")
