@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+from lors.commands._args import positive_int
 from lors.commands.detect_data import add_data_parser
 from lors.experiments.detection.bench import LORS, PRETRAIN_STEPS, VANILLA, SweepOptions
 
@@ -129,16 +130,6 @@ def register(sub) -> None:
     p.set_defaults(func=run_predict)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="train.seed values (default 0)")
     p.add_argument("--data-dir", default="runs/bench_data",
@@ -150,16 +141,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--in-process", action="store_true",
                    help="train in this process (starts faster; peak memory is then the largest so far)")
-    p.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
                    help="stop each run after N steps (the schedule is unchanged) and evaluate there")
-    p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--jobs", type=positive_int, default=None, metavar="N",
                    help="runs trained at the same time, each in its own process with an equal share "
                         "of the CPU threads (default: the number of CPU cores, at most 2)")
     p.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=True,
                    help="start the backbones from a ResNet-18 pretrained as a digit classifier on the "
                         "train split's digits only (cached in DATA_DIR under a name keyed by its "
                         "settings; default on)")
-    p.add_argument("--pretrain-steps", type=_positive_int, default=PRETRAIN_STEPS, metavar="N",
+    p.add_argument("--pretrain-steps", type=positive_int, default=PRETRAIN_STEPS, metavar="N",
                    help=f"training steps of that pretraining (default {PRETRAIN_STEPS}); each "
                         "step count is cached separately")
     p.add_argument("overrides", nargs="*", metavar="key=value",

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from lors.commands._args import add_compare_parser, positive_int
+
 
 def run_train(args: argparse.Namespace) -> int:
     from lors.experiments.lm.train import train
@@ -37,12 +39,6 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
 def register(sub) -> None:
     parser = sub.add_parser("lm", help="train, evaluate and sample byte-level GPT language models")
     cmds = parser.add_subparsers(dest="lm_command", required=True, metavar="COMMAND")
@@ -67,23 +63,13 @@ def register(sub) -> None:
     p = cmds.add_parser("sample", help="generate text from a prompt")
     p.add_argument("--checkpoint", required=True, help="a run directory or a ckpt_* folder")
     p.add_argument("--prompt", default="", help="text to continue (default: a new line)")
-    p.add_argument("--tokens", type=_positive, default=200, help="bytes to generate")
-    p.add_argument("--top-k", type=_positive, default=None, help="sample from the k most likely bytes "
+    p.add_argument("--tokens", type=positive_int, default=200, help="bytes to generate")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample from the k most likely bytes "
                                                                  "(default: greedy)")
     p.add_argument("--seed", type=int, default=0, help="seed of the top-k sampling")
     p.add_argument("--merged", action="store_true", help="merge the LORS layers into plain Linears first "
                                                          "(the same text, as fast as a dense model)")
     p.set_defaults(func=run_sample)
 
-    p = cmds.add_parser("compare", help="dense vs LORS vs tied vs dense-small GPT, same tokens and seeds",
-                        description="Train the four models for every seed on the same token budget and write "
-                                    "a table, summary.json and two plots to --out (see docs/lm.md).")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], metavar="S")
-    p.add_argument("--out", default="runs/lm_compare")
-    p.add_argument("--dense", default="gpt_small", help="the dense config (default gpt_small)")
-    p.add_argument("--lors", default="gpt_small_lors", help="the LORS config (default gpt_small_lors)")
-    p.add_argument("--tied", default="gpt_small_tied", help="the tied config (default gpt_small_tied)")
-    p.add_argument("--jobs", type=_positive, default=None, help="runs at a time (default: cores, at most 2)")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for all four models")
-    p.set_defaults(func=run_compare)
+    add_compare_parser(cmds, "GPT", "byte-level GPTs", "val bits per byte", "gpt_small", "gpt_small_lors",
+                       "gpt_small_tied", "runs/lm_compare", run_compare)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from lors.commands._args import add_compare_parser
+
 
 def run_train(args: argparse.Namespace) -> int:
     from lors.experiments.vit.train import train
@@ -23,12 +25,6 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
 def register(sub) -> None:
     parser = sub.add_parser("vit", help="a small ViT on Fashion-MNIST: dense, LORS or tied blocks")
     cmds = parser.add_subparsers(dest="vit_command", required=True, metavar="COMMAND")
@@ -42,13 +38,5 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(func=run_train)
 
-    p = cmds.add_parser("compare", help="dense vs LORS vs tied vs dense-small ViT, same images and seeds")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], metavar="S")
-    p.add_argument("--out", default="runs/vit_compare")
-    p.add_argument("--dense", default="vit_small")
-    p.add_argument("--lors", default="vit_small_lors")
-    p.add_argument("--tied", default="vit_small_tied")
-    p.add_argument("--jobs", type=_positive, default=None, help="runs at a time (default: cores, at most 2)")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for all four models")
-    p.set_defaults(func=run_compare)
+    add_compare_parser(cmds, "ViT", "ViTs", "test accuracy", "vit_small", "vit_small_lors", "vit_small_tied",
+                       "runs/vit_compare", run_compare)

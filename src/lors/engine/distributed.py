@@ -26,6 +26,16 @@ def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]
     return rank, world, dev
 
 
+def setup(device: str | None, batch_size: int) -> tuple[int, int, torch.device, int]:
+    """`init_distributed` and this process's share of a global batch of ``batch_size``:
+    (rank, world, device, per-process batch). ValueError if the batch does not divide."""
+    rank, world, dev = init_distributed(device)
+    if batch_size % world:
+        raise ValueError(f"train.batch_size={batch_size} is not divisible by the {world} processes: make it "
+                         "a multiple of the process count")
+    return rank, world, dev, batch_size // world
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -58,12 +58,8 @@ def train(cfg: DetectorConfig, run_dir=None, resume: bool = True, stop_after: in
         extend: allow resuming a run with more ``train.epochs`` than it was started with.
     """
     cfg.validate()  # a config built in Python has not been through the loader's checks
-    rank, world, dev = distributed.init_distributed(device)
     t = cfg.train
-    if t.batch_size % world:
-        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the {world} "
-                         "processes: make it a multiple of the process count")
-    per_process = t.batch_size // world
+    rank, world, dev, per_process = distributed.setup(device, t.batch_size)
     train_set, val_set = build_datasets(cfg, val=evaluate_at_end and rank == 0)
     torch.manual_seed(t.seed)
     model = build_detector(cfg).to(dev)

@@ -90,12 +90,8 @@ def train(cfg: LMConfig, run_dir: str | Path | None = None, resume: bool = True,
           extend: bool = False) -> dict:
     """Train ``cfg``'s GPT; returns the engine's summary plus val bits-per-byte at the end."""
     cfg.validate()
-    rank, world, dev = distributed.init_distributed(device)
     t = cfg.train
-    if t.batch_size % world:
-        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the {world} processes: make it "
-                         "a multiple of the process count")
-    per_process = t.batch_size // world
+    rank, world, dev, per_process = distributed.setup(device, t.batch_size)
     previous = find_checkpoint(run_dir or t.output_dir) if resume else None  # a resumed run keeps its BPE
     try:
         tokenizer_json = read_state(previous).get("tokenizer") if previous else None

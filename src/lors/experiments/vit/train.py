@@ -50,11 +50,8 @@ def train(cfg: VitConfig, run_dir: str | Path | None = None, resume: bool = True
           device: str | None = None, progress: bool = True, evaluate_at_end: bool = True) -> dict:
     """Train ``cfg``'s ViT; returns the engine's summary plus test accuracy at the end."""
     cfg.validate()
-    rank, world, dev = distributed.init_distributed(device)
     t = cfg.train
-    if t.batch_size % world:
-        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the {world} processes")
-    per_process = t.batch_size // world
+    rank, world, dev, per_process = distributed.setup(device, t.batch_size)
     images, labels = load_fashion_mnist("train", cfg.data.root)
     images, labels = images[:cfg.data.train_images], labels[:cfg.data.train_images]
     test_x, test_y = load_fashion_mnist("test", cfg.data.root)

@@ -1,0 +1,33 @@
+"""Argument types and flag groups that several `lors` sub-commands share."""
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_compare_parser(cmds, family: str, what: str, metric: str, dense: str, lors: str, tied: str, out: str,
+                       func) -> argparse.ArgumentParser:
+    """The `compare` sub-command of a model family (`lors lm compare`, `lors vit compare`)."""
+    p = cmds.add_parser("compare", help=f"dense vs LORS vs tied vs dense-small {what}, same budget and seeds",
+                        description=f"Train the four models for every seed on the same budget and write a table "
+                                    f"({metric}), summary.json and two plots to --out (see docs/lm.md).")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], metavar="S")
+    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+    p.add_argument("--dense", default=dense, help=f"the dense config (default {dense})")
+    p.add_argument("--lors", default=lors, help=f"the LORS config (default {lors})")
+    p.add_argument("--tied", default=tied, help=f"the tied config (default {tied})")
+    p.add_argument("--jobs", type=positive_int, default=None, help="runs at a time (default: cores, at most 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"{family} config overrides for all four models")
+    p.set_defaults(func=func)
+    return p
