@@ -21,33 +21,9 @@ except ImportError as err:  # a PEFT outside the supported range: say so and ski
         raise
     pytest.skip(str(err), allow_module_level=True)
 
-WIDTH = 32
+from test_serial_lora import WIDTH, build  # noqa: E402  the same tiny models as the native tests
+
 KINDS = ["bert", "llama", "gpt2", "vit"]
-
-
-def build(kind: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, torch.Tensor]:
-    """A tiny model of `kind` in eval mode (the same weights on every call) and an input for it."""
-    torch.manual_seed(0)
-    ids = torch.randint(0, 100, (2, 7))
-    if kind == "bert":  # separate query/key/value; output projection is a sibling module
-        cfg = transformers.BertConfig(vocab_size=100, hidden_size=WIDTH, num_hidden_layers=2,
-                                      num_attention_heads=2, intermediate_size=64)
-        model = transformers.BertModel(cfg, add_pooling_layer=False)
-    elif kind == "llama":  # separate q/k/v_proj, grouped k/v heads
-        cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=WIDTH, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
-        model = transformers.LlamaModel(cfg)
-    elif kind == "gpt2":  # fused c_attn, a transformers Conv1D
-        cfg = transformers.GPT2Config(vocab_size=100, n_embd=WIDTH, n_layer=2, n_head=2, n_positions=16,
-                                      bos_token_id=0, eos_token_id=0)
-        model = transformers.GPT2Model(cfg)
-    elif kind == "vit":  # fused qkv nn.Linear
-        from timm.models.vision_transformer import VisionTransformer
-        model = VisionTransformer(img_size=32, patch_size=8, embed_dim=WIDTH, depth=2, num_heads=2, num_classes=5)
-        ids = torch.randn(2, 3, 32, 32)
-    else:
-        raise ValueError(kind)
-    return model.to(dtype).eval(), ids.to(dtype) if ids.is_floating_point() else ids
 
 
 @torch.no_grad()

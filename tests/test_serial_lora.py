@@ -13,8 +13,8 @@ timm = pytest.importorskip("timm")
 WIDTH = 32
 
 
-def build(kind: str) -> tuple[nn.Module, torch.Tensor]:
-    """A tiny model of `kind` in eval mode and an input for it."""
+def build(kind: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, torch.Tensor]:
+    """A tiny model of `kind` in eval mode (the same weights on every call) and an input for it."""
     torch.manual_seed(0)
     ids = torch.randint(0, 100, (2, 7))
     if kind == "bert":  # separate query/key/value; output projection is a sibling module
@@ -36,7 +36,7 @@ def build(kind: str) -> tuple[nn.Module, torch.Tensor]:
         ids = torch.randn(2, 3, 32, 32)
     else:
         raise ValueError(kind)
-    return model.eval(), ids
+    return model.to(dtype).eval(), ids.to(dtype) if ids.is_floating_point() else ids
 
 
 def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
