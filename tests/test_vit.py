@@ -70,3 +70,14 @@ def test_vit_compare_writes_table_and_plots(tmp_path):
     assert list(rows) == ["dense", "LORS", "tied", "dense-small"]
     assert all(0 <= r["val_acc"] <= 100 and [s for s, _ in r["curve"]] == [2, 4] for r in rows.values())
     assert (out / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.num_heads=0", "'model.num_heads' must be >= 1"),   # before the embed_dim % num_heads check
+    ("model.patch_size=0", "'model.patch_size' must be >= 1"),
+    ("model.patch_size=5", "must be a multiple of model.patch_size"),
+    ("train.steps=0", "'train.steps' must be >= 1"),
+])
+def test_bad_vit_settings_are_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_vit_config("vit_small", [override])

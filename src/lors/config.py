@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 import types
@@ -44,6 +45,30 @@ class ConfigTypeError(ValueError):
     def __init__(self, key: str, expected: str, value: Any):
         super().__init__(f"config key '{key}' must be {expected}, got {value!r}")
         self.key, self.expected, self.value = key, expected, value
+
+
+# ---- range checks that config sections' validate() methods share ----
+
+def require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """ValueError naming ``key``, its ``value`` and the ``rule`` it breaks, unless ``ok``."""
+    if not ok:
+        raise ValueError(f"config key '{key}' must be {rule}, got {value!r}")
+
+
+def rule_note(why: str) -> str:
+    """The suffix ` (why)` of a rule, or nothing."""
+    return f" ({why})" if why else ""
+
+
+def at_least(key: str, value: int | float, low: int | float, why: str = "") -> None:
+    """ValueError unless ``value`` (finite) is >= ``low``; the message names the config key."""
+    finite = isinstance(value, int) or math.isfinite(value)
+    require(finite and value >= low, key, value, f">= {low}{rule_note(why)}")
+
+
+def positive(key: str, value: float, why: str = "") -> None:
+    """ValueError unless ``value`` is finite and > 0."""
+    require(math.isfinite(value) and value > 0, key, value, f"> 0{rule_note(why)}")
 
 
 def _type_name(tp: Any) -> str:

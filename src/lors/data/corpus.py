@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
+from lors.data.text import FORTUNES_DIR, split_fortunes
+
 VOCAB_SIZE = 256  # bytes
 INSTALL = "install the Debian package with `apt-get install fortunes`, or pass data.corpus=PATH (a UTF-8 text file or folder)"
 
@@ -35,8 +36,9 @@ class Corpus:
 
 
 def _split_entries(text: str, fortunes: bool) -> list[str]:
-    parts = re.split(r"^%\s*$", text, flags=re.MULTILINE) if fortunes else re.split(r"\n\s*\n", text)
-    return [p.strip("\n") for p in parts if p.strip()]
+    if fortunes:
+        return split_fortunes(text)
+    return [p.strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
 def _read(path: Path) -> str:

@@ -33,11 +33,16 @@ class TextSplit:
         return len(self.texts)
 
 
+def split_fortunes(raw: str) -> list[str]:
+    """The entries of a fortune file's text (separated by lines holding a single ``%``), as
+    written, blank ones dropped."""
+    return [e.strip("\n") for e in re.split(r"^%\s*$", raw, flags=re.MULTILINE) if e.strip()]
+
+
 def read_fortune_file(path: str | Path) -> list[str]:
     """Entries of one fortune file, whitespace collapsed, empty entries dropped."""
     raw = Path(path).read_text(encoding="utf-8", errors="replace")
-    entries = re.split(r"^%\s*$", raw, flags=re.MULTILINE)
-    return [e for e in (" ".join(x.split()) for x in entries) if e]
+    return [" ".join(e.split()) for e in split_fortunes(raw)]
 
 
 def load_fortunes(categories: tuple[str, ...] = CATEGORIES, train_per_class: int = 64,

@@ -11,34 +11,18 @@ line naming the key, the value and the valid range before anything is built or t
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
+from lors.config import at_least as _at_least
 from lors.config import load_config
+from lors.config import positive as _positive
+from lors.config import require as _require
+from lors.config import rule_note as _note
 from lors.core.static import DEFAULT_INIT
 
 RESNET_DEPTHS = (18, 34, 50, 101, 152)  # torchvision's ResNets
-
-
-def _require(ok: bool, key: str, value: Any, rule: str) -> None:
-    """ValueError naming ``key``, its ``value`` and the ``rule`` it breaks, unless ``ok``."""
-    if not ok:
-        raise ValueError(f"config key '{key}' must be {rule}, got {value!r}")
-
-
-def _note(why: str) -> str:
-    return f" ({why})" if why else ""
-
-
-def _at_least(key: str, value: int | float, low: int | float, why: str = "") -> None:
-    finite = isinstance(value, int) or math.isfinite(value)
-    _require(finite and value >= low, key, value, f">= {low}{_note(why)}")
-
-
-def _positive(key: str, value: float, why: str = "") -> None:
-    _require(math.isfinite(value) and value > 0, key, value, f"> 0{_note(why)}")
 
 
 def _within(key: str, value: float, low: float, high: float, interval: str, why: str = "") -> None:

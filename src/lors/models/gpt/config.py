@@ -7,9 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
-from lors.config import load_config
+from lors.config import at_least, load_config
 
 from lors.models.sharing import LorsSection
+from lors.models.training import StepTrainConfig
 
 
 @dataclass
@@ -27,8 +28,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"config key 'model.{key}' must be >= 1, got {getattr(self, key)}")
+            at_least(f"model.{key}", getattr(self, key), 1)  # first: n_embd % n_head needs n_head >= 1
         if self.n_embd % self.n_head:
             raise ValueError(f"config key 'model.n_embd' ({self.n_embd}) must be a multiple of model.n_head "
                              f"({self.n_head})")
@@ -40,27 +40,13 @@ class ModelConfig:
 
 
 @dataclass
-class TrainSection:
-    batch_size: int = 16
-    steps: int = 1000                      # the token budget is steps x batch_size x block_size
-    lr: float = 2e-3
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    clip_grad: float = 1.0
-    seed: int = 0
-    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    checkpoint_every: int = 250
-    log_every: int = 20
-    eval_every: int = 0                    # 0: evaluate at the end only
-    eval_batches: int = 20
+class TrainSection(StepTrainConfig):
     output_dir: str = "runs/lm"
+    eval_batches: int = 20                 # val batches (of batch_size windows) per evaluation
 
     def validate(self) -> None:
-        for key in ("batch_size", "steps", "checkpoint_every", "log_every", "eval_batches"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"config key 'train.{key}' must be >= 1, got {getattr(self, key)}")
-        if not self.lr > 0:
-            raise ValueError(f"config key 'train.lr' must be > 0, got {self.lr}")
+        super().validate()
+        at_least("train.eval_batches", self.eval_batches, 1)
 
 
 @dataclass

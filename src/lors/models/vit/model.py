@@ -12,8 +12,9 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from lors.config import load_config
+from lors.config import at_least, load_config, positive
 from lors.models.sharing import LorsSection, apply_sharing
+from lors.models.training import StepTrainConfig
 
 
 @dataclass
@@ -29,38 +30,26 @@ class VitModelConfig:
     sharing: Literal["none", "lors", "tied"] = "none"
 
     def validate(self) -> None:
+        for key in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads"):
+            at_least(f"model.{key}", getattr(self, key), 1)  # first: the divisions below need them >= 1
+        positive("model.mlp_ratio", self.mlp_ratio)
         if self.img_size % self.patch_size:
             raise ValueError(f"config key 'model.img_size' ({self.img_size}) must be a multiple of model.patch_size "
                              f"({self.patch_size})")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"config key 'model.embed_dim' ({self.embed_dim}) must be a multiple of "
                              f"model.num_heads ({self.num_heads})")
-        for key in ("depth", "num_heads", "num_classes", "embed_dim"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"config key 'model.{key}' must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass
-class VitTrainConfig:
+class VitTrainConfig(StepTrainConfig):
     batch_size: int = 64
     steps: int = 1500
-    lr: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 0.05
-    clip_grad: float = 1.0
-    seed: int = 0
-    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     checkpoint_every: int = 500
-    log_every: int = 20
     eval_every: int = 250
     output_dir: str = "runs/vit"
-
-    def validate(self) -> None:
-        for key in ("batch_size", "steps", "checkpoint_every", "log_every"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"config key 'train.{key}' must be >= 1, got {getattr(self, key)}")
-        if not self.lr > 0:
-            raise ValueError(f"config key 'train.lr' must be > 0, got {self.lr}")
 
 
 @dataclass

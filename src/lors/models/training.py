@@ -1,0 +1,34 @@
+"""The ``train:`` section that the transformer families trained on the engine's loop share
+(`lors.models.gpt`, `lors.models.vit`): a step budget, AdamW with weight decay on matrices, a
+warm-up then cosine schedule, clipping, logging and checkpointing. A family subclasses it to
+change defaults or add keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lors.config import at_least, positive
+
+
+@dataclass
+class StepTrainConfig:
+    batch_size: int = 16
+    steps: int = 1000                      # the budget: steps x batch_size examples
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.1              # on weight matrices only
+    clip_grad: float = 1.0
+    seed: int = 0
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    checkpoint_every: int = 250
+    log_every: int = 20
+    eval_every: int = 0                    # 0: evaluate at the end only
+    output_dir: str = "runs/train"
+
+    def validate(self) -> None:
+        for key in ("batch_size", "steps", "checkpoint_every", "log_every"):
+            at_least(f"train.{key}", getattr(self, key), 1)
+        for key in ("warmup_steps", "eval_every"):
+            at_least(f"train.{key}", getattr(self, key), 0)
+        positive("train.lr", self.lr)
