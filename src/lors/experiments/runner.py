@@ -38,6 +38,12 @@ def default_width() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def check_width(width: int, isolate: bool) -> None:
+    """Runs in this process (not ``isolate``) go one at a time: ValueError otherwise."""
+    if not isolate and width > 1:
+        raise ValueError("--in-process trains one run at a time: drop it or pass --jobs 1")
+
+
 def logged_step(run_dir: Path) -> int:
     """The last step in ``run_dir/log.csv`` (0 if none yet): a running child's progress
     (every trainer on the engine's loop writes it)."""
@@ -76,8 +82,7 @@ def run_jobs(jobs: Sequence[Job], width: int = 1, isolate: bool = True, threads:
     order of ``jobs``. ``threads``: torch CPU threads per run (default: the CPU cores shared
     out among ``width`` runs when ``width`` > 1, else torch's default). ``on_result(i, job,
     result)`` is called as each run finishes."""
-    if not isolate and width > 1:
-        raise ValueError("--in-process trains one run at a time: drop it or pass --jobs 1")
+    check_width(width, isolate)
     if threads is None and width > 1:
         threads = max(1, (os.cpu_count() or 1) // width)
 

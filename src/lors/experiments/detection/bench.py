@@ -24,7 +24,7 @@ from lors.engine.checkpoint import find_checkpoint
 from lors.engine.sampler import EpochSampler
 from lors.experiments.detection.pretrain import PretrainConfig
 from lors.experiments.detection.report import KEYS, SHOWN_METRICS, aggregate, draw_predictions, plot_ap, results_table
-from lors.experiments.runner import Job, default_width, logged_step, run_jobs
+from lors.experiments.runner import Job, check_width, default_width, logged_step, run_jobs
 
 VANILLA, LORS = "bench_adamixer", "bench_adamixer_lors"
 PRETRAIN_STEPS = PretrainConfig.steps
@@ -145,9 +145,8 @@ def run_all(runs: list[tuple[str, Run, Path]], data_dir: Path, opts: SweepOption
     (params, AP..., time per step, peak memory) plus steps and run_dir. With ``reuse``, a run
     whose ``result.json`` exists is read back instead of trained again."""
     from lors.models.adamixer.report import detect_report
-    width = 1 if opts.in_process else max(1, opts.jobs or default_width())
-    if opts.in_process and (opts.jobs or 1) > 1:
-        raise ValueError("--in-process trains one run at a time: drop it or pass --jobs 1")
+    width = max(1, opts.jobs or (1 if opts.in_process else default_width()))
+    check_width(width, isolate=not opts.in_process)  # before any config is loaded
     jobs, cfgs = [], []
     for title, run, run_dir in runs:
         cfg = run.load(data_dir)
