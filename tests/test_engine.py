@@ -76,3 +76,18 @@ def test_train_one_epoch_steps_until_the_budget_and_stops_on_a_nan():
     with pytest.raises(NonFiniteLossError, match="loss is nan at step 3"):
         train_one_epoch(model, loss_fn, bad, opt, Schedule(lr=0.1, total_steps=9), 3, 9)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # no bad step taken
+
+
+def test_adamw_decays_weights_only_also_a_lors_stacks_per_layer_biases_not():
+    from lors import share_layers
+    from lors.engine.loop import adamw
+    stack = nn.Sequential(*(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)) for _ in range(3)))
+    share_layers(stack, rank=2)
+    opt = adamw(stack, 1e-3, 0.1)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    names = {n: p for n, p in stack.named_parameters()}
+    lors_bias = next(p for n, p in names.items() if n.endswith("lors.bias"))
+    assert lors_bias.dim() == 2 and id(lors_bias) not in decayed
+    assert id(next(p for n, p in names.items() if n.endswith("shared_weight"))) in decayed
+    assert not any(id(p) in decayed for n, p in names.items() if p.dim() < 2)
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0

@@ -57,6 +57,21 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
 
 
+def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999)
+          ) -> torch.optim.AdamW:
+    """AdamW over ``model``'s trainable parameters, weight decay on weights only: biases (also a
+    LORS stack's per-layer bias rows, which are 2-D) and other 1-D tensors (norms) get none. The
+    fused kernel on CPU and CUDA (one pass over all tensors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or name.endswith("bias") else decay).append(p)
+    device = next(model.parameters()).device
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas,
+                             fused=device.type in ("cpu", "cuda"))
+
+
 def train_one_epoch(model: nn.Module, loss_fn: LossFn, batches: Iterable, optimizer: torch.optim.Optimizer,
                     schedule: Schedule, step: int, last: int, *, dtype: torch.dtype | None = None,
                     scaler: torch.amp.GradScaler | None = None, clip_grad: float = 0.0,

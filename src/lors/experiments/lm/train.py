@@ -22,7 +22,7 @@ from lors.config import load_config, to_dict
 from lors.data.corpus import Tokens, codec, load_corpus, tokenize
 from lors.engine import distributed
 from lors.engine.checkpoint import find_checkpoint, load_checkpoint, read_state
-from lors.engine.loop import RunSettings, fit
+from lors.engine.loop import RunSettings, adamw, fit
 from lors.engine.schedule import Schedule
 from lors.models.gpt import LMConfig, build_gpt
 
@@ -100,11 +100,7 @@ def train(cfg: LMConfig, run_dir: str | Path | None = None, resume: bool = True,
     tokens = load_tokens(cfg, tokenizer_json)
     torch.manual_seed(t.seed)
     model = build_gpt(cfg).to(dev)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95),
-                                  fused=dev.type in ("cpu", "cuda"))
+    optimizer = adamw(model, t.lr, t.weight_decay, betas=(0.9, 0.95))
 
     def epoch_batches(epoch: int, start: int) -> Iterator:
         return (step_batch(tokens.train, cfg, s, rank, per_process) for s in range(start, t.steps))

@@ -15,7 +15,7 @@ from torch import nn
 from lors.config import to_dict
 from lors.data.fashion import load_fashion_mnist
 from lors.engine import distributed
-from lors.engine.loop import RunSettings, fit
+from lors.engine.loop import RunSettings, adamw, fit
 from lors.engine.sampler import EpochSampler
 from lors.engine.schedule import Schedule
 from lors.models.vit import VitConfig, build_vit
@@ -58,11 +58,7 @@ def train(cfg: VitConfig, run_dir: str | Path | None = None, resume: bool = True
     test_x, test_y = test_x[:cfg.data.test_images], test_y[:cfg.data.test_images]
     torch.manual_seed(t.seed)
     model = build_vit(cfg).to(dev)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=t.lr,
-                                  fused=dev.type in ("cpu", "cuda"))
+    optimizer = adamw(model, t.lr, t.weight_decay)
     sampler = EpochSampler(len(images), per_process, t.seed, rank, world)
 
     def epoch_batches(epoch: int, start: int):
