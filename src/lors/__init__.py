@@ -3,15 +3,16 @@
 Core API::
 
     lors.StaticLors, lors.AdaptiveLors      # the two LORS forms (paper eq. 7-12)
-    lors.share_layers(stack, targets, rank, groups)
+    lors.share_layers(stack, targets, rank, groups)   # fresh, for training from scratch
+    lors.convert_layers(stack, targets, form, budget, calibration=...)  # from pretrained weights
     lors.merge(model)                       # plain nn.Linears, outputs unchanged
     lors.count_parameters(model)            # shared tensors counted once
     lors.save(model, path) / lors.load(model, path)
 """
 from lors.serialization import load, save
-from lors.core import (AdaptiveLors, LorsLinear, ParamCount, StaticLors, count_parameters,
-                       find_layers, merge, share_layers)
+from lors.core import (AdaptiveLors, Conversion, LorsLinear, ParamCount, SharedBasis, StaticLors,
+                       convert_layers, count_parameters, find_layers, merge, share_layers)
 
 __version__ = "0.1.0"
-__all__ = ["AdaptiveLors", "LorsLinear", "ParamCount", "StaticLors", "count_parameters",
-           "find_layers", "load", "merge", "save", "share_layers"]
+__all__ = ["AdaptiveLors", "Conversion", "LorsLinear", "ParamCount", "SharedBasis", "StaticLors",
+           "convert_layers", "count_parameters", "find_layers", "load", "merge", "save", "share_layers"]

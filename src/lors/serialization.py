@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lors.core.adaptive import AdaptiveLors
-from lors.core.share import STACK_TYPES, LorsLinear, find_layers, share_layers
+from lors.core.basis import SharedBasis
+from lors.core.share import STACK_TYPES, LorsLinear, attach, find_layers, share_layers
 from lors.core.static import StaticLors
 
 FORMAT_VERSION = 1
@@ -99,20 +100,55 @@ def _made_by_share_layers(model: nn.Module, layers_path: str, lors: StaticLors) 
         isinstance(m, LorsLinear) and m.lors is lors and m.index == i for i, m in enumerate(found))
 
 
+def _placements(model: nn.Module) -> dict[int, list[tuple[str, int]]]:
+    """id(stack) -> (path, index) of every LorsLinear that reads it."""
+    found: dict[int, list[tuple[str, int]]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LorsLinear):
+            found.setdefault(id(m.lors), []).append((name, m.index))
+    return found
+
+
+def _members(stack: nn.Module, target: str, placed: list[tuple[str, int]]) -> tuple[str, list[int]] | None:
+    """(layers path, members) when layer j of ``stack`` sits at ``<layers>.<members[j]>.<target>``
+    for every j, else None (the layers were moved since)."""
+    members, paths = [None] * stack.num_layers, set()
+    for path, index in placed:
+        if not ("." + path).endswith("." + target):
+            return None
+        layers, _, idx = ("." + path)[: -len(target) - 1].rpartition(".")
+        if not idx.isdigit() or members[index] is not None:
+            return None
+        paths.add(layers[1:])
+        members[index] = int(idx)
+    if len(paths) != 1 or None in members:
+        return None
+    return paths.pop(), members
+
+
 def describe(model: nn.Module) -> dict:
-    """The LORS layout of ``model``: one entry per StaticLors/AdaptiveLors. A StaticLors made by
-    ``share_layers`` on a stack still as it was built also records ``layers`` and ``target``,
-    which is what ``apply_layout`` needs to re-create it on a plain model."""
-    stacks = []
+    """The LORS layout of ``model``: one entry per StaticLors/AdaptiveLors/SharedBasis. A stack
+    made by ``share_layers`` on a stack still as it was built also records ``layers`` and
+    ``target``; one made by ``convert_layers`` (a group of layers, or a basis) records ``layers``,
+    ``target`` and ``members`` (the layer index of each of its layers). That is what
+    ``apply_layout`` needs to re-create it on a plain model."""
+    stacks, placements = [], None
     for name, m in model.named_modules():  # the path of each module's first occurrence
-        if isinstance(m, StaticLors):
-            entry = {"kind": "static", "path": name, "config": m.config()}
+        if isinstance(m, (StaticLors, SharedBasis)):
+            entry = {"kind": "static" if isinstance(m, StaticLors) else "basis", "path": name,
+                     "config": m.config()}
             target = getattr(m, "target", None)
             suffix, dotted = f".0.{target}.lors", "." + name
-            if target is not None and dotted.endswith(suffix):
+            if (isinstance(m, StaticLors) and getattr(m, "members", None) is None and target is not None
+                    and dotted.endswith(suffix)):
                 layers = dotted[: -len(suffix)][1:]
                 if _made_by_share_layers(model, layers, m):
                     entry.update(layers=layers, target=target)
+            elif target is not None:
+                placements = _placements(model) if placements is None else placements
+                found = _members(m, target, placements.get(id(m), []))
+                if found is not None:
+                    entry.update(layers=found[0], target=target, members=found[1])
             stacks.append(entry)
         elif isinstance(m, AdaptiveLors):
             stacks.append({"kind": "adaptive", "path": name, "config": m.config()})
@@ -197,9 +233,10 @@ def read_layout(path: str | Path) -> dict | None:
 
 
 def apply_layout(model: nn.Module, layout: dict) -> None:
-    """Re-apply the ``share_layers`` calls recorded in ``layout`` to a plain model."""
+    """Re-apply the ``share_layers`` and ``convert_layers`` results recorded in ``layout`` to a
+    plain model (the values come from the checkpoint afterwards)."""
     for entry in layout["stacks"]:
-        if entry["kind"] != "static" or "target" not in entry:
+        if entry["kind"] not in ("static", "basis") or "target" not in entry:
             continue
         cfg = entry["config"]
         try:
@@ -207,10 +244,25 @@ def apply_layout(model: nn.Module, layout: dict) -> None:
         except AttributeError:
             raise ValueError(f"the checkpoint shares layers at '{entry['layers']}', which this "
                              "model does not have: load it into the model it was saved from") from None
-        found = len(find_layers(layers)[1])
-        if found != cfg["num_layers"]:
+        found = find_layers(layers)[1]
+        if "members" in entry:  # convert_layers: some layers of the stack, by index
+            members = entry["members"]
+            try:
+                ref = found[max(members)].get_submodule(entry["target"])
+            except (AttributeError, IndexError):
+                ref = None
+            if not isinstance(ref, nn.Linear):
+                raise ValueError(f"the checkpoint converts '{entry['target']}' of layers {members} at "
+                                 f"'{entry['layers']}', which this model does not have as an nn.Linear: "
+                                 "load it into the model it was converted from")
+            kw = dict(device=ref.weight.device, dtype=ref.weight.dtype)
+            stack = StaticLors(**cfg, **kw) if entry["kind"] == "static" else SharedBasis(**cfg, **kw)
+            stack.target, stack.members = entry["target"], list(members)
+            attach(list(found), entry["target"], stack, members)
+            continue
+        if len(found) != cfg["num_layers"]:
             raise ValueError(f"the checkpoint shares {cfg['num_layers']} layers at "
-                             f"'{entry['layers']}', this model has {found} there: build the model "
+                             f"'{entry['layers']}', this model has {len(found)} there: build the model "
                              "with the configuration it was saved with")
         share_layers(layers, targets=entry["target"], rank=cfg["rank"], groups=cfg["groups"],
                      init=cfg["init"], shared_bias=cfg["shared_bias"])

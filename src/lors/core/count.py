@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from lors.core.adaptive import AdaptiveLors
+from lors.core.basis import SharedBasis
 from lors.core.static import StaticLors
 
 
@@ -32,6 +33,8 @@ def lors_split(lors: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]
             shared.append(lors.bias)
     elif isinstance(lors, AdaptiveLors):
         shared = [] if lors.generator is None else list(lors.generator.parameters())
+    elif isinstance(lors, SharedBasis):
+        shared = [lors.basis]
     else:
         raise TypeError(f"{type(lors).__name__} is not a LORS module")
     ids = {id(p) for p in shared}
@@ -42,12 +45,13 @@ def count_parameters(module: nn.Module) -> ParamCount:
     """Count ``module``'s parameters, each tensor once however many layers use it.
 
     ``shared`` holds W_shared (and a shared bias) of every StaticLors and the generator of
-    every AdaptiveLors; ``private`` their per-layer factors, E-generators and biases;
+    every AdaptiveLors and the basis of every SharedBasis; ``private`` their per-layer factors,
+    coefficients, E-generators and biases;
     ``other`` everything else.
     """
     seen, shared, private = set(), 0, 0
     for m in module.modules():
-        if isinstance(m, (StaticLors, AdaptiveLors)):
+        if isinstance(m, (StaticLors, AdaptiveLors, SharedBasis)):
             sh, pr = lors_split(m)
             shared += sum(p.numel() for p in sh if id(p) not in seen)
             private += sum(p.numel() for p in pr if id(p) not in seen)

@@ -52,7 +52,7 @@ def _first_write(lors: StaticLors, destination: dict) -> bool:
 
 
 class LorsLinear(nn.Module):
-    """Layer ``index`` of a ``StaticLors``, used in place of an ``nn.Linear``.
+    """Layer ``index`` of a ``StaticLors`` (or a ``SharedBasis``), used in place of an ``nn.Linear``.
 
     ``weight`` and ``bias`` are read-only properties holding W_i and b_i, so code that reads
     ``linear.weight`` directly (``nn.MultiheadAttention``'s output projection) still works.
@@ -120,9 +120,11 @@ class LorsLinear(nn.Module):
     def extra_repr(self) -> str:
         lors, i = self.lors, self.index
         target = getattr(lors, "target", None)
-        return (f"layer {i} of {lors.num_layers}" + (f" of target '{target}'" if target else "")
-                + f", in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={lors.ranks[i]}, groups={lors.groups[i]}")
+        shape = (f"layer {i} of {lors.num_layers}" + (f" of target '{target}'" if target else "")
+                 + f", in_features={self.in_features}, out_features={self.out_features}, ")
+        if hasattr(lors, "side"):  # a SharedBasis
+            return shape + f"basis={lors.side}put side, rank={lors.rank}"
+        return shape + f"rank={lors.ranks[i]}, groups={lors.groups[i]}"
 
     def __repr__(self) -> str:  # one line: the shared StaticLors would print under every layer
         return f"{type(self).__name__}({self.extra_repr()})"
@@ -269,10 +271,16 @@ def share_layers(module: nn.Module, targets: str | Iterable[str] | None = None,
                                name=f"target '{t}'")
         stacks[t].target = t
     for t, lors in stacks.items():
-        parent, _, leaf = t.rpartition(".")
-        for i, layer in enumerate(layers):
-            setattr(layer.get_submodule(parent) if parent else layer, leaf, LorsLinear(lors, i))
+        attach(layers, t, lors, range(len(layers)))
     return stacks
+
+
+def attach(layers: Sequence[nn.Module], target: str, stack: nn.Module, members: Sequence[int]) -> None:
+    """Put ``LorsLinear(stack, j)`` at ``target`` of ``layers[members[j]]`` for every j: how a
+    StaticLors or SharedBasis that serves some layers of a stack is wired in."""
+    parent, _, leaf = target.rpartition(".")
+    for j, i in enumerate(members):
+        setattr(layers[i].get_submodule(parent) if parent else layers[i], leaf, LorsLinear(stack, j))
 
 
 def merge(module: nn.Module) -> nn.Module:

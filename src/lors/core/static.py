@@ -29,13 +29,17 @@ def per_layer(value: int | Sequence[int], num_layers: int, what: str) -> list[in
     return values
 
 
-def check_ranks(ranks: list[int], groups: list[int], d: int, h: int, name: str) -> None:
-    """Ranks must satisfy 1 <= r < min(d, h); groups must be >= 1."""
+def check_ranks(ranks: list[int], groups: list[int], d: int, h: int, name: str,
+                full_range: bool = False) -> None:
+    """Ranks must satisfy 1 <= r < min(d, h), or 0 <= r <= min(d, h) with ``full_range``;
+    groups must be >= 1."""
     for i, (r, k) in enumerate(zip(ranks, groups)):
-        if not 1 <= r < min(d, h):
+        ok = 0 <= r <= min(d, h) if full_range else 1 <= r < min(d, h)
+        if not ok:
+            allowed = f"0 <= rank <= {min(d, h)}" if full_range else f"1 <= rank < {min(d, h)}"
             raise ValueError(
                 f"{name}: rank {r} for layer {i} is out of range for a ({d}, {h}) weight; "
-                f"use 1 <= rank < {min(d, h)}")
+                f"use {allowed}")
         if k < 1:
             raise ValueError(f"{name}: groups {k} for layer {i} must be >= 1")
 
@@ -43,7 +47,7 @@ def check_ranks(ranks: list[int], groups: list[int], d: int, h: int, name: str) 
 def kaiming_(tensor: torch.Tensor) -> torch.Tensor:
     """nn.Linear's default Kaiming-uniform init, applied to each (rows, fan_in) slice:
     uniform in ±1/sqrt(last dimension)."""
-    bound = 1.0 / math.sqrt(tensor.shape[-1])
+    bound = 1.0 / math.sqrt(max(1, tensor.shape[-1]))  # a rank-0 factor has no entries
     return nn.init.uniform_(tensor, -bound, bound)
 
 
@@ -105,6 +109,9 @@ class StaticLors(nn.Module):
             the authors' (r, in) shape, ±sqrt(6/in); B zero, as LoRA does; biases zero).
             Both start every layer equal to the shared weight; ``"paper"`` is the default
             because it is what the paper reports.
+        full_range: allow rank 0 (the layer is the shared weight) and full rank
+            min(out, in) (any weight exactly), as ``convert_layers`` does; otherwise
+            1 <= rank < min(out, in).
 
     Parameters: ``shared_weight`` (out, in); ``A[i]`` (K_i, r_i, in) and ``B[i]``
     (K_i, out, r_i) private; ``bias`` (N, out), or (1, out) when shared.
@@ -113,7 +120,7 @@ class StaticLors(nn.Module):
     def __init__(self, num_layers: int, in_features: int, out_features: int,
                  rank: int | Sequence[int] = 8, groups: int | Sequence[int] = 1,
                  bias: bool = True, shared_bias: bool = False, init: str = DEFAULT_INIT,
-                 device=None, dtype=None, name: str = "StaticLors"):
+                 full_range: bool = False, device=None, dtype=None, name: str = "StaticLors"):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"{name}: num_layers must be >= 1, got {num_layers}")
@@ -122,8 +129,8 @@ class StaticLors(nn.Module):
         self.num_layers, self.in_features, self.out_features = num_layers, in_features, out_features
         self.ranks = per_layer(rank, num_layers, f"{name}: rank")
         self.groups = per_layer(groups, num_layers, f"{name}: groups")
-        check_ranks(self.ranks, self.groups, out_features, in_features, name)
-        self.init, self.shared_bias = init, shared_bias
+        check_ranks(self.ranks, self.groups, out_features, in_features, name, full_range)
+        self.init, self.shared_bias, self.full_range = init, shared_bias, full_range
         kw = dict(device=device, dtype=dtype)
         self.shared_weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
         self.A = nn.ParameterList(
@@ -195,6 +202,9 @@ class StaticLors(nn.Module):
 
     def config(self) -> dict:
         """Constructor arguments, for checkpoints."""
-        return dict(num_layers=self.num_layers, in_features=self.in_features,
-                    out_features=self.out_features, rank=self.ranks, groups=self.groups,
-                    bias=self.bias is not None, shared_bias=self.shared_bias, init=self.init)
+        config = dict(num_layers=self.num_layers, in_features=self.in_features,
+                      out_features=self.out_features, rank=self.ranks, groups=self.groups,
+                      bias=self.bias is not None, shared_bias=self.shared_bias, init=self.init)
+        if self.full_range:  # only when set: layouts saved before it existed read the same
+            config["full_range"] = True
+        return config

@@ -1,0 +1,489 @@
+"""Convert a *pretrained* stack of identical layers into shared form, from its own weights.
+
+``share_layers`` builds a LORS stack for training from scratch; ``convert_layers`` keeps what
+the layers learned. Two forms, over groups of layers (all N, or groups of adjacent ones):
+
+- ``form="lors"``: ``W_i ≈ W_g + B_i A_i``, W_g the mean of the group's weights and B_i A_i a
+  truncated SVD of the residual ``W_i - W_g`` (B = U_r S_r^½, A = S_r^½ V_rᵀ), a ``StaticLors``;
+- ``form="basis"``: ``W_i ≈ C_i P_g`` with a basis P_g (k, in) shared by the group (``side="in"``,
+  as Basis Sharing does) or ``W_i ≈ P_g C_i`` with P_g (out, k) (``side="out"``), a
+  ``SharedBasis``. One layer per group is a per-layer truncated SVD.
+
+With ``calibration`` (input activations of each target Linear), every SVD is *activation-aware*:
+it minimises the output error ``‖X_i (W_i − Ŵ_i)ᵀ‖_F`` on those inputs instead of the weight
+error (as SVD-LLM and Basis Sharing do), by factoring ``W S`` where ``S Sᵀ = XᵀX / rows`` (plus
+``damping`` times its mean diagonal, so S is invertible) and mapping back with S⁻¹. Full rank
+reproduces every layer exactly in both forms.
+
+Ranks are given (``rank``) or chosen to keep a fraction of the targets' parameters (``budget``):
+``allocation="greedy"`` spends the budget one rank step at a time where it removes the most
+relative error energy per parameter, across layers and targets; ``"uniform"`` gives every layer
+(or group) of a target one rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from lors.core.basis import SIDES, SharedBasis
+from lors.core.share import LorsLinear, attach, check_identical, find_layers, linear_names
+from lors.core.static import StaticLors
+
+FORMS = ("lors", "basis")
+ALLOCATIONS = ("greedy", "uniform")
+
+
+@dataclass
+class Conversion:
+    """What ``convert_layers`` did: per target, each layer's rank and relative error.
+
+    ``ranks[t][i]`` is layer i's residual rank (``lors``) or the width of its group's basis
+    (``basis``); ``errors[t][i]`` is ``‖(W_i − Ŵ_i) Sᵢ‖ / ‖W_i Sᵢ‖`` with ``Sᵢ Sᵢᵀ`` the
+    calibration input moment (the relative output error on the calibration data), or the
+    relative Frobenius error without calibration. ``stacks[t]`` holds one StaticLors or
+    SharedBasis per group. Parameter counts cover the targets' weights and biases only.
+    """
+
+    form: str
+    side: str | None
+    targets: list[str]
+    groups: list[list[int]]
+    ranks: dict[str, list[int]]
+    errors: dict[str, list[float]]
+    params_before: int
+    params_after: int
+    activation_aware: bool
+    budget: float | None = None
+    stacks: dict[str, list[nn.Module]] = field(default_factory=dict, repr=False)
+
+    @property
+    def kept(self) -> float:
+        """params_after / params_before."""
+        return self.params_after / self.params_before
+
+    def summary(self) -> dict:
+        """JSON-ready: everything but the modules."""
+        return dict(form=self.form, side=self.side, targets=self.targets, groups=self.groups,
+                    budget=self.budget, params_before=self.params_before, params_after=self.params_after,
+                    kept=self.kept, activation_aware=self.activation_aware, ranks=self.ranks,
+                    errors=self.errors)
+
+    def table(self) -> str:
+        """One line per layer, one column per target: ``rank / relative error``."""
+        kind = "output error on the calibration data" if self.activation_aware else "weight error"
+        head = ["layer"] + self.targets
+        rows = [[str(i)] + [f"{self.ranks[t][i]} / {self.errors[t][i]:.3f}" for t in self.targets]
+                for i in range(len(self.ranks[self.targets[0]]))]
+        widths = [max(len(r[c]) for r in [head] + rows) for c in range(len(head))]
+        fmt = lambda r: "  ".join(v.rjust(w) for v, w in zip(r, widths))  # noqa: E731
+        what = "residual rank" if self.form == "lors" else "basis width"
+        return "\n".join([f"{what} / relative {kind}", fmt(head)] + [fmt(r) for r in rows])
+
+
+def input_moments(layers: Sequence[nn.Module], targets: Sequence[str],
+                  run: Callable[[], object]) -> dict[str, list[torch.Tensor]]:
+    """Call ``run()`` with a hook on every target Linear of every layer and return, per target,
+    each layer's input moment ``XᵀX / rows`` (in, in), float64.
+
+    Linears that read one tensor (q, k and v; gate and up) share one product.
+    """
+    n = len(layers)
+    sums = {t: [None] * n for t in targets}
+    rows = {t: [0] * n for t in targets}
+    last: dict[int, tuple] = {}  # layer -> (the tensor, its product): held, so `is` is exact
+
+    def hook(t: str, i: int):
+        def record(_module, args):
+            x = args[0].detach()
+            seen = last.get(i)
+            if seen is not None and seen[0] is x:
+                prod = seen[1]
+            else:
+                flat = x.reshape(-1, x.shape[-1]).float()
+                prod = (flat.t() @ flat).double()  # (in, in)
+                last[i] = (x, prod)
+            sums[t][i] = prod.clone() if sums[t][i] is None else sums[t][i].add_(prod)
+            rows[t][i] += x.numel() // x.shape[-1]
+        return record
+
+    handles = [layer.get_submodule(t).register_forward_pre_hook(hook(t, i))
+               for t in targets for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+        last.clear()
+    for t in targets:
+        for i in range(n):
+            if rows[t][i] == 0:
+                raise ValueError(f"the calibration run never called target '{t}' of layer {i}: pass a "
+                                 "callable that runs the model forward on calibration inputs")
+    return {t: [s / r for s, r in zip(sums[t], rows[t])] for t in targets}
+
+
+def _moments_from_activations(calibration: Mapping, targets: Sequence[str], n: int,
+                              widths: dict[str, int]) -> dict[str, list[torch.Tensor]]:
+    out = {}
+    for t in targets:
+        if t not in calibration:
+            raise ValueError(f"calibration has no activations for target '{t}' (it has "
+                             f"{sorted(calibration)}): give a list of {n} input tensors per target, "
+                             "or a callable that runs the model")
+        acts = list(calibration[t])
+        if len(acts) != n:
+            raise ValueError(f"calibration for target '{t}' holds {len(acts)} tensors; the stack has "
+                             f"{n} layers: give one input tensor per layer")
+        moments = []
+        for i, x in enumerate(acts):
+            if not torch.is_tensor(x) or x.ndim < 1 or x.shape[-1] != widths[t] or x.numel() == 0:
+                got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+                raise ValueError(f"calibration for target '{t}' layer {i} has shape {got}; the Linear "
+                                 f"reads inputs of width {widths[t]}: pass its input activations, "
+                                 f"shape (..., {widths[t]})")
+            flat = x.detach().reshape(-1, widths[t]).double()
+            moments.append(flat.t() @ flat / flat.shape[0])
+        out[t] = moments
+    return out
+
+
+def _whitener(moment: torch.Tensor | None, damping: float, size: int):
+    """(S, S⁻¹) with S Sᵀ = moment + damping · mean diagonal · I; (None, None) without one."""
+    if moment is None:
+        return None, None
+    eye = torch.eye(size, dtype=torch.float64, device=moment.device)
+    scale = moment.diagonal().mean().clamp_min(1e-30)
+    lam, q = torch.linalg.eigh(moment + damping * scale * eye)
+    root = lam.clamp_min(lam.max() * 1e-12).sqrt()
+    return q * root, (q / root).t()
+
+
+def _mul(w: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+    return w if s is None else w @ s
+
+
+def _groups(groups, n: int) -> list[list[int]]:
+    if groups is None:
+        return [list(range(n))]
+    if isinstance(groups, int) and not isinstance(groups, bool):
+        if groups < 1:
+            raise ValueError(f"groups={groups}: give a group size >= 1, a list of lists of layer "
+                             "indices, or None for one group of all layers")
+        return [list(range(s, min(s + groups, n))) for s in range(0, n, groups)]
+    if isinstance(groups, (list, tuple)) and all(isinstance(g, (list, tuple)) and g for g in groups):
+        flat = [i for g in groups for i in g]
+        if sorted(flat) == list(range(n)) and all(isinstance(i, int) for i in flat):
+            return [list(g) for g in groups]
+        raise ValueError(f"groups {groups!r} must name every layer 0..{n - 1} exactly once")
+    raise ValueError(f"groups must be None (all {n} layers), a group size, or a list of lists of "
+                     f"layer indices, got {groups!r}")
+
+
+def _targets(layer: nn.Module, targets) -> list[str]:
+    available = linear_names(layer)
+    conv1d = [name for name, m in layer.named_modules() if type(m).__name__ == "Conv1D"]
+    if targets is None:
+        if available:
+            return available
+        if conv1d:
+            raise ValueError(f"{type(layer).__name__} holds Conv1D layers ({', '.join(conv1d)}), "
+                             "GPT-2's transposed Linear, and no nn.Linear: replace each Conv1D by an "
+                             "nn.Linear with weight.T first (the weights of GPT-2-family models)")
+        raise ValueError(f"{type(layer).__name__} has no nn.Linear to convert")
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not targets:
+        raise ValueError("targets is empty: name at least one Linear, or pass None for all")
+    for t in targets:
+        try:
+            found = layer.get_submodule(t)
+        except AttributeError:
+            raise ValueError(f"target '{t}' matches nothing in {type(layer).__name__}; its Linears are "
+                             f"{available}") from None
+        if isinstance(found, LorsLinear):
+            raise ValueError(f"target '{t}' is already shared: call lors.merge first to convert it again")
+        if not isinstance(found, nn.Linear):
+            hint = (" (GPT-2's transposed Linear: replace it by an nn.Linear with weight.T first)"
+                    if type(found).__name__ == "Conv1D" else "")
+            raise ValueError(f"target '{t}' is a {type(found).__name__}, not an nn.Linear{hint}; the "
+                             f"Linears are {available}")
+    return targets
+
+
+@dataclass
+class _Plan:
+    """One target's factorisation, before ranks are cut."""
+    out: int
+    inp: int
+    has_bias: bool
+    units: list  # lors: one per layer; basis: one per group
+    gains: list  # per unit: relative energy removed by each rank step, descending
+    step: list   # per unit: parameters one rank step costs
+    limit: list  # per unit: the largest rank
+    fixed: int   # parameters that do not depend on the ranks (shared weights, biases)
+    before: int  # the original weights and biases
+
+
+def _plan_lors(ws, moments, groups, damping):
+    """One unit per layer, in layer order: (its group's mean, U, singular values, Vᵀ S⁻¹)."""
+    means = {i: mean for g in groups for mean in [torch.stack([ws[j] for j in g]).mean(0)] for i in g}
+    units, gains, limits = [], [], []
+    for i, w in enumerate(ws):
+        s, s_inv = _whitener(None if moments is None else moments[i], damping, w.shape[1])
+        u, sig, vh = torch.linalg.svd(_mul(w - means[i], s), full_matrices=False)
+        total = _mul(w, s).square().sum().clamp_min(1e-30)
+        units.append((means[i], u, sig, vh if s_inv is None else vh @ s_inv))
+        gains.append((sig.square() / total).tolist())
+        limits.append(sig.numel())
+    return units, gains, limits
+
+
+def _plan_basis(ws, moments, groups, damping, side):
+    units, gains, limits = [], [], []
+    for g in groups:
+        n_in = ws[g[0]].shape[1]
+        if side == "in":  # one basis of the input space, whitened by the group's pooled moment
+            pooled = None if moments is None else sum(moments[i] for i in g)
+            s, s_inv = _whitener(pooled, damping, n_in)
+            stacked = torch.cat([_mul(ws[i], s) for i in g])                   # (n·out, in)
+            gram = stacked.t() @ stacked                                      # (in, in)
+        else:  # one basis of the output space; each layer whitened by its own moment
+            stacked = torch.cat([_mul(ws[i], _whitener(None if moments is None else moments[i],
+                                                        damping, n_in)[0]) for i in g], dim=1)
+            gram = stacked @ stacked.t()                                      # (out, out)
+        lam, vec = torch.linalg.eigh(gram)
+        limit = min(stacked.shape)  # the rank of the stacked weights
+        lam, vec = lam.flip(0).clamp_min(0)[:limit], vec.flip(1)[:, :limit]
+        if side == "out":
+            basis = vec                                                       # (out, k)
+        else:
+            basis = vec.t() if s_inv is None else vec.t() @ s_inv             # (k, in)
+        units.append((g, basis))
+        total = lam.sum().clamp_min(1e-30)
+        gains.append((lam * len(g) / total).tolist())
+        limits.append(limit)
+    return units, gains, limits
+
+
+def _check_rank(value, count: int, what: str, limits: list[int], t: str) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        values = [value] * count
+    elif isinstance(value, (list, tuple)) and len(value) == count and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        values = list(value)
+    else:
+        raise ValueError(f"rank for target '{t}' must be an int, a list of {count} ints (one per "
+                         f"{what}) or 'full', got {value!r}")
+    for j, (v, lim) in enumerate(zip(values, limits)):
+        if not 0 <= v <= lim:
+            raise ValueError(f"rank {v} for {what} {j} of target '{t}' is out of range; use 0 <= rank "
+                             f"<= {lim} (full rank reproduces the layer)")
+    return values
+
+
+def _allocate(plans: dict[str, _Plan], budget: float, allocation: str) -> dict[str, list[int]]:
+    """Ranks per unit that keep ``budget`` of the parameters, to within one rank step."""
+    fixed = sum(p.fixed for p in plans.values())
+    before = sum(p.before for p in plans.values())
+    if fixed > budget * before:
+        raise ValueError(f"budget {budget} keeps {int(budget * before):,} of {before:,} parameters, but "
+                         f"the shared weights and biases alone take {fixed:,}: use a larger budget, "
+                         "larger groups (form='lors'), or form='basis'")
+    if allocation == "uniform":  # one rank per target, the largest that fits its own share
+        return {t: [min(max(0, int((budget * p.before - p.fixed) // sum(p.step))), lim) for lim in p.limit]
+                for t, p in plans.items()}
+    room = budget * before - fixed
+    # Each step's gain / cost; steps of one unit have falling gains, so the sorted order takes
+    # them first to last (ties broken by step index).
+    items = sorted((-g / p.step[u], j, t, u) for t, p in plans.items()
+                   for u, gs in enumerate(p.gains) for j, g in enumerate(gs) if g > 0)
+    ranks = {t: [0] * len(p.units) for t, p in plans.items()}
+    blocked = set()
+    for _, j, t, u in items:
+        cost = plans[t].step[u]
+        if (t, u) in blocked or cost > room:
+            blocked.add((t, u))  # a later step of this unit alone would skip one
+            continue
+        ranks[t][u], room = j + 1, room - cost
+    return ranks
+
+
+def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None, form: str = "lors",
+                   budget: float | None = None, rank=None, groups=None, calibration=None,
+                   side: str = "in", allocation: str = "greedy", damping: float = 0.01) -> Conversion:
+    """Replace the target Linears of a pretrained stack by a shared form made from their weights.
+
+    Args:
+        module: an ``nn.ModuleList``/``nn.Sequential`` of identical layers, or a model holding
+            one (``find_layers``).
+        targets: Linear names relative to one layer, or None for every ``nn.Linear``.
+        form: ``"lors"`` (group mean + per-layer SVD of the residual) or ``"basis"`` (a basis
+            shared by the group + per-layer coefficients).
+        budget: the fraction of the targets' parameters to keep, 0 < budget < 1; ranks are
+            chosen by ``allocation``. Give ``budget`` or ``rank``, not both.
+        rank: an int, a list (one per layer for ``lors``, one per group for ``basis``), a dict
+            ``{target: int or list}``, or ``"full"``, which reproduces the layers exactly.
+        groups: None (all N layers share), a group size (adjacent layers), or a list of lists
+            of layer indices.
+        calibration: None (weight-space SVD), a callable that runs the model on calibration
+            inputs (hooks record each target's inputs), or ``{target: [N tensors (..., in)]}``.
+        side: ``"in"`` or ``"out"``, where the ``basis`` form's shared basis sits.
+        allocation: ``"greedy"`` or ``"uniform"``, how ``budget`` is spent.
+        damping: added to each input moment, times its mean diagonal, before whitening.
+
+    Every argument is checked before the stack changes; bad input is a ValueError that names it.
+    Returns a ``Conversion`` (ranks, errors, parameter counts, the new modules).
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if (budget is None) == (rank is None):
+        raise ValueError("give either budget (a fraction of the parameters to keep) or rank, not "
+                         + ("both" if budget is not None else "neither"))
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not 0 < budget < 1):
+        raise ValueError(f"budget must be a fraction with 0 < budget < 1, got {budget!r}")
+    if not isinstance(damping, (int, float)) or damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping!r}")
+    _, stack = find_layers(module)
+    layers = list(stack)
+    try:
+        check_identical(layers)
+    except ValueError as err:
+        raise ValueError(str(err).replace("share_layers", "convert_layers")) from None
+    targets = _targets(layers[0], targets)
+    n, parts = len(layers), _groups(groups, len(layers))
+    linears = {t: [layer.get_submodule(t) for layer in layers] for t in targets}
+    widths = {t: linears[t][0].in_features for t in targets}
+
+    if calibration is None:
+        moments = None
+    elif callable(calibration):
+        moments = input_moments(layers, targets, calibration)
+    elif isinstance(calibration, Mapping):
+        moments = _moments_from_activations(calibration, targets, n, widths)
+    else:
+        raise ValueError(f"calibration must be None, a callable that runs the model, or a dict "
+                         f"{{target: [input tensors]}}, got a {type(calibration).__name__}")
+    if isinstance(rank, Mapping):
+        unknown = sorted(set(rank) - set(targets))
+        missing = [t for t in targets if t not in rank]
+        if unknown or missing:
+            raise ValueError(f"rank dict: {'unknown targets ' + str(unknown) if unknown else ''}"
+                             f"{'; ' if unknown and missing else ''}"
+                             f"{'no rank for targets ' + str(missing) if missing else ''}; "
+                             f"the targets are {targets}")
+
+    plans, weights = {}, {}
+    for t in targets:
+        ws = [lin.weight.detach().to(torch.float64) for lin in linears[t]]
+        out, inp = ws[0].shape
+        has_bias = linears[t][0].bias is not None
+        mts = None if moments is None else moments[t]
+        if form == "lors":
+            units, gains, limits = _plan_lors(ws, mts, parts, damping)
+            step = [out + inp] * n
+            fixed = len(parts) * out * inp + has_bias * n * out
+        else:
+            units, gains, limits = _plan_basis(ws, mts, parts, damping, side)
+            step = [(inp + len(g) * out) if side == "in" else (out + len(g) * inp) for g in parts]
+            fixed = has_bias * n * out
+        plans[t] = _Plan(out, inp, has_bias, units, gains, step, limits, fixed, n * (out * inp + has_bias * out))
+        weights[t] = ws
+    before = sum(p.before for p in plans.values())
+
+    if budget is not None:
+        unit_ranks = _allocate(plans, float(budget), allocation)
+    else:
+        what = "layer" if form == "lors" else "group"
+        unit_ranks = {}
+        for t, p in plans.items():
+            given = rank[t] if isinstance(rank, Mapping) else rank
+            unit_ranks[t] = list(p.limit) if given == "full" else _check_rank(given, len(p.units), what, p.limit, t)
+
+    stacks, ranks, errors = {}, {}, {}
+    for t, p in plans.items():
+        ref = linears[t][0].weight
+        kw = dict(device=ref.device, dtype=ref.dtype)
+        built, fitted = [], [None] * n
+        if form == "lors":
+            for gi, g in enumerate(parts):
+                rs = [unit_ranks[t][i] for i in g]
+                lors = StaticLors(len(g), p.inp, p.out, rank=rs, groups=1, bias=p.has_bias,
+                                  full_range=True, name=f"target '{t}' group {gi}", **kw)
+                with torch.no_grad():
+                    lors.shared_weight.copy_(p.units[g[0]][0])
+                    for j, i in enumerate(g):
+                        mean, u, sig, right = p.units[i]
+                        r, root = rs[j], sig[: rs[j]].sqrt()
+                        lors.B[j].copy_((u[:, :r] * root)[None])
+                        lors.A[j].copy_((root[:, None] * right[:r])[None])
+                        fitted[i] = mean + (u[:, :r] * sig[:r]) @ right[:r]
+                        if p.has_bias:
+                            lors.bias[j].copy_(linears[t][i].bias.detach())
+                built.append(lors)
+        else:
+            for gi, (g, basis) in enumerate(p.units):
+                k = unit_ranks[t][gi]
+                shared = basis[:k] if side == "in" else basis[:, :k]
+                sb = SharedBasis(len(g), p.inp, p.out, rank=k, side=side, bias=p.has_bias,
+                                 name=f"target '{t}' group {gi}", **kw)
+                with torch.no_grad():
+                    sb.basis.copy_(shared)
+                    for j, i in enumerate(g):
+                        coeff = _coefficients(weights[t][i], shared, side,
+                                              None if moments is None else moments[t][i], damping)
+                        sb.coeffs[j].copy_(coeff)
+                        fitted[i] = coeff @ shared if side == "in" else shared @ coeff
+                        if p.has_bias:
+                            sb.bias[j].copy_(linears[t][i].bias.detach())
+                built.append(sb)
+        for gi, (mod, g) in enumerate(zip(built, parts)):
+            mod.target, mod.members = t, list(g)
+        stacks[t] = built
+        if form == "lors":  # one unit per layer
+            ranks[t] = list(unit_ranks[t])
+        else:  # one unit per group
+            order = {i: unit_ranks[t][gi] for gi, g in enumerate(parts) for i in g}
+            ranks[t] = [order[i] for i in range(n)]
+        errors[t] = [_relative_error(weights[t][i], fitted[i],
+                                     None if moments is None else moments[t][i]) for i in range(n)]
+
+    for t, built in stacks.items():  # every check passed: change the stack
+        for mod, g in zip(built, parts):
+            attach(layers, t, mod, g)
+    after = sum(sum(q.numel() for q in mod.parameters()) for built in stacks.values() for mod in built)
+    return Conversion(form=form, side=side if form == "basis" else None, targets=targets, groups=parts,
+                      ranks=ranks, errors=errors, params_before=before, params_after=after,
+                      activation_aware=moments is not None, budget=budget, stacks=stacks)
+
+
+def _coefficients(w, basis, side, moment, damping):
+    """The layer's best coefficients for a fixed basis, in its own (whitened) metric."""
+    if side == "out":  # the basis has orthonormal columns: C = Pᵀ W is optimal for any metric
+        return basis.t() @ w
+    if basis.shape[0] == 0:
+        return w.new_zeros(w.shape[0], 0)
+    if moment is None:
+        m = None
+    else:
+        eye = torch.eye(moment.shape[0], dtype=moment.dtype, device=moment.device)
+        m = moment + damping * moment.diagonal().mean().clamp_min(1e-30) * eye
+    if m is None:  # C = argmin ‖W − C P‖: least squares over P's rows
+        return torch.linalg.solve(basis @ basis.t(), basis @ w.t()).t()
+    return torch.linalg.solve(basis @ m @ basis.t(), basis @ m @ w.t()).t()  # (out, k)
+
+
+def _relative_error(w, fitted, moment) -> float:
+    diff = w - fitted
+    if moment is None:
+        return float(diff.norm() / w.norm().clamp_min(1e-30))
+    num = (diff @ moment * diff).sum().clamp_min(0)
+    den = (w @ moment * w).sum().clamp_min(1e-30)
+    return float((num / den).sqrt())
