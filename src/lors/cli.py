@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lors.commands import detect, finetune, lm, params, vit
+from lors.commands import convert, detect, finetune, lm, params, vit
 
-COMMANDS = (params, detect, lm, vit, finetune)
+COMMANDS = (params, detect, lm, vit, finetune, convert)
 
 
 class IntermixedParser(argparse.ArgumentParser):

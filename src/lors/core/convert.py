@@ -83,8 +83,14 @@ class Conversion:
         return "\n".join([f"{what} / relative {kind}", fmt(head)] + [fmt(r) for r in rows])
 
 
+class InputMoments(dict):
+    """``{target: [XᵢᵀXᵢ / rows for each layer i]}``, (in, in) float64: what ``input_moments``
+    records. ``convert_layers(calibration=moments)`` reuses it, so several conversions of one
+    model pay for one calibration run."""
+
+
 def input_moments(layers: Sequence[nn.Module], targets: Sequence[str],
-                  run: Callable[[], object]) -> dict[str, list[torch.Tensor]]:
+                  run: Callable[[], object]) -> InputMoments:
     """Call ``run()`` with a hook on every target Linear of every layer and return, per target,
     each layer's input moment ``XᵀX / rows`` (in, in), float64.
 
@@ -93,18 +99,20 @@ def input_moments(layers: Sequence[nn.Module], targets: Sequence[str],
     n = len(layers)
     sums = {t: [None] * n for t in targets}
     rows = {t: [0] * n for t in targets}
-    last: dict[int, tuple] = {}  # layer -> (the tensor, its product): held, so `is` is exact
+    owner: dict[tuple[str, int], set] = {}  # (target, layer) -> the targets whose inputs it read
+    last: dict[int, tuple] = {}  # layer -> (input tensor, its product, first target): held, so `is` is exact
 
     def hook(t: str, i: int):
         def record(_module, args):
-            x = args[0].detach()
+            x = args[0]
             seen = last.get(i)
             if seen is not None and seen[0] is x:
-                prod = seen[1]
+                prod, first = seen[1], seen[2]
             else:
-                flat = x.reshape(-1, x.shape[-1]).float()
-                prod = (flat.t() @ flat).double()  # (in, in)
-                last[i] = (x, prod)
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                prod, first = (flat.t() @ flat).double(), t  # (in, in)
+                last[i] = (x, prod, t)
+            owner.setdefault((t, i), set()).add(first)
             sums[t][i] = prod.clone() if sums[t][i] is None else sums[t][i].add_(prod)
             rows[t][i] += x.numel() // x.shape[-1]
         return record
@@ -118,12 +126,19 @@ def input_moments(layers: Sequence[nn.Module], targets: Sequence[str],
         for h in handles:
             h.remove()
         last.clear()
+    out = InputMoments()
     for t in targets:
+        out[t] = []
         for i in range(n):
             if rows[t][i] == 0:
                 raise ValueError(f"the calibration run never called target '{t}' of layer {i}: pass a "
                                  "callable that runs the model forward on calibration inputs")
-    return {t: [s / r for s, r in zip(sums[t], rows[t])] for t in targets}
+            first = owner[(t, i)]
+            if len(first) == 1 and (f := next(iter(first))) != t and f in out:
+                out[t].append(out[f][i])  # one tensor for Linears that always read the same input
+            else:
+                out[t].append(sums[t][i] / rows[t][i])
+    return out
 
 
 def _moments_from_activations(calibration: Mapping, targets: Sequence[str], n: int,
@@ -151,10 +166,21 @@ def _moments_from_activations(calibration: Mapping, targets: Sequence[str], n: i
     return out
 
 
-def _whitener(moment: torch.Tensor | None, damping: float, size: int):
-    """(S, S⁻¹) with S Sᵀ = moment + damping · mean diagonal · I; (None, None) without one."""
+def _whitener(moment: torch.Tensor | None, damping: float, size: int, cache: dict):
+    """(S, S⁻¹) with S Sᵀ = moment + damping · mean diagonal · I; (None, None) without one.
+    Linears that read one input (q, k, v) share one moment tensor and so, through ``cache``
+    (id -> (moment, S, S⁻¹)), one eigh."""
     if moment is None:
         return None, None
+    hit = cache.get(id(moment))
+    if hit is not None and hit[0] is moment:
+        return hit[1], hit[2]
+    s, s_inv = _whiten(moment, damping, size)
+    cache[id(moment)] = (moment, s, s_inv)
+    return s, s_inv
+
+
+def _whiten(moment: torch.Tensor, damping: float, size: int):
     eye = torch.eye(size, dtype=torch.float64, device=moment.device)
     scale = moment.diagonal().mean().clamp_min(1e-30)
     lam, q = torch.linalg.eigh(moment + damping * scale * eye)
@@ -227,12 +253,12 @@ class _Plan:
     before: int  # the original weights and biases
 
 
-def _plan_lors(ws, moments, groups, damping):
+def _plan_lors(ws, moments, groups, damping, cache):
     """One unit per layer, in layer order: (its group's mean, U, singular values, Vᵀ S⁻¹)."""
     means = {i: mean for g in groups for mean in [torch.stack([ws[j] for j in g]).mean(0)] for i in g}
     units, gains, limits = [], [], []
     for i, w in enumerate(ws):
-        s, s_inv = _whitener(None if moments is None else moments[i], damping, w.shape[1])
+        s, s_inv = _whitener(None if moments is None else moments[i], damping, w.shape[1], cache)
         u, sig, vh = torch.linalg.svd(_mul(w - means[i], s), full_matrices=False)
         total = _mul(w, s).square().sum().clamp_min(1e-30)
         units.append((means[i], u, sig, vh if s_inv is None else vh @ s_inv))
@@ -241,18 +267,18 @@ def _plan_lors(ws, moments, groups, damping):
     return units, gains, limits
 
 
-def _plan_basis(ws, moments, groups, damping, side):
+def _plan_basis(ws, moments, groups, damping, side, cache):
     units, gains, limits = [], [], []
     for g in groups:
         n_in = ws[g[0]].shape[1]
         if side == "in":  # one basis of the input space, whitened by the group's pooled moment
             pooled = None if moments is None else sum(moments[i] for i in g)
-            s, s_inv = _whitener(pooled, damping, n_in)
+            s, s_inv = _whitener(pooled, damping, n_in, cache)
             stacked = torch.cat([_mul(ws[i], s) for i in g])                   # (n·out, in)
             gram = stacked.t() @ stacked                                      # (in, in)
         else:  # one basis of the output space; each layer whitened by its own moment
             stacked = torch.cat([_mul(ws[i], _whitener(None if moments is None else moments[i],
-                                                        damping, n_in)[0]) for i in g], dim=1)
+                                                        damping, n_in, cache)[0]) for i in g], dim=1)
             gram = stacked @ stacked.t()                                      # (out, out)
         lam, vec = torch.linalg.eigh(gram)
         limit = min(stacked.shape)  # the rank of the stacked weights
@@ -311,6 +337,27 @@ def _allocate(plans: dict[str, _Plan], budget: float, allocation: str) -> dict[s
     return ranks
 
 
+def _plans(linears, targets, moments, parts, form, side, damping, n):
+    """Per target: its factorisation (``_Plan``) and its weights in float64."""
+    plans, weights, cache = {}, {}, {}
+    for t in targets:
+        ws = [lin.weight.detach().to(torch.float64) for lin in linears[t]]
+        out, inp = ws[0].shape
+        has_bias = linears[t][0].bias is not None
+        mts = None if moments is None else moments[t]
+        if form == "lors":
+            units, gains, limits = _plan_lors(ws, mts, parts, damping, cache)
+            step = [out + inp] * n
+            fixed = len(parts) * out * inp + has_bias * n * out
+        else:
+            units, gains, limits = _plan_basis(ws, mts, parts, damping, side, cache)
+            step = [(inp + len(g) * out) if side == "in" else (out + len(g) * inp) for g in parts]
+            fixed = has_bias * n * out
+        plans[t] = _Plan(out, inp, has_bias, units, gains, step, limits, fixed, n * (out * inp + has_bias * out))
+        weights[t] = ws
+    return plans, weights
+
+
 def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None, form: str = "lors",
                    budget: float | None = None, rank=None, groups=None, calibration=None,
                    side: str = "in", allocation: str = "greedy", damping: float = 0.01) -> Conversion:
@@ -329,7 +376,8 @@ def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None
         groups: None (all N layers share), a group size (adjacent layers), or a list of lists
             of layer indices.
         calibration: None (weight-space SVD), a callable that runs the model on calibration
-            inputs (hooks record each target's inputs), or ``{target: [N tensors (..., in)]}``.
+            inputs (hooks record each target's inputs), ``{target: [N tensors (..., in)]}``, or
+            the ``InputMoments`` that ``input_moments`` recorded.
         side: ``"in"`` or ``"out"``, where the ``basis`` form's shared basis sits.
         allocation: ``"greedy"`` or ``"uniform"``, how ``budget`` is spent.
         damping: added to each input moment, times its mean diagonal, before whitening.
@@ -364,6 +412,12 @@ def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None
 
     if calibration is None:
         moments = None
+    elif isinstance(calibration, InputMoments):
+        missing = [t for t in targets if t not in calibration or len(calibration[t]) != n]
+        if missing:
+            raise ValueError(f"the recorded moments hold no {n} layers of targets {missing}: record them "
+                             "with input_moments on this stack and these targets")
+        moments = calibration
     elif callable(calibration):
         moments = input_moments(layers, targets, calibration)
     elif isinstance(calibration, Mapping):
@@ -380,22 +434,7 @@ def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None
                              f"{'no rank for targets ' + str(missing) if missing else ''}; "
                              f"the targets are {targets}")
 
-    plans, weights = {}, {}
-    for t in targets:
-        ws = [lin.weight.detach().to(torch.float64) for lin in linears[t]]
-        out, inp = ws[0].shape
-        has_bias = linears[t][0].bias is not None
-        mts = None if moments is None else moments[t]
-        if form == "lors":
-            units, gains, limits = _plan_lors(ws, mts, parts, damping)
-            step = [out + inp] * n
-            fixed = len(parts) * out * inp + has_bias * n * out
-        else:
-            units, gains, limits = _plan_basis(ws, mts, parts, damping, side)
-            step = [(inp + len(g) * out) if side == "in" else (out + len(g) * inp) for g in parts]
-            fixed = has_bias * n * out
-        plans[t] = _Plan(out, inp, has_bias, units, gains, step, limits, fixed, n * (out * inp + has_bias * out))
-        weights[t] = ws
+    plans, weights = _plans(linears, targets, moments, parts, form, side, damping, n)
     before = sum(p.before for p in plans.values())
 
     if budget is not None:

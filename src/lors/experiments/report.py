@@ -58,7 +58,7 @@ class Series:
 
 
 def plot_points(series: Sequence[Series], path: str | Path, xlabel: str, ylabel: str, title: str,
-                hlines: Sequence[tuple[float, str]] = (), logx: bool = False,
+                hlines: Sequence[tuple[float, str]] = (), logx: bool = False, logy: bool = False,
                 xlim: tuple[float, float] | None = None, ylim: tuple[float, float] | None = None,
                 xticks: Sequence[float] | None = None, xformat: Callable[[float], str] | None = None) -> Path:
     """A PNG of ``series`` (with error bars and point labels) and horizontal reference lines."""
@@ -76,6 +76,8 @@ def plot_points(series: Sequence[Series], path: str | Path, xlabel: str, ylabel:
         ax.axhline(y, ls="--", c="gray", label=label)
     if logx:
         ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
     if xticks is not None:
         ax.set_xticks(list(xticks))
     if xformat is not None:

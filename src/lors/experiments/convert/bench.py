@@ -1,0 +1,165 @@
+"""`lors convert compare`: which form of sharing pays on pretrained weights, measured.
+
+For a pretrained model (SmolLM2-135M: held-out perplexity; MiniLM-L6: cosine similarity of its
+sentence embeddings to the original's), every row of ``ROWS`` is converted at every budget from
+one calibration run, evaluated on disjoint held-out text, and written as ``summary.json``,
+``table.md`` and ``quality_vs_params.png`` (see docs/results/convert.md).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from lors.core.convert import convert_layers
+from lors.core.share import find_layers
+from lors.data.corpus import decode, load_corpus
+from lors.data.text import split_fortunes
+from lors.experiments.convert.evaluate import (drop_layers, layer_similarity, perplexity, record_moments,
+                                               sentence_embeddings, token_windows)
+from lors.experiments.convert.run import calibration_inputs
+from lors.experiments.report import Column, Series, markdown_table, plot_points
+from lors.models.pretrained import CAUSAL, load_pretrained
+
+
+@dataclass(frozen=True)
+class Row:
+    """One way to spend a budget: ``form`` "lors", "basis" or "drop" (layer dropping), with or
+    without calibration, over groups of ``groups`` adjacent layers (None: all)."""
+
+    name: str
+    label: str
+    form: str
+    calibrated: bool = True
+    groups: int | None = None
+    side: str = "in"
+    allocation: str = "uniform"
+
+
+ROWS = (
+    Row("svd", "per-layer SVD of the weights", "basis", False, 1),
+    Row("svd-aa", "per-layer activation-aware SVD", "basis", True, 1),
+    Row("lors", "LORS: mean of all layers + SVD of each residual", "lors", False),
+    Row("lors-aa", "LORS: mean of all layers + activation-aware SVD of each residual", "lors", True),
+    Row("drop", "drop the layers whose input and output are most alike", "drop"),
+    Row("svd-aa-greedy", "per-layer activation-aware SVD, ranks allocated greedily", "basis", True, 1,
+        allocation="greedy"),
+    Row("lors-aa-g6", "LORS over groups of 6 adjacent layers, activation-aware", "lors", True, 6),
+    Row("basis-g2", "basis shared by 2 adjacent layers (input side), activation-aware", "basis", True, 2),
+    Row("basis-g2-out", "basis shared by 2 adjacent layers (output side), activation-aware", "basis", True, 2,
+        side="out"),
+    Row("basis-g3", "basis shared by 3 adjacent layers (input side), activation-aware", "basis", True, 3),
+)
+ROW_NAMES = tuple(r.name for r in ROWS)
+
+
+def _texts() -> tuple[str, list[str]]:
+    """The fortunes corpus: its train part as one text (calibration), its val part's entries."""
+    corpus = load_corpus()
+    return decode(corpus.train), split_fortunes(decode(corpus.val))
+
+
+def compare_conversion(model: str = "smollm2", budgets: Sequence[float] = (0.75, 0.5),
+                       rows: Sequence[str] = ROW_NAMES, out: str | Path = "runs/convert_compare",
+                       calib_tokens: int = 16384, eval_tokens: int = 16384, seq_len: int = 512,
+                       eval_texts: int = 1000, quiet: bool = False) -> dict:
+    """Convert ``model`` by each row at each budget and measure it; see the module docstring."""
+    unknown = [r for r in rows if r not in ROW_NAMES]
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}: choose from {list(ROW_NAMES)}")
+    if not budgets or not all(0 < b < 1 for b in budgets):
+        raise ValueError(f"budgets must be fractions with 0 < budget < 1, got {list(budgets)}")
+    chosen = [r for r in ROWS if r.name in rows]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    pre = load_pretrained(model)
+    causal = pre.kind == CAUSAL
+    train_text, val_entries = _texts()
+    seq = seq_len if causal else min(seq_len, 128)
+    inputs = calibration_inputs(pre, train_text, calib_tokens, seq, 4)
+    _, stack = find_layers(pre.model)
+    n_layers = len(stack)
+    t0 = time.perf_counter()
+    moments = record_moments(pre.model, None, inputs)
+    calib_seconds = time.perf_counter() - t0
+    if causal:
+        windows = token_windows(pre.tokenizer, "\n\n".join(val_entries), eval_tokens, seq_len)
+        measure = lambda m: perplexity(m, windows)  # noqa: E731
+        metric, label, better = "ppl", "held-out perplexity", "lower"
+        evaluated = f"{windows.numel():,} tokens ({len(windows)} windows of {seq_len})"
+    else:
+        texts = val_entries[:eval_texts]
+        reference = sentence_embeddings(pre.model, pre.tokenizer, texts)
+        measure = lambda m: float((sentence_embeddings(m, pre.tokenizer, texts) * reference).sum(-1).mean())  # noqa: E731
+        metric, label, better = "cosine", "cosine similarity to the original's sentence embeddings", "higher"
+        evaluated = f"{len(texts):,} held-out fortunes"
+    original = measure(pre.model)
+    similarity = layer_similarity(pre.model, inputs) if any(r.form == "drop" for r in chosen) else None
+    results = []
+    bar = tqdm(total=len(chosen) * len(budgets), disable=quiet, desc=f"convert {model}", unit="conversion")
+    for row in chosen:
+        for budget in budgets:
+            m = copy.deepcopy(pre.model)
+            t0 = time.perf_counter()
+            if row.form == "drop":
+                count = math.ceil((1 - budget) * n_layers - 1e-9)
+                dropped = sorted(sorted(range(n_layers), key=lambda i: -similarity[i])[:count])
+                drop_layers(m, dropped)
+                kept, ranks = (n_layers - count) / n_layers, {"dropped": dropped}
+            else:
+                conv = convert_layers(m, form=row.form, budget=budget, groups=row.groups, side=row.side,
+                                      calibration=moments if row.calibrated else None, allocation=row.allocation)
+                kept, ranks = conv.kept, {t: sorted(set(r)) for t, r in conv.ranks.items()}
+            seconds = time.perf_counter() - t0
+            value = measure(m)
+            results.append(dict(row=row.name, label=row.label, budget=budget, kept=kept, value=value,
+                                convert_seconds=round(seconds, 1), ranks=ranks))
+            bar.update()
+            bar.set_postfix_str(f"{row.name} {budget}: {metric} {value:.4g}")
+            del m
+    bar.close()
+    summary = dict(model=model, metric=metric, metric_label=label, better=better, original=original,
+                   budgets=list(budgets), layers=n_layers, calib_tokens=int(sum(kw["input_ids"].numel() for kw in inputs)),
+                   calibration_seconds=round(calib_seconds, 1), evaluated_on=evaluated,
+                   rows=[asdict(r) for r in chosen], results=results,
+                   machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+                   seconds=round(time.perf_counter() - start, 1))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "table.md").write_text(results_table(summary) + "\n")
+    plot_results(summary, out / "quality_vs_params.png")
+    return summary
+
+
+def results_table(summary: dict) -> str:
+    """One line per row: the parameters kept and the metric at each budget."""
+    by = {(r["row"], r["budget"]): r for r in summary["results"]}
+    rows = [{"name": r["name"], "label": r["label"]} for r in summary["rows"]]
+    fmt = (lambda v: f"{v:,.2f}" if v < 1e4 else f"{v:.2e}") if summary["metric"] == "ppl" else (lambda v: f"{v:.4f}")
+
+    def cell(budget):
+        return lambda row: f"{fmt(by[row['name'], budget]['value'])} ({by[row['name'], budget]['kept']:.1%})"
+    columns = [Column("method", lambda row: row["label"])]
+    columns += [Column(f"{b:.0%} budget: {summary['metric']} (kept)", cell(b)) for b in summary["budgets"]]
+    return (f"{summary['model']}: {summary['metric_label']}, original {fmt(summary['original'])} "
+            f"({summary['better']} is better)\n\n" + markdown_table(rows, columns))
+
+
+def plot_results(summary: dict, path: str | Path) -> Path:
+    series = []
+    for r in summary["rows"]:
+        pts = sorted((x["kept"], x["value"]) for x in summary["results"] if x["row"] == r["name"])
+        series.append(Series(r["name"], [p[0] * 100 for p in pts], [p[1] for p in pts], style="o-"))
+    causal = summary["metric"] == "ppl"
+    return plot_points(series, path, xlabel="parameters kept, % of the blocks' Linear weights",
+                       ylabel=summary["metric_label"] + (" (log)" if causal else ""),
+                       title=f"{summary['model']}: conversion at {', '.join(f'{b:.0%}' for b in summary['budgets'])}",
+                       hlines=[(summary["original"], "original")], logy=causal)

@@ -1,0 +1,108 @@
+"""What a conversion is measured with: token windows of real text, held-out perplexity of a causal
+LM, sentence-embedding similarity of an encoder to its original, the calibration run, and the
+layer-dropping baseline.
+
+Text: the Debian fortunes corpus (`lors.data.corpus.load_corpus`), whose train and val parts are
+split by a hash of each fortune, so calibration (train) and evaluation (val) never share a text.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lors.core.convert import InputMoments, input_moments
+from lors.core.share import find_layers
+
+
+def token_windows(tokenizer, text: str, tokens: int, seq_len: int) -> torch.Tensor:
+    """The first ``tokens`` tokens of ``text`` as (tokens // seq_len, seq_len) ids."""
+    if tokens < seq_len:
+        raise ValueError(f"{tokens} tokens hold no window of {seq_len}: ask for at least {seq_len}")
+    chars = tokens * 8  # enough characters for English text, cut below
+    ids = tokenizer(text[:chars], return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    if ids.numel() < tokens:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    count = min(tokens, ids.numel()) // seq_len
+    if count == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    return ids[: count * seq_len].view(count, seq_len)
+
+
+def batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean next-token loss) of a causal LM over every predicted token of ``windows``."""
+    total, count = 0.0, 0
+    for ids in batches(windows, batch_size):
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum")
+        total, count = total + float(loss), count + ids[:, 1:].numel()
+    return float(torch.exp(torch.tensor(total / count)))
+
+
+@torch.no_grad()
+def sentence_embeddings(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 32,
+                        max_length: int = 128) -> torch.Tensor:
+    """Mean-pooled, L2-normalised last hidden states (the sentence-transformers recipe of MiniLM),
+    (len(texts), hidden)."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        h = model(**enc).last_hidden_state                                  # (B, T, C)
+        mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+        out.append(F.normalize((h * mask).sum(1) / mask.sum(1).clamp_min(1.0), dim=-1))
+    return torch.cat(out)
+
+
+def record_moments(model: nn.Module, targets: Sequence[str] | None, inputs: Sequence[dict]) -> InputMoments:
+    """The input moments of ``targets`` (None: every Linear of a layer) in every layer of
+    ``model``'s stack, over forward passes on ``inputs`` (keyword arguments of each call)."""
+    from lors.core.convert import _targets  # the same target check convert_layers makes
+    _, stack = find_layers(model)
+    layers = list(stack)
+    names = _targets(layers[0], targets)
+    return input_moments(layers, names, lambda: [model(**kw) for kw in inputs])
+
+
+@torch.no_grad()
+def layer_similarity(model: nn.Module, inputs: Sequence[dict]) -> list[float]:
+    """Mean cosine similarity between each layer's input and output hidden states (1.0: the
+    layer changes nothing) over ``inputs``; what the layer-dropping baseline drops by."""
+    _, stack = find_layers(model)
+    sims = [[] for _ in stack]
+    hooks = []
+    for i, layer in enumerate(stack):
+        def hook(_m, args, kwargs, output, i=i):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            sims[i].append(F.cosine_similarity(x.float(), y.float(), dim=-1).mean())
+        hooks.append(layer.register_forward_hook(hook, with_kwargs=True))
+    try:
+        for kw in inputs:
+            model(**kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [float(torch.stack(s).mean()) for s in sims]
+
+
+def drop_layers(model: nn.Module, drop: Sequence[int]) -> nn.Module:
+    """Remove the layers ``drop`` from ``model``'s stack, in place (HF configs are told the new
+    depth). Returns ``model``."""
+    path, stack = find_layers(model)
+    keep = [layer for i, layer in enumerate(stack) if i not in set(drop)]
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, type(stack)(keep))
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "num_hidden_layers"):
+        config.num_hidden_layers = len(keep)
+        if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds
+            config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in set(drop)]
+    return model

@@ -1,0 +1,123 @@
+"""`lors convert MODEL`: one pretrained model into LORS or basis form, saved compact.
+
+    result = convert_model("smollm2", out="runs/convert/smollm2", settings=ConvertSettings(budget=0.5))
+
+Loads the model (`lors.models.pretrained`), records the targets' input moments on calibration
+text, calls `lors.convert_layers`, checks that ``lors.load`` into a fresh copy gives the same
+outputs, and writes ``DIR/model.safetensors`` (``lors.save``: each shared tensor once, the layout
+in the file), ``DIR/conversion.json`` (settings, ranks, errors, parameter counts) and, with
+``merged``, ``DIR/merged/`` (``lors.merge`` then ``save_pretrained``: a plain HF model).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import lors
+from lors.core.convert import ALLOCATIONS, FORMS, Conversion, convert_layers
+from lors.core.basis import SIDES
+from lors.data.corpus import decode, load_corpus
+from lors.experiments.convert.evaluate import batches, record_moments, token_windows
+from lors.models.pretrained import CAUSAL, Pretrained, load_pretrained
+
+
+@dataclass
+class ConvertSettings:
+    """How to convert: the arguments of ``convert_layers`` and the calibration text.
+
+    ``calibration``: None for the fortunes corpus's train part, or a UTF-8 text file;
+    ``calib_tokens`` tokens of it in windows of ``seq_len``; 0 converts without calibration
+    (weight-space SVD)."""
+
+    budget: float | None = 0.5
+    rank: int | None = None
+    form: str = "basis"
+    side: str = "in"
+    groups: int | None = 2
+    allocation: str = "uniform"
+    damping: float = 0.01
+    targets: list[str] | None = None
+    calibration: str | None = None
+    calib_tokens: int = 16384
+    seq_len: int = 512
+    batch_size: int = 4
+
+    def check(self) -> "ConvertSettings":
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+        if self.side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {self.side!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.calib_tokens < 0 or self.seq_len < 2 or self.batch_size < 1:
+            raise ValueError("calib_tokens must be >= 0, seq_len >= 2 and batch_size >= 1")
+        return self
+
+
+def calibration_text(path: str | None) -> str:
+    """The calibration text: a UTF-8 file, or the fortunes corpus's train part."""
+    if path is None:
+        return decode(load_corpus().train)
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"calibration text {p} does not exist: pass a UTF-8 text file")
+    return p.read_text(encoding="utf-8", errors="replace")
+
+
+def calibration_inputs(pre: Pretrained, text: str, tokens: int, seq_len: int, batch_size: int) -> list[dict]:
+    """Keyword arguments of the calibration forward passes: windows of ``seq_len`` tokens."""
+    if pre.kind == CAUSAL:
+        return [dict(input_ids=ids, use_cache=False) for ids in batches(token_windows(pre.tokenizer, text, tokens, seq_len), batch_size)]
+    ids = token_windows(pre.tokenizer, text, tokens, seq_len)  # encoders: windows with their special tokens
+    return [dict(input_ids=b, attention_mask=torch.ones_like(b)) for b in batches(ids, batch_size)]
+
+
+def convert_pretrained(pre: Pretrained, settings: ConvertSettings, moments=None) -> Conversion:
+    """Convert ``pre.model`` in place (``moments``: reuse an earlier calibration run)."""
+    settings.check()
+    if moments is None and settings.calib_tokens:
+        inputs = calibration_inputs(pre, calibration_text(settings.calibration), settings.calib_tokens,
+                                    settings.seq_len, settings.batch_size)
+        moments = record_moments(pre.model, settings.targets, inputs)
+    return convert_layers(pre.model, targets=settings.targets, form=settings.form, budget=settings.budget,
+                          rank=settings.rank, groups=settings.groups, calibration=moments, side=settings.side,
+                          allocation=settings.allocation, damping=settings.damping)
+
+
+def convert_model(source: str, out: str | Path, settings: ConvertSettings, merged: bool = False,
+                  progress=print) -> dict:
+    """Load, convert, verify, save (see the module docstring). Returns the summary it writes."""
+    settings.check()
+    out = Path(out)
+    start = time.perf_counter()
+    pre = load_pretrained(source)
+    total_before = sum(p.numel() for p in pre.model.parameters())
+    progress(f"loaded {source}: {total_before:,} parameters ({time.perf_counter() - start:.0f} s)")
+    conversion = convert_pretrained(pre, settings)
+    total_after = lors.count_parameters(pre.model).total
+    seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    path = lors.save(pre.model, out / "model.safetensors")
+    fresh = load_pretrained(source).model
+    lors.load(fresh, path)  # the file alone re-creates the converted model
+    probe = torch.randint(0, min(1000, getattr(pre.model.config, "vocab_size", 1000)), (1, 32))
+    with torch.no_grad():
+        a, b = pre.model(input_ids=probe), fresh(input_ids=probe)
+    key = "logits" if pre.kind == CAUSAL else "last_hidden_state"
+    if not torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-4):
+        raise ValueError(f"{path} does not load back to the converted model: report this as a bug")
+    summary = dict(source=source, settings=asdict(settings), total_params_before=total_before,
+                   total_params_after=total_after, seconds=round(seconds, 1), checkpoint=str(path),
+                   **conversion.summary())
+    if merged:
+        lors.merge(fresh)
+        fresh.save_pretrained(out / "merged")
+        if pre.tokenizer is not None:
+            pre.tokenizer.save_pretrained(out / "merged")
+        summary["merged"] = str(out / "merged")
+    (out / "conversion.json").write_text(json.dumps(summary, indent=2))
+    return summary | {"table": conversion.table()}
