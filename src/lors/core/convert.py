@@ -360,7 +360,7 @@ def _plans(linears, targets, moments, parts, form, side, damping, n):
 
 def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None, form: str = "lors",
                    budget: float | None = None, rank=None, groups=None, calibration=None,
-                   side: str = "in", allocation: str = "greedy", damping: float = 0.01) -> Conversion:
+                   side: str = "in", allocation: str = "uniform", damping: float = 0.001) -> Conversion:
     """Replace the target Linears of a pretrained stack by a shared form made from their weights.
 
     Args:

@@ -69,7 +69,7 @@ def _texts() -> tuple[str, list[str]]:
 
 def compare_conversion(model: str = "smollm2", budgets: Sequence[float] = (0.75, 0.5),
                        rows: Sequence[str] = ROW_NAMES, out: str | Path = "runs/convert_compare",
-                       calib_tokens: int = 16384, eval_tokens: int = 16384, seq_len: int = 512,
+                       calib_tokens: int = 16384, eval_tokens: int = 8192, seq_len: int = 512,
                        eval_texts: int = 1000, quiet: bool = False) -> dict:
     """Convert ``model`` by each row at each budget and measure it; see the module docstring."""
     unknown = [r for r in rows if r not in ROW_NAMES]

@@ -39,7 +39,7 @@ class ConvertSettings:
     side: str = "in"
     groups: int | None = 2
     allocation: str = "uniform"
-    damping: float = 0.01
+    damping: float = 0.001
     targets: list[str] | None = None
     calibration: str | None = None
     calib_tokens: int = 16384
