@@ -310,6 +310,15 @@ def _check_rank(value, count: int, what: str, limits: list[int], t: str) -> list
     return values
 
 
+NEGLIGIBLE = 1e-12  # a rank step that removes less of a weight's (relative) energy buys nothing
+
+
+def _useful(gains: list[float]) -> int:
+    """Rank steps worth a parameter: those that remove more than ``NEGLIGIBLE`` of the energy
+    (a residual of identical layers has none)."""
+    return sum(g > NEGLIGIBLE for g in gains)
+
+
 def _allocate(plans: dict[str, _Plan], budget: float, allocation: str) -> dict[str, list[int]]:
     """Ranks per unit that keep ``budget`` of the parameters, to within one rank step."""
     fixed = sum(p.fixed for p in plans.values())
@@ -319,13 +328,13 @@ def _allocate(plans: dict[str, _Plan], budget: float, allocation: str) -> dict[s
                          f"the shared weights and biases alone take {fixed:,}: use a larger budget, "
                          "larger groups (form='lors'), or form='basis'")
     if allocation == "uniform":  # one rank per target, the largest that fits its own share
-        return {t: [min(max(0, int((budget * p.before - p.fixed) // sum(p.step))), lim) for lim in p.limit]
-                for t, p in plans.items()}
+        return {t: [min(max(0, int((budget * p.before - p.fixed) // sum(p.step))), _useful(gs))
+                    for gs in p.gains] for t, p in plans.items()}
     room = budget * before - fixed
     # Each step's gain / cost; steps of one unit have falling gains, so the sorted order takes
     # them first to last (ties broken by step index).
     items = sorted((-g / p.step[u], j, t, u) for t, p in plans.items()
-                   for u, gs in enumerate(p.gains) for j, g in enumerate(gs) if g > 0)
+                   for u, gs in enumerate(p.gains) for j, g in enumerate(gs[:_useful(gs)]))
     ranks = {t: [0] * len(p.units) for t, p in plans.items()}
     blocked = set()
     for _, j, t, u in items:
