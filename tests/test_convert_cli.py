@@ -86,3 +86,20 @@ def test_compare_measures_every_row(tiny_llama, tmp_path, monkeypatch):
     assert (tmp_path / "cmp" / "quality_vs_params.png").stat().st_size > 0
     table = (tmp_path / "cmp" / "table.md").read_text()
     assert all(r.label in table for r in bench.ROWS)
+
+
+def test_uptraining_distils_checkpoints_and_resumes(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "up"
+    args = ["convert", str(tiny_llama), "--budget", "0.5", "--out", str(out), "--calibration",
+            str(tmp_path / "calib.txt"), "--calib-tokens", "64", "--seq-len", "16", "--uptrain-steps", "6",
+            "--uptrain-lr", "3e-3"]
+    assert main(args) == 0
+    summary = json.loads((out / "conversion.json").read_text())
+    assert summary["uptrain"]["steps"] == 6 and summary["uptrain"]["tokens"] == 6 * 4 * 16
+    log = (out / "uptrain" / "log.csv").read_text().splitlines()
+    assert log[0].startswith("step") and "kl" in log[0]
+    kl = [float(row.split(",")[log[0].split(",").index("kl")]) for row in log[1:]]
+    assert kl[-1] < kl[0]  # the student moves towards the teacher
+    capsys.readouterr()
+    assert main(args + ["--uptrain-steps", "6"]) == 0  # the same command again: already trained
+    assert "already trained to step 6" in capsys.readouterr().out

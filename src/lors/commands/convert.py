@@ -31,14 +31,18 @@ def run_convert(args: argparse.Namespace) -> int:
     if args.model == "compare":
         return run_compare(args)
     from lors.experiments.convert.run import ConvertSettings, convert_model
+    from lors.experiments.convert.uptrain import UptrainSettings
     if args.out is None:
         raise ValueError("pass --out DIR, the folder for the converted model")
+    up = None if not args.uptrain_steps else UptrainSettings(
+        steps=args.uptrain_steps, lr=args.uptrain_lr, batch_size=args.uptrain_batch,
+        checkpoint_every=min(args.uptrain_steps, 50))
     settings = ConvertSettings(budget=None if args.rank is not None else args.budget, rank=args.rank,
                                form=args.form, side=args.side, groups=args.groups, allocation=args.allocation,
                                damping=args.damping, targets=args.targets, calibration=args.calibration,
                                calib_tokens=args.calib_tokens, seq_len=args.seq_len)
-    summary = convert_model(args.model, args.out, settings, merged=args.merged,
-                            progress=(lambda *_: None) if args.json else print)
+    summary = convert_model(args.model, args.out, settings, merged=args.merged, eval_tokens=args.eval_tokens or 0,
+                            up=up, resume=not args.no_resume, progress=(lambda *_: None) if args.json else print)
     table = summary.pop("table")
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -47,6 +51,9 @@ def run_convert(args: argparse.Namespace) -> int:
     print(f"blocks' Linears: {summary['params_before']:,} -> {summary['params_after']:,} parameters "
           f"({summary['kept']:.1%}); whole model: {summary['total_params_before']:,} -> "
           f"{summary['total_params_after']:,}; {summary['seconds']:.0f} s")
+    if "held_out_perplexity" in summary:
+        print("held-out perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["held_out_perplexity"].items()
+                                                  if k != "tokens") + f" ({summary['held_out_perplexity']['tokens']:,} tokens)")
     print(f"wrote {summary['checkpoint']} and {args.out}/conversion.json"
           + (f"; the merged plain model to {summary['merged']}" if args.merged else ""))
     return 0
@@ -56,7 +63,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from lors.experiments.convert.bench import ROW_NAMES, compare_conversion, results_table
     summary = compare_conversion(args.compare_model, args.budgets, args.rows or ROW_NAMES,
                                  args.out or f"runs/convert_compare/{args.compare_model}", args.calib_tokens,
-                                 args.eval_tokens, args.seq_len, quiet=args.quiet)
+                                 args.eval_tokens or 8192, args.seq_len, quiet=args.quiet)
     print(json.dumps(summary, indent=2) if args.json else results_table(summary))
     return 0
 
@@ -80,15 +87,20 @@ def register(sub) -> None:
     one.add_argument("--targets", nargs="+", metavar="NAME", help="Linear names in a layer (default: every Linear)")
     one.add_argument("--calibration", metavar="TEXT", help="a UTF-8 text file (default: the fortunes corpus's train part)")
     one.add_argument("--merged", action="store_true", help="also write DIR/merged, a plain model (save_pretrained)")
+    one.add_argument("--uptrain-steps", type=int, default=0, metavar="N", help="distil the original into the converted model for N steps (causal LMs; default 0)")
+    one.add_argument("--uptrain-lr", type=float, default=1e-4, help="uptraining learning rate (default 1e-4)")
+    one.add_argument("--uptrain-batch", type=positive_int, default=4, help="windows per uptraining step (default 4)")
+    one.add_argument("--no-resume", action="store_true", help="start the uptraining afresh even if DIR/uptrain has a checkpoint")
     both = p.add_argument_group("both")
     both.add_argument("--out", help="output folder")
     both.add_argument("--json", action="store_true", help="print the summary as JSON")
     both.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens, 0 for none (default 16384)")
     both.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default 512)")
+    both.add_argument("--eval-tokens", type=int, help="held-out tokens for perplexity (convert: default 0, none; compare: 8192)")
     cmp_ = p.add_argument_group("compare")
     cmp_.add_argument("--model", dest="compare_model", default="smollm2", help="model to benchmark (default smollm2)")
     cmp_.add_argument("--budgets", type=_fraction, nargs="+", default=[0.75, 0.5], metavar="F")
     cmp_.add_argument("--rows", nargs="+", metavar="ROW", help="rows to run (default: all, see docs/results/convert.md)")
-    cmp_.add_argument("--eval-tokens", type=positive_int, default=8192, help="held-out tokens (default 8192)")
+
     cmp_.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_convert)

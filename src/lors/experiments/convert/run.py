@@ -21,7 +21,8 @@ import lors
 from lors.core.convert import ALLOCATIONS, FORMS, Conversion, convert_layers
 from lors.core.basis import SIDES
 from lors.data.corpus import decode, load_corpus
-from lors.experiments.convert.evaluate import batches, record_moments, token_windows
+from lors.experiments.convert.evaluate import batches, perplexity, record_moments, token_windows
+from lors.experiments.convert.uptrain import UptrainSettings, uptrain
 from lors.models.pretrained import CAUSAL, Pretrained, load_pretrained
 
 
@@ -88,31 +89,65 @@ def convert_pretrained(pre: Pretrained, settings: ConvertSettings, moments=None)
                           allocation=settings.allocation, damping=settings.damping)
 
 
+def held_out_windows(pre: Pretrained, tokens: int, seq_len: int) -> torch.Tensor:
+    """``tokens`` tokens of the fortunes corpus's val part, never used for calibration."""
+    return token_windows(pre.tokenizer, decode(load_corpus().val), tokens, seq_len)
+
+
 def convert_model(source: str, out: str | Path, settings: ConvertSettings, merged: bool = False,
-                  progress=print) -> dict:
-    """Load, convert, verify, save (see the module docstring). Returns the summary it writes."""
+                  eval_tokens: int = 0, up: UptrainSettings | None = None, uptrain_tokens: int = 131072,
+                  resume: bool = True, progress=print) -> dict:
+    """Load, convert, verify, save (see the module docstring); with ``eval_tokens``, the held-out
+    perplexity of a causal LM before and after; with ``up``, uptrain by distillation from the
+    original (in ``DIR/uptrain``, resumable) before saving. Returns the summary it writes."""
     settings.check()
+    if up is not None:
+        up.check()
     out = Path(out)
     start = time.perf_counter()
     pre = load_pretrained(source)
+    causal = pre.kind == CAUSAL
+    if up is not None and not causal:
+        raise ValueError(f"{source} is an encoder: uptraining distils next-token predictions, so it needs a causal LM")
     total_before = sum(p.numel() for p in pre.model.parameters())
     progress(f"loaded {source}: {total_before:,} parameters ({time.perf_counter() - start:.0f} s)")
+    held_out = held_out_windows(pre, eval_tokens, settings.seq_len) if eval_tokens and causal else None
+    quality = {}
+    if held_out is not None:
+        quality["original"] = perplexity(pre.model, held_out)
     conversion = convert_pretrained(pre, settings)
     total_after = lors.count_parameters(pre.model).total
     seconds = time.perf_counter() - start
+    if held_out is not None:
+        quality["converted"] = perplexity(pre.model, held_out)
+    up_summary = None
+    if up is not None:
+        teacher = load_pretrained(source).model
+        windows = token_windows(pre.tokenizer, calibration_text(settings.calibration), uptrain_tokens, settings.seq_len)
+        up_summary = uptrain(pre.model, teacher, windows, up, out / "uptrain", asdict(settings), resume=resume,
+                             progress=progress is print)
+        up_summary = dict(settings=asdict(up), tokens=up.steps * up.batch_size * settings.seq_len,
+                          steps=up_summary.get("steps"), run_dir=str(out / "uptrain"))
+        del teacher
+        if held_out is not None:
+            quality["uptrained"] = perplexity(pre.model, held_out)
     out.mkdir(parents=True, exist_ok=True)
     path = lors.save(pre.model, out / "model.safetensors")
     fresh = load_pretrained(source).model
     lors.load(fresh, path)  # the file alone re-creates the converted model
     probe = torch.randint(0, min(1000, getattr(pre.model.config, "vocab_size", 1000)), (1, 32))
     with torch.no_grad():
-        a, b = pre.model(input_ids=probe), fresh(input_ids=probe)
+        a, b = pre.model.eval()(input_ids=probe), fresh(input_ids=probe)
     key = "logits" if pre.kind == CAUSAL else "last_hidden_state"
     if not torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-4):
         raise ValueError(f"{path} does not load back to the converted model: report this as a bug")
     summary = dict(source=source, settings=asdict(settings), total_params_before=total_before,
                    total_params_after=total_after, seconds=round(seconds, 1), checkpoint=str(path),
                    **conversion.summary())
+    if quality:
+        summary["held_out_perplexity"] = quality | {"tokens": int(held_out.numel())}
+    if up_summary is not None:
+        summary["uptrain"] = up_summary
     if merged:
         lors.merge(fresh)
         fresh.save_pretrained(out / "merged")
