@@ -37,6 +37,7 @@ def _gpt():
 
 
 MODELS = {"llama": _llama, "bert": _bert, "vit": _vit, "gpt": _gpt}
+MIXED = {"attn.proj": "out", "mlp.fc2": "out"}  # writers of the residual stream: an output basis
 FORMS = [("lors", "in"), ("basis", "in"), ("basis", "out")]
 
 
@@ -161,7 +162,7 @@ def test_activations_given_as_a_dict_equal_a_recording_run():
         torch.testing.assert_close(run(a, x), run(b, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("form,side", FORMS)
+@pytest.mark.parametrize("form,side", FORMS + [("basis", {"self_attn.o_proj": "out", "mlp.down_proj": "out"})])
 def test_save_load_merge_equals_the_converted_model(tmp_path, form, side):
     model, run, x = _build("llama")
     convert_layers(model, form=form, side=side, budget=0.5, groups=[[0, 1], [2, 3]],
@@ -176,6 +177,17 @@ def test_save_load_merge_equals_the_converted_model(tmp_path, form, side):
     assert not any(isinstance(m, lors.LorsLinear) for m in fresh.modules())
     with torch.no_grad():
         torch.testing.assert_close(run(fresh, x), converted, rtol=1e-5, atol=1e-5)
+
+
+def test_side_per_target_puts_each_basis_where_asked():
+    model, run, x = _build("gpt")
+    with torch.no_grad():
+        ref = run(model, x)
+    conv = convert_layers(model, form="basis", groups=2, side=MIXED, rank="full", calibration=lambda: run(model, x))
+    assert {t: {m.side for m in ms} for t, ms in conv.stacks.items()} == {
+        "attn.qkv": {"in"}, "attn.proj": {"out"}, "mlp.fc1": {"in"}, "mlp.fc2": {"out"}}
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_a_shared_tensor_is_stored_once(tmp_path):
@@ -216,6 +228,8 @@ class _Mixed(nn.Module):
      r"calibration for target 'mlp.fc1' layer 0 has shape \(5, 7\); the Linear reads inputs of width 32"),
     (dict(rank=4, targets="mlp.fc1", calibration={"mlp.fc2": []}), "no activations for target 'mlp.fc1'"),
     (dict(budget=0.01, form="lors", groups=1), r"the shared weights and biases alone take"),
+    (dict(rank=4, form="basis", side={"mlp.fc3": "out"}), r"side names targets \['mlp.fc3'\] that are not converted"),
+    (dict(rank=4, form="basis", side="up"), r"side must be one of \('in', 'out'\)"),
 ])
 def test_bad_input_is_a_named_error_and_leaves_the_model_alone(kwargs, match):
     model, run, x = _build("gpt")

@@ -48,7 +48,7 @@ class Conversion:
     """
 
     form: str
-    side: str | None
+    side: str | dict[str, str] | None
     targets: list[str]
     groups: list[list[int]]
     ranks: dict[str, list[int]]
@@ -346,7 +346,7 @@ def _allocate(plans: dict[str, _Plan], budget: float, allocation: str) -> dict[s
     return ranks
 
 
-def _plans(linears, targets, moments, parts, form, side, damping, n):
+def _plans(linears, targets, moments, parts, form, sides, damping, n):
     """Per target: its factorisation (``_Plan``) and its weights in float64."""
     plans, weights, cache = {}, {}, {}
     for t in targets:
@@ -359,6 +359,7 @@ def _plans(linears, targets, moments, parts, form, side, damping, n):
             step = [out + inp] * n
             fixed = len(parts) * out * inp + has_bias * n * out
         else:
+            side = sides[t]
             units, gains, limits = _plan_basis(ws, mts, parts, damping, side, cache)
             step = [(inp + len(g) * out) if side == "in" else (out + len(g) * inp) for g in parts]
             fixed = has_bias * n * out
@@ -369,7 +370,8 @@ def _plans(linears, targets, moments, parts, form, side, damping, n):
 
 def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None, form: str = "lors",
                    budget: float | None = None, rank=None, groups=None, calibration=None,
-                   side: str = "in", allocation: str = "uniform", damping: float = 0.001) -> Conversion:
+                   side: str | Mapping[str, str] = "in", allocation: str = "uniform",
+                   damping: float = 0.001) -> Conversion:
     """Replace the target Linears of a pretrained stack by a shared form made from their weights.
 
     Args:
@@ -387,7 +389,10 @@ def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None
         calibration: None (weight-space SVD), a callable that runs the model on calibration
             inputs (hooks record each target's inputs), ``{target: [N tensors (..., in)]}``, or
             the ``InputMoments`` that ``input_moments`` recorded.
-        side: ``"in"`` or ``"out"``, where the ``basis`` form's shared basis sits.
+        side: ``"in"`` or ``"out"``, where the ``basis`` form's shared basis sits, or a dict
+            ``{target: side}`` (targets not named: ``"in"``). Linears that read the residual
+            stream (q, k, v, gate, up) read similar subspaces in adjacent layers; those that
+            write it (o, down) read layer-specific inputs, so ``"out"`` may suit them.
         allocation: ``"greedy"`` or ``"uniform"``, how ``budget`` is spent.
         damping: added to each input moment, times its mean diagonal, before whitening.
 
@@ -396,8 +401,10 @@ def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    if side not in SIDES:
-        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    sides_given = dict(side) if isinstance(side, Mapping) else None
+    bad = [v for v in (sides_given.values() if sides_given is not None else [side]) if v not in SIDES]
+    if bad:
+        raise ValueError(f"side must be one of {SIDES} (or a dict of them per target), got {bad[0]!r}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if (budget is None) == (rank is None):
@@ -443,7 +450,11 @@ def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None
                              f"{'no rank for targets ' + str(missing) if missing else ''}; "
                              f"the targets are {targets}")
 
-    plans, weights = _plans(linears, targets, moments, parts, form, side, damping, n)
+    if sides_given is not None and set(sides_given) - set(targets):
+        raise ValueError(f"side names targets {sorted(set(sides_given) - set(targets))} that are not "
+                         f"converted; the targets are {targets}")
+    sides = {t: (sides_given.get(t, "in") if sides_given is not None else side) for t in targets}
+    plans, weights = _plans(linears, targets, moments, parts, form, sides, damping, n)
     before = sum(p.before for p in plans.values())
 
     if budget is not None:
@@ -477,6 +488,7 @@ def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None
                             lors.bias[j].copy_(linears[t][i].bias.detach())
                 built.append(lors)
         else:
+            side = sides[t]
             for gi, (g, basis) in enumerate(p.units):
                 k = unit_ranks[t][gi]
                 shared = basis[:k] if side == "in" else basis[:, :k]
@@ -507,7 +519,8 @@ def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None
         for mod, g in zip(built, parts):
             attach(layers, t, mod, g)
     after = sum(sum(q.numel() for q in mod.parameters()) for built in stacks.values() for mod in built)
-    return Conversion(form=form, side=side if form == "basis" else None, targets=targets, groups=parts,
+    shown_side = (side if sides_given is None else sides) if form == "basis" else None
+    return Conversion(form=form, side=shown_side, targets=targets, groups=parts,
                       ranks=ranks, errors=errors, params_before=before, params_after=after,
                       activation_aware=moments is not None, budget=budget, stacks=stacks)
 

@@ -40,7 +40,7 @@ class Row:
     form: str
     calibrated: bool = True
     groups: int | None = None
-    side: str = "in"
+    side: str = "in"  # "in", "out", or "mixed": "out" for the Linears that write the residual stream
     allocation: str = "uniform"
 
 
@@ -56,8 +56,20 @@ ROWS = (
     Row("basis-g2", "basis shared by 2 adjacent layers (input side), activation-aware", "basis", True, 2),
     Row("basis-g2-out", "basis shared by 2 adjacent layers (output side), activation-aware", "basis", True, 2,
         side="out"),
+    Row("basis-g2-mixed", "basis shared by 2 adjacent layers: input side for the Linears that read the "
+        "residual stream, output side for those that write it, activation-aware", "basis", True, 2, side="mixed"),
     Row("basis-g3", "basis shared by 3 adjacent layers (input side), activation-aware", "basis", True, 3),
 )
+# The Linears that write a block's output back into the residual stream (Llama, BERT, GPT-2/timm
+# names): their inputs live in each layer's own space, their outputs in the shared stream.
+WRITERS = ("o_proj", "down_proj", "attention.output.dense", "output.dense", "attn.proj", "mlp.fc2")
+
+
+def sides(row: Row, targets) -> str | dict[str, str]:
+    """``row.side``, with "mixed" spelled out per target."""
+    if row.side != "mixed":
+        return row.side
+    return {t: "out" if t.endswith(WRITERS) else "in" for t in targets}
 ROW_NAMES = tuple(r.name for r in ROWS)
 
 
@@ -116,7 +128,7 @@ def compare_conversion(model: str = "smollm2", budgets: Sequence[float] = (0.75,
                 drop_layers(m, dropped)
                 kept, ranks = (n_layers - count) / n_layers, {"dropped": dropped}
             else:
-                conv = convert_layers(m, form=row.form, budget=budget, groups=row.groups, side=row.side,
+                conv = convert_layers(m, form=row.form, budget=budget, groups=row.groups, side=sides(row, moments),
                                       calibration=moments if row.calibrated else None, allocation=row.allocation)
                 kept, ranks = conv.kept, {t: sorted(set(r)) for t, r in conv.ranks.items()}
             seconds = time.perf_counter() - t0
