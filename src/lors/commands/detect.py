@@ -90,6 +90,16 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_merge(args: argparse.Namespace) -> int:
+    from lors.experiments.detection.merge import merge_run
+    done = merge_run(args.checkpoint, args.out)
+    print(json.dumps(done, indent=2) if args.json else
+          f"merged {done['source']} into {done['checkpoint']}: a plain AdaMixer of {done['params_after']:,} "
+          f"parameters (the LORS model has {done['params_before']:,}), the same detections; "
+          f"lors detect eval --checkpoint {args.out}")
+    return 0
+
+
 def register(sub) -> None:
     parser = sub.add_parser("detect", help="train, evaluate and run the AdaMixer (+ LORS) detector")
     cmds = parser.add_subparsers(dest="detect_command", required=True, metavar="COMMAND")
@@ -120,6 +130,12 @@ def register(sub) -> None:
 
     add_data_parser(cmds)
     add_bench_parsers(cmds)
+
+    p = cmds.add_parser("merge", help="fold a LORS run into a plain AdaMixer checkpoint (same detections, vanilla speed)")
+    p.add_argument("--checkpoint", required=True, help="a run directory or a ckpt_* folder of an AdaMixer + LORS run")
+    p.add_argument("--out", required=True, help="a new run directory for the merged checkpoint")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    p.set_defaults(func=run_merge)
 
     p = cmds.add_parser("predict", help="draw a checkpoint's detections on an image")
     p.add_argument("--checkpoint", required=True, help="a run directory or a ckpt_* folder")

@@ -260,3 +260,13 @@ def load_detector_config(name_or_path: str | Path | None = None, overrides: Sequ
     """A preset name (``configs/detect/NAME.yaml``), a YAML path, or ``None`` for the defaults,
     with ``key=value`` overrides."""
     return load_config(DetectorConfig, name_or_path, overrides, kind="detect")
+
+
+def merged_config(cfg: DetectorConfig) -> DetectorConfig:
+    """The config of ``cfg``'s detector after ``merge_detector``: the same detector with LORS
+    off (plain AdaMixer generators and output projections of the same layout)."""
+    import copy
+    merged = copy.deepcopy(cfg)
+    merged.lors.adaptive.enabled = False
+    merged.lors.static.enabled = False
+    return merged

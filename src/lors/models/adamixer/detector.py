@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from lors.models.adamixer.backbone import ResNetBackbone
 from lors.models.adamixer.boxes import cxcywh_to_xyxy, xyxy_to_xyzr, xyzr_to_xyxy
 from lors.models.adamixer.config import DetectorConfig
-from lors.models.adamixer.mixing import AdaptiveMixing, build_mixing
+from lors.models.adamixer.mixing import AdaptiveMixing, build_mixing, merge_mixing
 from lors.models.adamixer.neck import ChannelMapping
 from lors.models.adamixer.stage import DecoderStage, refine_xyzr
 
@@ -150,3 +150,11 @@ def build_detector(cfg: DetectorConfig, device: torch.device | str | None = None
                               adaptive=cfg.lors.adaptive, static=cfg.lors.static, init=cfg.lors.init)
         queries = InitialQueries(dec.num_queries, dec.query_dim)
         return AdaMixer(backbone, neck, queries, AdaMixerDecoder(stages, mixing))
+
+
+def merge_detector(model: AdaMixer) -> AdaMixer:
+    """Fold the decoder's LORS (LORS^A generators, LORS^T output projection) into plain AdaMixer
+    layers, in place (see ``merge_mixing``): the same detections, at vanilla AdaMixer's cost and
+    parameter count. Build the merged model's config with ``merged_config``."""
+    model.decoder.mixing = merge_mixing(model.decoder.mixing)
+    return model

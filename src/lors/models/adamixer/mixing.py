@@ -20,8 +20,10 @@ generates the weights from q and applies them, returning the mixed features:
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -199,4 +201,51 @@ def build_mixing(num_stages: int, query_dim: int, feat_dim: int, num_groups: int
     else:
         out_proj = StaticLors(num_stages, in_features, query_dim, rank=static.rank, groups=static.groups,
                               bias=True, init=init, name="lors.static")
+    return AdaptiveMixing(mixer, out_proj)
+
+
+@torch.no_grad()
+def merge_mixing(mixing: AdaptiveMixing) -> AdaptiveMixing:
+    """A plain AdaptiveMixing (AdaMixer's per-stage generators and output projections) whose
+    outputs equal ``mixing``'s, for LORS^A, LORS^T or both.
+
+    LORS^A's weight ``W_i(q) = Linear(q) + sum_k B_ik E_ik(q) A_ik`` is affine in q (E is a
+    Linear), so stage i's generator is exactly the Linear(d, G (c^2 + P_in P_out)) whose bias is
+    the weights generated at q = 0 and whose column j is W_i(e_j) - W_i(0): computed in float64
+    from d + 1 queries. LORS^T's stage weights W_shared + B_i A_i become one Linear each. Table 5's
+    shared-only generator is copied to every stage. The result has the vanilla parameter count and
+    costs what vanilla costs per query.
+    """
+    mixer, out_proj = mixing.generator, mixing.out_proj
+    stages = out_proj.num_layers if isinstance(out_proj, StaticLors) else len(out_proj.layers)
+    if isinstance(mixer, PlainMixer) and mixer.shared:
+        first = mixer.weights.layers[0]
+        plain = PlainMixer(stages, first.in_features, mixer.num_groups, mixer.channels, mixer.in_points,
+                           mixer.out_points).to(device=first.weight.device, dtype=first.weight.dtype)
+        for layer in plain.weights.layers:
+            layer.load_state_dict(first.state_dict())
+        mixer = plain
+    elif isinstance(mixer, LorsMixer):
+        ch, sp = mixer.channel, mixer.spatial
+        G, c, P_in, P_out, d = ch.heads, ch.d, sp.d, sp.h, ch.query_dim
+        ref = next(mixer.parameters())
+        plain = PlainMixer(ch.num_layers, d, G, c, P_in, P_out).to(device=ref.device, dtype=torch.float64)
+        lors64 = copy.deepcopy(mixer).double()
+        queries = torch.cat([torch.zeros(1, d), torch.eye(d)]).to(ref.device, torch.float64)   # (1 + d, d)
+        for i, layer in enumerate(plain.weights.layers):
+            w_c = lors64.channel.weight(queries, i).flatten(-2)                                 # (1 + d, G, c*c)
+            w_s = lors64.spatial.weight(queries, i).flatten(-2)                                 # (1 + d, G, P_in*P_out)
+            params = torch.cat([w_c, w_s], dim=-1).flatten(1)                                   # (1 + d, G (c^2 + P_in P_out))
+            layer.bias.copy_(params[0])
+            layer.weight.copy_((params[1:] - params[0]).t())
+        mixer = plain.to(dtype=ref.dtype)
+    if isinstance(out_proj, StaticLors):
+        w = out_proj.shared_weight
+        plain_out = StageLinears(out_proj.num_layers, out_proj.in_features, out_proj.out_features,
+                                 bias=out_proj.bias is not None).to(device=w.device, dtype=w.dtype)
+        for i, layer in enumerate(plain_out.layers):
+            layer.weight.copy_(out_proj.weight(i))
+            if out_proj.bias is not None:
+                layer.bias.copy_(out_proj.layer_bias(i))
+        out_proj = plain_out
     return AdaptiveMixing(mixer, out_proj)
