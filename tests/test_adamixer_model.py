@@ -31,6 +31,25 @@ def test_exact_parameter_counts_of_the_r50_presets(name):
     assert sum(report["decoder_components"].values()) == report["decoder"]
 
 
+def test_lors_on_the_4x32_layout_counts_by_the_formula():
+    """adamixer_lors_r50_1x_4x32: LORS^A and LORS^T on AdaMixer's own 4 groups x 32 points."""
+    report = detect_report(load_detector_config("adamixer_lors_r50_1x_4x32"))
+    gen, proj = report["lors"]["mixing_generator"], report["lors"]["mixing_out_proj"]
+    G, c, p_in, p_out, r, sum_k = 4, 64, 32, 128, 16, 1 + 1 + 2 + 2 + 3 + 3
+    per_group = c * c + p_in * p_out
+    assert gen["shared"] == 256 * G * per_group + G * per_group
+    e_generators = 256 * 2 * G * r * r + 2 * G * r * r
+    factors = G * (c * r + r * c) + G * (p_in * r + r * p_out)
+    assert gen["private"] == sum_k * (e_generators + factors)
+    assert proj["shared"] == 32_768 * 256 and proj["private"] == 6 * (256 * 8 + 8 * 32_768 + 256)
+    vanilla = detect_report(load_detector_config("adamixer_r50_1x"))
+    lors_2x64 = detect_report(load_detector_config("adamixer_lors_r50_1x"))
+    others = {k: v for k, v in report["decoder_components"].items()
+              if k not in ("mixing_generator", "mixing_out_proj")}
+    assert others == {k: v for k, v in vanilla["decoder_components"].items() if k in others}  # same layout
+    assert report["decoder"] == sum(report["decoder_components"].values()) < lors_2x64["decoder"]
+
+
 def test_lors_shares_the_generator_and_projection_once():
     report = detect_report(load_detector_config("adamixer_lors_r50_1x"))
     gen, proj = report["lors"]["mixing_generator"], report["lors"]["mixing_out_proj"]
