@@ -27,6 +27,10 @@ def _groups(text: str) -> int | None:
     return positive_int(text)
 
 
+def _writer_groups(text: str) -> int | str | None:
+    return text if text == "same" else _groups(text)
+
+
 def run_convert(args: argparse.Namespace) -> int:
     if args.model == "compare":
         return run_compare(args)
@@ -38,7 +42,8 @@ def run_convert(args: argparse.Namespace) -> int:
         steps=args.uptrain_steps, lr=args.uptrain_lr, batch_size=args.uptrain_batch,
         checkpoint_every=min(args.uptrain_steps, 50))
     settings = ConvertSettings(budget=None if args.rank is not None else args.budget, rank=args.rank,
-                               form=args.form, side=args.side, groups=args.groups, allocation=args.allocation,
+                               form=args.form, side=args.side, groups=args.groups, writer_groups=args.writer_groups,
+                               allocation=args.allocation,
                                damping=args.damping, targets=args.targets, calibration=args.calibration,
                                calib_tokens=args.calib_tokens, seq_len=args.seq_len)
     summary = convert_model(args.model, args.out, settings, merged=args.merged, eval_tokens=args.eval_tokens or 0,
@@ -82,6 +87,9 @@ def register(sub) -> None:
     one.add_argument("--form", choices=["basis", "lors"], default="basis", help="shared basis + coefficients, or mean + low-rank residual (default basis)")
     one.add_argument("--side", choices=["in", "out"], default="in", help="where the basis is shared (default in)")
     one.add_argument("--groups", type=_groups, default=2, metavar="G|all", help="layers per group of adjacent layers, or 'all' (default 2)")
+    one.add_argument("--writer-groups", type=_writer_groups, default=1, metavar="G|all|same",
+                     help="groups for the Linears that write the residual stream (o, down): default 1, each "
+                          "layer its own; 'same': as --groups")
     one.add_argument("--allocation", choices=["uniform", "greedy"], default="uniform", help="how the budget is spread (default uniform)")
     one.add_argument("--damping", type=float, default=0.001, help="added to each input moment, times its mean diagonal (default 0.001)")
     one.add_argument("--targets", nargs="+", metavar="NAME", help="Linear names in a layer (default: every Linear)")

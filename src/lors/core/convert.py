@@ -50,7 +50,7 @@ class Conversion:
     form: str
     side: str | dict[str, str] | None
     targets: list[str]
-    groups: list[list[int]]
+    groups: list[list[int]] | dict[str, list[list[int]]]  # per target when they differ
     ranks: dict[str, list[int]]
     errors: dict[str, list[float]]
     params_before: int
@@ -209,7 +209,9 @@ def _groups(groups, n: int) -> list[list[int]]:
                      f"layer indices, got {groups!r}")
 
 
-def _targets(layer: nn.Module, targets) -> list[str]:
+def convert_targets(layer: nn.Module, targets=None) -> list[str]:
+    """``targets`` checked against ``layer`` (a named ValueError for a bad one); None: every
+    nn.Linear of the layer."""
     available = linear_names(layer)
     conv1d = [name for name, m in layer.named_modules() if type(m).__name__ == "Conv1D"]
     if targets is None:
@@ -421,7 +423,7 @@ def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None
         check_identical(layers)
     except ValueError as err:
         raise ValueError(str(err).replace("share_layers", "convert_layers")) from None
-    targets = _targets(layers[0], targets)
+    targets = convert_targets(layers[0], targets)
     n, parts = len(layers), _groups(groups, len(layers))
     linears = {t: [layer.get_submodule(t) for layer in layers] for t in targets}
     widths = {t: linears[t][0].in_features for t in targets}

@@ -19,15 +19,14 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from lors.core.convert import convert_layers
 from lors.core.share import find_layers
 from lors.data.corpus import decode, load_corpus
 from lors.data.text import split_fortunes
 from lors.experiments.convert.evaluate import (drop_layers, layer_similarity, perplexity, record_moments,
                                                sentence_embeddings, token_windows)
-from lors.experiments.convert.run import calibration_inputs
+from lors.experiments.convert.run import ConvertSettings, calibration_inputs, convert_pretrained, is_writer
 from lors.experiments.report import Column, Series, markdown_table, plot_points
-from lors.models.pretrained import CAUSAL, load_pretrained
+from lors.models.pretrained import CAUSAL, Pretrained, load_pretrained
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,7 @@ class Row:
     groups: int | None = None
     side: str = "in"  # "in", "out", or "mixed": "out" for the Linears that write the residual stream
     allocation: str = "uniform"
+    writer_groups: int | str | None = "same"  # groups of the Linears that write the stream ("same": groups)
 
 
 ROWS = (
@@ -59,17 +59,15 @@ ROWS = (
     Row("basis-g2-mixed", "basis shared by 2 adjacent layers: input side for the Linears that read the "
         "residual stream, output side for those that write it, activation-aware", "basis", True, 2, side="mixed"),
     Row("basis-g3", "basis shared by 3 adjacent layers (input side), activation-aware", "basis", True, 3),
+    Row("basis-g2-readers", "basis shared by 2 adjacent layers for the Linears that read the residual stream "
+        "(q, k, v, gate, up), per-layer for those that write it (o, down), activation-aware", "basis", True, 2,
+        writer_groups=1),
 )
-# The Linears that write a block's output back into the residual stream (Llama, BERT, GPT-2/timm
-# names): their inputs live in each layer's own space, their outputs in the shared stream.
-WRITERS = ("o_proj", "down_proj", "attention.output.dense", "output.dense", "attn.proj", "mlp.fc2")
-
-
 def sides(row: Row, targets) -> str | dict[str, str]:
     """``row.side``, with "mixed" spelled out per target."""
     if row.side != "mixed":
         return row.side
-    return {t: "out" if t.endswith(WRITERS) else "in" for t in targets}
+    return {t: "out" if is_writer(t) else "in" for t in targets}
 ROW_NAMES = tuple(r.name for r in ROWS)
 
 
@@ -128,8 +126,11 @@ def compare_conversion(model: str = "smollm2", budgets: Sequence[float] = (0.75,
                 drop_layers(m, dropped)
                 kept, ranks = (n_layers - count) / n_layers, {"dropped": dropped}
             else:
-                conv = convert_layers(m, form=row.form, budget=budget, groups=row.groups, side=sides(row, moments),
-                                      calibration=moments if row.calibrated else None, allocation=row.allocation)
+                settings = ConvertSettings(budget=budget, form=row.form, side=sides(row, moments), groups=row.groups,
+                                           writer_groups=row.writer_groups, allocation=row.allocation,
+                                           calib_tokens=calib_tokens if row.calibrated else 0)
+                conv = convert_pretrained(Pretrained(m, pre.tokenizer, pre.kind, pre.source), settings,
+                                          moments if row.calibrated else None)
                 kept, ranks = conv.kept, {t: sorted(set(r)) for t, r in conv.ranks.items()}
             seconds = time.perf_counter() - t0
             value = measure(m)

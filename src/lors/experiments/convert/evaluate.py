@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lors.core.convert import InputMoments, input_moments
+from lors.core.convert import InputMoments, convert_targets, input_moments
 from lors.core.share import find_layers
 
 
@@ -64,10 +64,9 @@ def sentence_embeddings(model: nn.Module, tokenizer, texts: Sequence[str], batch
 def record_moments(model: nn.Module, targets: Sequence[str] | None, inputs: Sequence[dict]) -> InputMoments:
     """The input moments of ``targets`` (None: every Linear of a layer) in every layer of
     ``model``'s stack, over forward passes on ``inputs`` (keyword arguments of each call)."""
-    from lors.core.convert import _targets  # the same target check convert_layers makes
     _, stack = find_layers(model)
     layers = list(stack)
-    names = _targets(layers[0], targets)
+    names = convert_targets(layers[0], targets)  # the same check convert_layers makes
     return input_moments(layers, names, lambda: [model(**kw) for kw in inputs])
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 import lors
-from lors.core.convert import ALLOCATIONS, FORMS, Conversion, convert_layers
+from lors.core.convert import ALLOCATIONS, FORMS, Conversion, convert_layers, convert_targets
+from lors.core.share import find_layers
 from lors.core.basis import SIDES
 from lors.data.corpus import decode, load_corpus
 from lors.experiments.convert.evaluate import batches, perplexity, record_moments, token_windows
@@ -37,8 +38,9 @@ class ConvertSettings:
     budget: float | None = 0.5
     rank: int | None = None
     form: str = "basis"
-    side: str = "in"
+    side: str | dict[str, str] = "in"
     groups: int | None = 2
+    writer_groups: int | str | None = 1  # groups for the Linears that write the residual stream; "same": groups
     allocation: str = "uniform"
     damping: float = 0.001
     targets: list[str] | None = None
@@ -50,10 +52,13 @@ class ConvertSettings:
     def check(self) -> "ConvertSettings":
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
-        if self.side not in SIDES:
-            raise ValueError(f"side must be one of {SIDES}, got {self.side!r}")
+        if any(v not in SIDES for v in (self.side.values() if isinstance(self.side, dict) else [self.side])):
+            raise ValueError(f"side must be one of {SIDES} (or a dict of them per target), got {self.side!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if not (self.writer_groups in (None, "same") or (isinstance(self.writer_groups, int) and self.writer_groups >= 1)):
+            raise ValueError(f"writer_groups must be a group size >= 1, None (all layers) or 'same', got "
+                             f"{self.writer_groups!r}")
         if self.calib_tokens < 0 or self.seq_len < 2 or self.batch_size < 1:
             raise ValueError("calib_tokens must be >= 0, seq_len >= 2 and batch_size >= 1")
         return self
@@ -77,16 +82,46 @@ def calibration_inputs(pre: Pretrained, text: str, tokens: int, seq_len: int, ba
     return [dict(input_ids=b, attention_mask=torch.ones_like(b)) for b in batches(ids, batch_size)]
 
 
+# The Linears that write a block's output back into the residual stream (Llama, BERT, GPT-style
+# and timm names). The others (q, k, v, gate, up) read the stream, a space adjacent layers share;
+# a writer reads its own layer's attention or MLP output, a space of that layer alone.
+WRITERS = ("o_proj", "down_proj", "attention.output.dense", "output.dense", "attn.proj", "mlp.fc2")
+
+
+def is_writer(target: str) -> bool:
+    return target.endswith(WRITERS)
+
+
 def convert_pretrained(pre: Pretrained, settings: ConvertSettings, moments=None) -> Conversion:
-    """Convert ``pre.model`` in place (``moments``: reuse an earlier calibration run)."""
+    """Convert ``pre.model`` in place (``moments``: reuse an earlier calibration run). Readers of
+    the residual stream get ``settings.groups``, writers ``settings.writer_groups``."""
     settings.check()
     if moments is None and settings.calib_tokens:
         inputs = calibration_inputs(pre, calibration_text(settings.calibration), settings.calib_tokens,
                                     settings.seq_len, settings.batch_size)
         moments = record_moments(pre.model, settings.targets, inputs)
-    return convert_layers(pre.model, targets=settings.targets, form=settings.form, budget=settings.budget,
-                          rank=settings.rank, groups=settings.groups, calibration=moments, side=settings.side,
-                          allocation=settings.allocation, damping=settings.damping)
+    targets = convert_targets(find_layers(pre.model)[1][0], settings.targets)
+    split = [] if settings.writer_groups == "same" else [
+        (ts, g) for ts, g in (([t for t in targets if not is_writer(t)], settings.groups),
+                              ([t for t in targets if is_writer(t)], settings.writer_groups)) if ts]
+    parts = [(targets, settings.groups)] if len(split) < 2 else split
+    done = [convert_layers(pre.model, targets=ts, form=settings.form, budget=settings.budget, rank=settings.rank,
+                           groups=g, calibration=moments, side=settings.side, allocation=settings.allocation,
+                           damping=settings.damping) for ts, g in parts]
+    return done[0] if len(done) == 1 else combine(done)
+
+
+def combine(parts: list[Conversion]) -> Conversion:
+    """One report of several conversions of one stack (different targets, e.g. other groups)."""
+    first = parts[0]
+    return Conversion(
+        form=first.form, side=first.side, targets=[t for c in parts for t in c.targets],
+        groups={t: c.groups for c in parts for t in c.targets},
+        ranks={t: r for c in parts for t, r in c.ranks.items()},
+        errors={t: e for c in parts for t, e in c.errors.items()},
+        params_before=sum(c.params_before for c in parts), params_after=sum(c.params_after for c in parts),
+        activation_aware=all(c.activation_aware for c in parts), budget=first.budget,
+        stacks={t: s for c in parts for t, s in c.stacks.items()})
 
 
 def held_out_windows(pre: Pretrained, tokens: int, seq_len: int) -> torch.Tensor:
