@@ -50,6 +50,9 @@ def test_convert_saves_a_compact_model_that_loads_and_merges_back(tiny_llama, tm
     summary = json.loads((out / "conversion.json").read_text())
     assert summary["params_after"] <= 0.5 * summary["params_before"]
     assert summary["total_params_after"] < summary["total_params_before"]
+    # readers of the residual stream share a basis over 2 layers, writers keep one each
+    assert summary["groups"]["self_attn.q_proj"] == [[0, 1], [2, 3]]
+    assert summary["groups"]["self_attn.o_proj"] == summary["groups"]["mlp.down_proj"] == [[0], [1], [2], [3]]
     # the compact file re-creates the converted model on a plain copy of the original
     converted = AutoModelForCausalLM.from_pretrained(tiny_llama)
     lors.load(converted, out / "model.safetensors")

@@ -21,6 +21,7 @@ import torch
 from lors.data.text import FORTUNES_DIR, split_fortunes
 
 VOCAB_SIZE = 256  # bytes
+ENTRY_SEPARATOR = "\n\n"  # between the entries (fortunes, paragraphs) of a split
 INSTALL = "install the Debian package with `apt-get install fortunes`, or pass data.corpus=PATH (a UTF-8 text file or folder)"
 
 
@@ -87,7 +88,7 @@ def load_corpus(path: str | Path | None = None, val_fraction: float = 0.05, cont
         raise ValueError(f"corpus {root} is empty (no text in {len(files)} file(s)): pass a corpus with text in it")
     out = {}
     for name, part in (("train", train), ("val", val)):
-        data = "\n\n".join(part).encode("utf-8")
+        data = ENTRY_SEPARATOR.join(part).encode("utf-8")
         if len(data) < context + 1:
             raise ValueError(f"corpus {root}: the {name} split has {len(data)} bytes, fewer than one context "
                              f"window of {context} + 1: use a larger corpus or a smaller model.block_size")

@@ -20,8 +20,7 @@ import torch
 from tqdm import tqdm
 
 from lors.core.share import find_layers
-from lors.data.corpus import decode, load_corpus
-from lors.data.text import split_fortunes
+from lors.data.corpus import ENTRY_SEPARATOR, decode, load_corpus
 from lors.experiments.convert.evaluate import (drop_layers, layer_similarity, perplexity, record_moments,
                                                sentence_embeddings, token_windows)
 from lors.experiments.convert.run import ConvertSettings, calibration_inputs, convert_pretrained, is_writer
@@ -74,7 +73,7 @@ ROW_NAMES = tuple(r.name for r in ROWS)
 def _texts() -> tuple[str, list[str]]:
     """The fortunes corpus: its train part as one text (calibration), its val part's entries."""
     corpus = load_corpus()
-    return decode(corpus.train), split_fortunes(decode(corpus.val))
+    return decode(corpus.train), [e for e in decode(corpus.val).split(ENTRY_SEPARATOR) if e.strip()]
 
 
 def compare_conversion(model: str = "smollm2", budgets: Sequence[float] = (0.75, 0.5),
@@ -166,13 +165,22 @@ def results_table(summary: dict) -> str:
             f"({summary['better']} is better)\n\n" + markdown_table(rows, columns))
 
 
+STYLES = ("o-", "s--", "^-", "D--", "v-", "P--", "X-", "*--")
+CEILING = 1e4  # perplexities above this are off the chart (the model is broken); the legend says so
+
+
 def plot_results(summary: dict, path: str | Path) -> Path:
-    series = []
-    for r in summary["rows"]:
-        pts = sorted((x["kept"], x["value"]) for x in summary["results"] if x["row"] == r["name"])
-        series.append(Series(r["name"], [p[0] * 100 for p in pts], [p[1] for p in pts], style="o-"))
+    """The metric against the parameters kept, one line per row."""
     causal = summary["metric"] == "ppl"
+    series = []
+    for k, r in enumerate(summary["rows"]):
+        pts = sorted((x["kept"], x["value"]) for x in summary["results"] if x["row"] == r["name"])
+        off = causal and any(v > CEILING for _, v in pts)
+        series.append(Series(r["name"] + (" (above the chart)" if off else ""), [p[0] * 100 for p in pts],
+                             [p[1] for p in pts], style=STYLES[k % len(STYLES)]))
+    values = [x["value"] for x in summary["results"]] + [summary["original"]]
+    ylim = (summary["original"] * 0.8, min(CEILING, max(values)) * 1.3) if causal else None
     return plot_points(series, path, xlabel="parameters kept, % of the blocks' Linear weights",
                        ylabel=summary["metric_label"] + (" (log)" if causal else ""),
                        title=f"{summary['model']}: conversion at {', '.join(f'{b:.0%}' for b in summary['budgets'])}",
-                       hlines=[(summary["original"], "original")], logy=causal)
+                       hlines=[(summary["original"], "original")], logy=causal, ylim=ylim)
