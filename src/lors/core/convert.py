@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lors.core.basis import SIDES, SharedBasis
-from lors.core.share import LorsLinear, attach, check_identical, find_layers, linear_names
+from lors.core.share import attach, check_identical, find_layers, pick_targets
 from lors.core.static import StaticLors
 
 FORMS = ("lors", "basis")
@@ -212,33 +212,7 @@ def _groups(groups, n: int) -> list[list[int]]:
 def convert_targets(layer: nn.Module, targets=None) -> list[str]:
     """``targets`` checked against ``layer`` (a named ValueError for a bad one); None: every
     nn.Linear of the layer."""
-    available = linear_names(layer)
-    conv1d = [name for name, m in layer.named_modules() if type(m).__name__ == "Conv1D"]
-    if targets is None:
-        if available:
-            return available
-        if conv1d:
-            raise ValueError(f"{type(layer).__name__} holds Conv1D layers ({', '.join(conv1d)}), "
-                             "GPT-2's transposed Linear, and no nn.Linear: replace each Conv1D by an "
-                             "nn.Linear with weight.T first (the weights of GPT-2-family models)")
-        raise ValueError(f"{type(layer).__name__} has no nn.Linear to convert")
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    if not targets:
-        raise ValueError("targets is empty: name at least one Linear, or pass None for all")
-    for t in targets:
-        try:
-            found = layer.get_submodule(t)
-        except AttributeError:
-            raise ValueError(f"target '{t}' matches nothing in {type(layer).__name__}; its Linears are "
-                             f"{available}") from None
-        if isinstance(found, LorsLinear):
-            raise ValueError(f"target '{t}' is already shared: call lors.merge first to convert it again")
-        if not isinstance(found, nn.Linear):
-            hint = (" (GPT-2's transposed Linear: replace it by an nn.Linear with weight.T first)"
-                    if type(found).__name__ == "Conv1D" else "")
-            raise ValueError(f"target '{t}' is a {type(found).__name__}, not an nn.Linear{hint}; the "
-                             f"Linears are {available}")
-    return targets
+    return pick_targets(layer, targets, "convert")
 
 
 @dataclass

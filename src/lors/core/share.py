@@ -211,19 +211,30 @@ def _check_per_layer(value, num_layers: int, what: str) -> list[int]:
     return per_layer(value, num_layers, what)
 
 
-def _pick_targets(layer: nn.Module, targets: str | Iterable[str] | None) -> list[str]:
-    """Check ``targets`` against ``layer`` (a ValueError names a bad one); None: every Linear."""
+CONV1D_HINT = ("GPT-2's transposed Linear: replace each Conv1D by an nn.Linear holding weight.T "
+               "first (the weights of GPT-2-family models)")
+
+
+def pick_targets(layer: nn.Module, targets: str | Iterable[str] | None, verb: str = "share") -> list[str]:
+    """Check ``targets`` against ``layer`` (a ValueError names a bad one); None: every Linear.
+    ``verb`` ("share", "convert") is what the caller does with them, for the messages."""
     available, kind = linear_names(layer), type(layer).__name__
     if targets is None:
         if available:
             return available
         shared = [n for n, m in layer.named_modules() if isinstance(m, LorsLinear)]
+        conv1d = [n for n, m in layer.named_modules() if type(m).__name__ == "Conv1D"]
         if shared:
             raise ValueError(f"every Linear of {kind} is already shared ({', '.join(shared)}): "
-                             "call lors.merge on the stack first to share it again")
-        raise ValueError(f"{kind} has no nn.Linear to share: pass a stack of layers that hold "
+                             f"call lors.merge on the stack first to {verb} it again")
+        if conv1d:
+            raise ValueError(f"{kind} holds Conv1D layers ({', '.join(conv1d)}) and no nn.Linear: "
+                             f"{CONV1D_HINT}")
+        raise ValueError(f"{kind} has no nn.Linear to {verb}: pass a stack of layers that hold "
                          "nn.Linear modules")
     targets = [targets] if isinstance(targets, str) else list(targets)
+    if not targets:
+        raise ValueError("targets is empty: name at least one Linear, or pass None for all")
     for t in targets:
         try:
             found = layer.get_submodule(t)
@@ -231,9 +242,10 @@ def _pick_targets(layer: nn.Module, targets: str | Iterable[str] | None) -> list
             raise ValueError(f"target '{t}' matches nothing in {kind}; its Linears are "
                              f"{available}") from None
         if isinstance(found, LorsLinear):
-            raise ValueError(f"target '{t}' is already shared; merge it first to share it again")
+            raise ValueError(f"target '{t}' is already shared; merge it first to {verb} it again")
         if not isinstance(found, nn.Linear):
-            raise ValueError(f"target '{t}' is a {type(found).__name__}, not an nn.Linear; "
+            hint = f" ({CONV1D_HINT})" if type(found).__name__ == "Conv1D" else ""
+            raise ValueError(f"target '{t}' is a {type(found).__name__}, not an nn.Linear{hint}; "
                              f"the Linears are {available}")
     return targets
 
@@ -261,7 +273,7 @@ def share_layers(module: nn.Module, targets: str | Iterable[str] | None = None,
     check_identical(layers)
     rank = _check_per_layer(rank, len(layers), "rank")
     groups = _check_per_layer(groups, len(layers), "groups")
-    targets = _pick_targets(layers[0], targets)
+    targets = pick_targets(layers[0], targets)
     stacks = {}
     for t in targets:  # build every StaticLors (which checks rank, groups, init) first
         ref = layers[0].get_submodule(t)
