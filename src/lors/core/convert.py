@@ -344,6 +344,18 @@ def _plans(linears, targets, moments, parts, form, sides, damping, n):
     return plans, weights
 
 
+def check_options(form: str, side, allocation: str) -> None:
+    """A named ValueError for a ``form``, ``side`` (or dict of sides) or ``allocation`` that
+    ``convert_layers`` does not know (callers check before loading a model)."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    bad = [v for v in (side.values() if isinstance(side, Mapping) else [side]) if v not in SIDES]
+    if bad:
+        raise ValueError(f"side must be one of {SIDES} (or a dict of them per target), got {bad[0]!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+
+
 def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None, form: str = "lors",
                    budget: float | None = None, rank=None, groups=None, calibration=None,
                    side: str | Mapping[str, str] = "in", allocation: str = "uniform",
@@ -375,14 +387,8 @@ def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None
     Every argument is checked before the stack changes; bad input is a ValueError that names it.
     Returns a ``Conversion`` (ranks, errors, parameter counts, the new modules).
     """
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    check_options(form, side, allocation)
     sides_given = dict(side) if isinstance(side, Mapping) else None
-    bad = [v for v in (sides_given.values() if sides_given is not None else [side]) if v not in SIDES]
-    if bad:
-        raise ValueError(f"side must be one of {SIDES} (or a dict of them per target), got {bad[0]!r}")
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if (budget is None) == (rank is None):
         raise ValueError("give either budget (a fraction of the parameters to keep) or rank, not "
                          + ("both" if budget is not None else "neither"))

@@ -20,10 +20,11 @@ import torch
 from tqdm import tqdm
 
 from lors.core.share import find_layers
-from lors.data.corpus import ENTRY_SEPARATOR, decode, load_corpus
+from lors.data.corpus import ENTRY_SEPARATOR
 from lors.experiments.convert.evaluate import (drop_layers, layer_similarity, perplexity, record_moments,
                                                sentence_embeddings, token_windows)
-from lors.experiments.convert.run import ConvertSettings, calibration_inputs, convert_pretrained, is_writer
+from lors.experiments.convert.run import (ConvertSettings, calibration_inputs, convert_pretrained, fortunes_texts,
+                                          is_writer)
 from lors.experiments.report import Column, Series, markdown_table, plot_points
 from lors.models.pretrained import CAUSAL, Pretrained, load_pretrained
 
@@ -72,8 +73,8 @@ ROW_NAMES = tuple(r.name for r in ROWS)
 
 def _texts() -> tuple[str, list[str]]:
     """The fortunes corpus: its train part as one text (calibration), its val part's entries."""
-    corpus = load_corpus()
-    return decode(corpus.train), [e for e in decode(corpus.val).split(ENTRY_SEPARATOR) if e.strip()]
+    train, val = fortunes_texts()
+    return train, [e for e in val.split(ENTRY_SEPARATOR) if e.strip()]
 
 
 def compare_conversion(model: str = "smollm2", budgets: Sequence[float] = (0.75, 0.5),

@@ -3,13 +3,14 @@
     result = convert_model("smollm2", out="runs/convert/smollm2", settings=ConvertSettings(budget=0.5))
 
 Loads the model (`lors.models.pretrained`), records the targets' input moments on calibration
-text, calls `lors.convert_layers`, checks that ``lors.load`` into a fresh copy gives the same
+text, calls `lors.convert_layers`, checks that ``lors.load`` into a plain copy gives the same
 outputs, and writes ``DIR/model.safetensors`` (``lors.save``: each shared tensor once, the layout
 in the file), ``DIR/conversion.json`` (settings, ranks, errors, parameter counts) and, with
 ``merged``, ``DIR/merged/`` (``lors.merge`` then ``save_pretrained``: a plain HF model).
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -18,9 +19,8 @@ from pathlib import Path
 import torch
 
 import lors
-from lors.core.convert import ALLOCATIONS, FORMS, Conversion, convert_layers, convert_targets
+from lors.core.convert import Conversion, check_options, convert_layers, convert_targets
 from lors.core.share import find_layers
-from lors.core.basis import SIDES
 from lors.data.corpus import decode, load_corpus
 from lors.experiments.convert.evaluate import batches, perplexity, record_moments, token_windows
 from lors.experiments.convert.uptrain import UptrainSettings, uptrain
@@ -50,12 +50,7 @@ class ConvertSettings:
     batch_size: int = 4
 
     def check(self) -> "ConvertSettings":
-        if self.form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
-        if any(v not in SIDES for v in (self.side.values() if isinstance(self.side, dict) else [self.side])):
-            raise ValueError(f"side must be one of {SIDES} (or a dict of them per target), got {self.side!r}")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        check_options(self.form, self.side, self.allocation)
         if not (self.writer_groups in (None, "same") or (isinstance(self.writer_groups, int) and self.writer_groups >= 1)):
             raise ValueError(f"writer_groups must be a group size >= 1, None (all layers) or 'same', got "
                              f"{self.writer_groups!r}")
@@ -64,10 +59,17 @@ class ConvertSettings:
         return self
 
 
+def fortunes_texts() -> tuple[str, str]:
+    """The fortunes corpus's train part (calibration) and val part (evaluation), as text: split by
+    a hash of each fortune, so the two never share one."""
+    corpus = load_corpus()
+    return decode(corpus.train), decode(corpus.val)
+
+
 def calibration_text(path: str | None) -> str:
     """The calibration text: a UTF-8 file, or the fortunes corpus's train part."""
     if path is None:
-        return decode(load_corpus().train)
+        return fortunes_texts()[0]
     p = Path(path).expanduser()
     if not p.is_file():
         raise ValueError(f"calibration text {p} does not exist: pass a UTF-8 text file")
@@ -126,7 +128,7 @@ def combine(parts: list[Conversion]) -> Conversion:
 
 def held_out_windows(pre: Pretrained, tokens: int, seq_len: int) -> torch.Tensor:
     """``tokens`` tokens of the fortunes corpus's val part, never used for calibration."""
-    return token_windows(pre.tokenizer, decode(load_corpus().val), tokens, seq_len)
+    return token_windows(pre.tokenizer, fortunes_texts()[1], tokens, seq_len)
 
 
 def convert_model(source: str, out: str | Path, settings: ConvertSettings, merged: bool = False,
@@ -150,6 +152,7 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
     quality = {}
     if held_out is not None:
         quality["original"] = perplexity(pre.model, held_out)
+    original = copy.deepcopy(pre.model)  # the plain model: teacher for uptraining, then the reload check
     conversion = convert_pretrained(pre, settings)
     total_after = lors.count_parameters(pre.model).total
     seconds = time.perf_counter() - start
@@ -157,22 +160,19 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
         quality["converted"] = perplexity(pre.model, held_out)
     up_summary = None
     if up is not None:
-        teacher = load_pretrained(source).model
         windows = token_windows(pre.tokenizer, calibration_text(settings.calibration), uptrain_tokens, settings.seq_len)
-        up_summary = uptrain(pre.model, teacher, windows, up, out / "uptrain", asdict(settings), resume=resume,
+        up_summary = uptrain(pre.model, original, windows, up, out / "uptrain", asdict(settings), resume=resume,
                              progress=progress is print)
         up_summary = dict(settings=asdict(up), tokens=up.steps * up.batch_size * settings.seq_len,
                           steps=up_summary.get("steps"), run_dir=str(out / "uptrain"))
-        del teacher
         if held_out is not None:
             quality["uptrained"] = perplexity(pre.model, held_out)
     out.mkdir(parents=True, exist_ok=True)
     path = lors.save(pre.model, out / "model.safetensors")
-    fresh = load_pretrained(source).model
-    lors.load(fresh, path)  # the file alone re-creates the converted model
+    lors.load(original, path)  # the file alone re-creates the converted model on the plain copy
     probe = torch.randint(0, min(1000, getattr(pre.model.config, "vocab_size", 1000)), (1, 32))
     with torch.no_grad():
-        a, b = pre.model.eval()(input_ids=probe), fresh(input_ids=probe)
+        a, b = pre.model.eval()(input_ids=probe), original(input_ids=probe)
     key = "logits" if pre.kind == CAUSAL else "last_hidden_state"
     if not torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-4):
         raise ValueError(f"{path} does not load back to the converted model: report this as a bug")
@@ -184,8 +184,8 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
     if up_summary is not None:
         summary["uptrain"] = up_summary
     if merged:
-        lors.merge(fresh)
-        fresh.save_pretrained(out / "merged")
+        lors.merge(original)
+        original.save_pretrained(out / "merged")
         if pre.tokenizer is not None:
             pre.tokenizer.save_pretrained(out / "merged")
         summary["merged"] = str(out / "merged")
