@@ -162,10 +162,12 @@ def test_activations_given_as_a_dict_equal_a_recording_run():
         torch.testing.assert_close(run(a, x), run(b, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("form,side", FORMS + [("basis", {"self_attn.o_proj": "out", "mlp.down_proj": "out"})])
-def test_save_load_merge_equals_the_converted_model(tmp_path, form, side):
+@pytest.mark.parametrize("form,side,groups", [(f, s, [[0, 1], [2, 3]]) for f, s in FORMS] + [
+    ("basis", {"self_attn.o_proj": "out", "mlp.down_proj": "out"}, [[0, 1], [2, 3]]),
+    ("lors", "in", None)])  # one group of every layer, as share_layers would lay it out
+def test_save_load_merge_equals_the_converted_model(tmp_path, form, side, groups):
     model, run, x = _build("llama")
-    convert_layers(model, form=form, side=side, budget=0.5, groups=[[0, 1], [2, 3]],
+    convert_layers(model, form=form, side=side, budget=0.5, groups=groups,
                    calibration=lambda: run(model, x))
     with torch.no_grad():
         converted = run(model, x)

@@ -87,19 +87,6 @@ def sidecar_path(path: str | Path) -> Path:
     return path.with_name(path.stem + ".lors.json")
 
 
-def _made_by_share_layers(model: nn.Module, layers_path: str, lors: StaticLors) -> bool:
-    """``lors`` is exactly what ``share_layers(layers, lors.target)`` built on the stack at
-    ``layers_path``: layer i holds index i, no layer was removed, added or reordered since."""
-    try:
-        stack = model.get_submodule(layers_path) if layers_path else model
-        layers = list(stack) if isinstance(stack, STACK_TYPES) else []
-        found = [layer.get_submodule(lors.target) for layer in layers]
-    except AttributeError:
-        return False
-    return len(found) == lors.num_layers and all(
-        isinstance(m, LorsLinear) and m.lors is lors and m.index == i for i, m in enumerate(found))
-
-
 def _placements(model: nn.Module) -> dict[int, list[tuple[str, int]]]:
     """id(stack) -> (path, index) of every LorsLinear that reads it."""
     found: dict[int, list[tuple[str, int]]] = {}
@@ -132,23 +119,21 @@ def describe(model: nn.Module) -> dict:
     ``target``; one made by ``convert_layers`` (a group of layers, or a basis) records ``layers``,
     ``target`` and ``members`` (the layer index of each of its layers). That is what
     ``apply_layout`` needs to re-create it on a plain model."""
-    stacks, placements = [], None
+    stacks, placements = [], _placements(model)
     for name, m in model.named_modules():  # the path of each module's first occurrence
         if isinstance(m, (StaticLors, SharedBasis)):
             entry = {"kind": "static" if isinstance(m, StaticLors) else "basis", "path": name,
                      "config": m.config()}
             target = getattr(m, "target", None)
-            suffix, dotted = f".0.{target}.lors", "." + name
-            if (isinstance(m, StaticLors) and getattr(m, "members", None) is None and target is not None
-                    and dotted.endswith(suffix)):
-                layers = dotted[: -len(suffix)][1:]
-                if _made_by_share_layers(model, layers, m):
-                    entry.update(layers=layers, target=target)
-            elif target is not None:
-                placements = _placements(model) if placements is None else placements
-                found = _members(m, target, placements.get(id(m), []))
-                if found is not None:
-                    entry.update(layers=found[0], target=target, members=found[1])
+            found = None if target is None else _members(m, target, placements.get(id(m), []))
+            if found is not None:
+                layers, members = found
+                stack = model.get_submodule(layers) if layers else model
+                by_share_layers = (isinstance(m, StaticLors) and getattr(m, "members", None) is None
+                                   and isinstance(stack, STACK_TYPES) and members == list(range(len(stack))))
+                entry.update(layers=layers, target=target)
+                if not by_share_layers:  # convert_layers: a group, a basis, full-range ranks
+                    entry["members"] = members
             stacks.append(entry)
         elif isinstance(m, AdaptiveLors):
             stacks.append({"kind": "adaptive", "path": name, "config": m.config()})
