@@ -1,6 +1,7 @@
 """Benchmark of the LORS core at the paper's shapes: prints ratios measured in one run.
 
-(a) forward+backward of a 6-layer stack after ``share_layers`` versus the same plain stack;
+(a) forward+backward of a 6-layer stack after ``share_layers`` versus the same plain stack
+    (and, for reference, with the input's gradient too, and with one tied Linear);
 (b) inference after ``merge`` versus the plain stack;
 (c) ``AdaptiveLors.mix`` forward+backward versus materialising the weight by concatenation
     and sum, as in the paper's Figure 3 pseudo-code (results compared too).
@@ -17,16 +18,17 @@ import copy
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import lors
+from lors.engine.timing import interleaved, median_ratio
 
 TARGETS = {"a": 1.10, "b": 1.02, "c": 1 / 1.3}  # ratio LORS/baseline must be <= target
-# "a0" has no target: it shows what sharing one weight costs without any LORS term
+# "a0" has no target: it shows what sharing one weight costs without any LORS term;
+# "ax" (no target either) is case (a) with the input's gradient also computed, as inside a network
 
 
 class Stage(nn.Module):
@@ -50,27 +52,11 @@ class Stack(nn.Module):
         return torch.stack([layer(x) for layer, x in zip(self.layers, xs)])
 
 
-def timed(fn, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def compare(fn_a, fn_b, repeats: int, warmup: int = 3) -> tuple[float, float, float]:
     """Median seconds of fn_a and of fn_b, run alternately, and the median of the ratios of
-    adjacent runs, which drift and load on a shared machine affect least."""
-    for _ in range(warmup):
-        fn_a(), fn_b()
-    ta, tb = [], []
-    for k in range(repeats):
-        first, second = (fn_a, fn_b) if k % 2 == 0 else (fn_b, fn_a)  # alternate who goes first
-        t1, t2 = timed(first, 0), timed(second, 0)
-        ta.append(t1 if k % 2 == 0 else t2)
-        tb.append(t2 if k % 2 == 0 else t1)
-    ratio = statistics.median(a / b for a, b in zip(ta, tb))
-    return statistics.median(ta), statistics.median(tb), ratio
+    adjacent runs (`lors.engine.timing`)."""
+    times = interleaved({"a": fn_a, "b": fn_b}, repeats, warmup)
+    return statistics.median(times["a"]), statistics.median(times["b"]), median_ratio(times["a"], times["b"])
 
 
 def bench_stack(name, n, d_in, d_out, rows, rank, repeats):
@@ -89,7 +75,17 @@ def bench_stack(name, n, d_in, d_out, rows, rank, repeats):
             model(xs).backward(gy)  # a fixed upstream gradient: time the layers, not a loss
         return run
 
+    def step_with_input_grad(model):  # in a network the layer's input needs its gradient too
+        x_req = xs.clone().requires_grad_()
+
+        def run():
+            model.zero_grad(set_to_none=True)
+            x_req.grad = None
+            model(x_req).backward(gy)
+        return run
+
     t_lors, t_plain, r_lors = compare(step(shared), step(plain), repeats)
+    t_lors_x, t_plain_x, r_lors_x = compare(step_with_input_grad(shared), step_with_input_grad(plain), repeats)
     t_tied, t_plain2, r_tied = compare(step(tied), step(plain), repeats)
     merged = lors.merge(copy.deepcopy(shared))
 
@@ -103,6 +99,8 @@ def bench_stack(name, n, d_in, d_out, rows, rank, repeats):
     return [
         dict(case="a", name=f"{name}: fwd+bwd, share_layers vs plain", lors_s=t_lors,
              base_s=t_plain, ratio=r_lors),
+        dict(case="ax", name=f"{name}: same, input gradient too", lors_s=t_lors_x,
+             base_s=t_plain_x, ratio=r_lors_x),
         dict(case="a0", name=f"{name}: fwd+bwd, one tied Linear vs plain", lors_s=t_tied,
              base_s=t_plain2, ratio=r_tied),
         dict(case="b", name=f"{name}: inference, merged vs plain", lors_s=t_merged,
@@ -161,7 +159,8 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"machine: {machine}; medians of {args.repeats} interleaved repeats after 3 warm-ups "
           "(ratio: median of adjacent-run ratios)")
-    print(f"{'case':<64s} {'lors ms':>9s} {'base ms':>9s} {'ratio':>7s} {'target':>8s}  ok")
+    width = max(len(row["name"]) for row in rows)
+    print(f"{'case':<{width + 6}s} {'lors ms':>9s} {'base ms':>9s} {'ratio':>7s} {'target':>8s}  ok")
     for row in rows:
         target = TARGETS.get(row["case"])
         row["target"] = target
@@ -169,7 +168,7 @@ def main() -> None:
         verdict = "info" if target is None else ("yes" if row["ok"] else "NO")
         extra = f"  rel.err {row['rel_err']:.1e}" if "rel_err" in row else ""
         goal = "-" if target is None else "<=" + format(target, ".2f")
-        print(f"{'(' + row['case'] + ')':<5s} {row['name']:<58s} {row['lors_s'] * 1e3:>9.2f} "
+        print(f"{'(' + row['case'] + ')':<5s} {row['name']:<{width}s} {row['lors_s'] * 1e3:>9.2f} "
               f"{row['base_s'] * 1e3:>9.2f} {row['ratio']:>7.3f} {goal:>8s}  {verdict}{extra}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,18 @@ def test_static_factored_path_gradients_equal_autograd(bias):
                 torch.testing.assert_close(o, r)
 
 
+def test_static_factored_path_gradients_have_the_parameters_layout():
+    """The factored backward hands its weight gradients back transposed; what lands in .grad
+    (one stage, or several accumulated) is laid out as the (contiguous) parameters are."""
+    lors = StaticLors(3, 512, 16, rank=2, groups=[1, 2, 1])
+    for stages in ([0], [0, 1, 2]):
+        lors.zero_grad(set_to_none=True)
+        sum(lors(torch.randn(4, 512), i).sum() for i in stages).backward()
+        for p in lors.parameters():
+            if p.grad is not None:
+                assert p.is_contiguous() and p.grad.is_contiguous()
+
+
 def test_static_shared_bias_is_one_vector():
     lors = StaticLors(3, 8, 6, rank=2, shared_bias=True)
     assert lors.bias.shape == (1, 6)
