@@ -1,5 +1,6 @@
 """The engine's one schedule, one memory measure and the loop on a toy model."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +55,33 @@ def test_peak_memory_sees_a_block_and_forgets_earlier_peaks():
         del block
     assert busy.growth_mib > 100, busy.growth_mib
     assert quiet.growth_mib < 50, quiet.growth_mib  # the earlier 256 MiB peak is not this block's
+
+
+def test_peak_memory_can_leave_out_heap_memory_that_earlier_work_freed():
+    """Small blocks freed between live ones stay in the process (the heap cannot shrink past
+    them); with release_freed they are handed back before the block, so its start is live memory."""
+    if not Path("/proc/self/statm").exists():
+        pytest.skip("resident set from /proc: Linux only")
+    blocks = [torch.ones(16 * 1024) for _ in range(4096)]  # 4096 x 64 KiB = 256 MiB, touched
+    del blocks[::2]  # 128 MiB freed in holes between live blocks
+    with PeakMemory("cpu") as kept:
+        pass
+    with PeakMemory("cpu", release_freed=True) as released:
+        pass
+    del blocks
+    assert kept.start_mib - released.start_mib > 64, (kept.start_mib, released.start_mib)
+
+
+def test_interleaved_timing_rotates_the_order_and_keeps_rounds_aligned():
+    from lors.engine.timing import interleaved, median_ratio
+    calls = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b"),
+                         "c": lambda: calls.append("c")}, repeats=4, warmup=2)
+    assert calls[:9] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # who goes first rotates
+    assert len(calls) == 18 and {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert median_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == 3.0  # median of per-round ratios
+    with pytest.raises(ValueError, match="repeats"):
+        interleaved({"a": lambda: None}, repeats=0)
 
 
 def test_train_one_epoch_steps_until_the_budget_and_stops_on_a_nan():

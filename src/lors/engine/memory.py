@@ -10,10 +10,14 @@ CPU: this process's resident set. On Linux the kernel's own peak (``VmHWM``) is 
 (``/proc/self/clear_refs``) and read on exit, so nothing is missed between samples; where that
 is not possible the resident set is sampled every 5 ms by a background thread. A child process
 does not count: run a measured job in its own process (`lors.experiments.runner`) to measure
-it alone.
+it alone. ``PeakMemory(release_freed=True)`` first hands the heap memory that earlier work
+freed back to the system (glibc's ``malloc_trim``, Linux), so that the resident set at entry
+is live memory and not what an earlier step left behind.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import threading
 from pathlib import Path
@@ -37,6 +41,15 @@ def _hwm_bytes() -> int | None:
     return None
 
 
+def _release_freed() -> None:
+    """Return freed heap memory to the system where the C library can (glibc)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_hwm() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set
@@ -48,8 +61,9 @@ def _reset_hwm() -> bool:
 class PeakMemory:
     """Peak memory while the ``with`` block runs (``peak_mib``, ``start_mib``, ``growth_mib``)."""
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", release_freed: bool = False):
         self.device = torch.device(device)
+        self.release_freed = release_freed
         self.start_mib = self.peak_mib = 0.0
         self._thread = None
 
@@ -67,6 +81,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start_mib = torch.cuda.memory_allocated(self.device) / 2**20
             return self
+        if self.release_freed:
+            _release_freed()
         start = _rss_bytes()
         self.start_mib = start / 2**20
         if not (_reset_hwm() and _hwm_bytes() is not None):

@@ -22,7 +22,7 @@ from lors.experiments.detection.data import build_datasets, to_device
 from lors.experiments.detection.evaluate import evaluate
 from lors.models.adamixer import DetectorConfig, build_criterion, build_detector
 
-__all__ = ["train", "schedule", "NonFiniteLossError", "EpochSampler", "RESUME_FREE"]
+__all__ = ["train", "schedule", "build_optimizer", "detection_loss", "NonFiniteLossError", "EpochSampler", "RESUME_FREE"]
 
 # config keys that may change between a run and its resumption: they do not change the weights
 # (train.epochs may grow, with ``extend``)
@@ -38,6 +38,26 @@ def schedule(cfg: DetectorConfig, steps_per_epoch: int) -> Schedule:
     return Schedule(lr=t.lr, total_steps=t.epochs * steps_per_epoch, warmup_steps=t.warmup_iters,
                     warmup_start=t.warmup_ratio, decay="step", gamma=t.lr_gamma,
                     milestones=tuple(e * steps_per_epoch for e in t.lr_steps))
+
+
+def build_optimizer(cfg: DetectorConfig, model: torch.nn.Module, dev: torch.device) -> torch.optim.AdamW:
+    """The paper's AdamW over the trainable parameters, the fused kernel on CPU and GPU (it
+    updates all tensors in one pass; the default loops per tensor)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
+                             weight_decay=cfg.train.weight_decay, fused=dev.type in ("cpu", "cuda"))
+
+
+def detection_loss(criterion, dev: torch.device):
+    """The training loss of a collated batch: ``loss_fn(model, batch) -> (total, terms)``, the
+    terms (LOSS_TERMS) each the mean over the supervised stages, as the loop logs them."""
+    def loss_fn(model, batch):
+        images, sizes, targets = to_device(*batch, dev)
+        outputs = model(images, sizes)
+        losses = criterion(outputs, targets)
+        n = len(outputs["stages"])
+        terms = {k: sum(v.item() for key, v in losses.items() if key.startswith(k + "_")) / n for k in LOSS_TERMS}
+        return criterion.total(losses), terms
+    return loss_fn
 
 
 def train(cfg: DetectorConfig, run_dir=None, resume: bool = True, stop_after: int | None = None,
@@ -63,10 +83,8 @@ def train(cfg: DetectorConfig, run_dir=None, resume: bool = True, stop_after: in
     train_set, val_set = build_datasets(cfg, val=evaluate_at_end and rank == 0)
     torch.manual_seed(t.seed)
     model = build_detector(cfg).to(dev)
-    criterion = build_criterion(cfg)
-    # the fused kernel updates all tensors in one pass (CPU and GPU); the default loops per tensor
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
-                                  weight_decay=t.weight_decay, fused=dev.type in ("cpu", "cuda"))
+    loss_fn = detection_loss(build_criterion(cfg), dev)
+    optimizer = build_optimizer(cfg, model, dev)
     items = SeededItems(train_set, t.seed)
     sampler = EpochSampler(len(train_set), per_process, t.seed, rank, world)
 
@@ -76,14 +94,6 @@ def train(cfg: DetectorConfig, run_dir=None, resume: bool = True, stop_after: in
         return DataLoader(items, batch_size=per_process, sampler=sampler,
                           collate_fn=partial(collate_fn, stride=cfg.data.size_divisor),
                           num_workers=cfg.data.num_workers, drop_last=True)
-
-    def loss_fn(model, batch):
-        images, sizes, targets = to_device(*batch, dev)
-        outputs = model(images, sizes)
-        losses = criterion(outputs, targets)
-        n = len(outputs["stages"])  # each term logged as its mean over the supervised stages
-        terms = {k: sum(v.item() for key, v in losses.items() if key.startswith(k + "_")) / n for k in LOSS_TERMS}
-        return criterion.total(losses), terms
 
     settings = RunSettings(
         run_dir=run_dir or t.output_dir, config=to_dict(cfg), resume_free=RESUME_FREE,
