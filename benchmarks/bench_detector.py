@@ -26,6 +26,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -37,7 +38,8 @@ from lors.engine.timing import interleaved, median_ratio
 from lors.experiments.detection.train import build_optimizer, detection_loss, schedule
 from lors.experiments.report import Column, markdown_table
 from lors.experiments.runner import run_in_child
-from lors.models.adamixer import build_criterion, build_detector, load_detector_config, merge_detector
+from lors.models.adamixer import (build_criterion, build_detector, load_detector_config, merge_detector,
+                                  merged_config)
 
 TARGETS = {"train": 1.10, "merged": 1.02}  # (a) and (c): ratio to vanilla must be <= target
 KINDS = ("vanilla", "lors", "merged")
@@ -125,6 +127,11 @@ def bench_decoder(layout: str, args, device) -> dict[str, list[float]]:
                            sync_for(device), progress=f"decoder {layout}")
 
 
+def save_merged(layout: str, queries: int, path: str) -> None:
+    """The merged LORS model's weights to ``path`` (run in its own process)."""
+    torch.save(build("merged", layout, queries, torch.device("cpu"))[0].state_dict(), path)
+
+
 def peak_memory(kind: str, layout: str, phase: str, queries: int, batch: int, size, amp: str,
                 device: str) -> dict:
     """(d), in a fresh process: the peak memory of one ``phase`` ("train": a training step, after
@@ -133,7 +140,15 @@ def peak_memory(kind: str, layout: str, phase: str, queries: int, batch: int, si
     dev = torch.device(device)
     with PeakMemory(dev, release_freed=True) as before:
         pass
-    model, cfg = build(kind, layout, queries, dev)
+    if kind == "merged":  # as a user serves it: the merged checkpoint loaded into a fresh process
+        cfg = merged_config(layout_config("lors", layout, queries))
+        model = build_detector(cfg).to(dev)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "merged.pt"
+            run_in_child(save_merged, (layout, queries, str(path)))
+            model.load_state_dict(torch.load(path, map_location=dev, weights_only=True))
+    else:
+        model, cfg = build(kind, layout, queries, dev)
     data = fake_batch(batch, size)
     out = {"params": count_parameters(model).total, "decoder_params": count_parameters(model.decoder).total}
     if phase == "train":
