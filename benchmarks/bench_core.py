@@ -9,7 +9,7 @@
 Times are medians over interleaved repeats after warm-up; a ratio is the median of the
 ratios of adjacent runs. Raw numbers go to --out (JSON).
 
-    python benchmarks/bench_core.py [--repeats 30] [--out docs/results/core.json]
+    python benchmarks/bench_core.py [--repeats 30] [--out docs/results/core.json] [--keep-heap]
 """
 from __future__ import annotations
 
@@ -141,11 +141,27 @@ def bench_adaptive(name, queries, heads, points, d, h, rank, groups, repeats):
                 base_s=t_fig3, ratio=ratio, rel_err=rel)
 
 
+def keep_heap() -> None:
+    """glibc: allocations up to 1 GiB from the heap (not fresh pages from the system each time),
+    and freed memory kept. By default large temporaries (above 32 MiB at most) are mapped
+    afresh on every call and pay page faults, a cost that depends on the allocator's history."""
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    if not (libc.mallopt(M_MMAP_THRESHOLD, 2**30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        raise SystemExit("--keep-heap: this C library refused mallopt; run without it")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default="docs/results/core.json")
+    parser.add_argument("--keep-heap", action="store_true",
+                        help="serve every allocation from the process heap and never hand it back (glibc), "
+                             "so no case pays page faults for fresh memory")
     args = parser.parse_args()
+    if args.keep_heap:
+        keep_heap()
     rows = []
     # the paper's LORS^T: output projection 2*128*128 -> 256, 6 stages, r=8, K=1;
     # 2 images x 100 queries per step
@@ -156,7 +172,8 @@ def main() -> None:
     rows.append(bench_adaptive("ASM 64->128 (P=128 ch.)", 200, 2, 128, 64, 128, 16, 3, args.repeats))
     rows.append(bench_adaptive("ACM 128->128 (P=64 pts)", 200, 2, 64, 128, 128, 16, 3, args.repeats))
 
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+               + (", --keep-heap" if args.keep_heap else ""))
     print(f"machine: {machine}; medians of {args.repeats} interleaved repeats after 3 warm-ups "
           "(ratio: median of adjacent-run ratios)")
     width = max(len(row["name"]) for row in rows)

@@ -247,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.decoder_repeats < 1 or args.batch < 1 or args.queries < 1:
         parser.error("--repeats, --decoder-repeats, --batch and --queries must be >= 1")
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: {args.device!r} is not a device; use cpu or cuda (cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is visible to torch here; use --device cpu")
 

@@ -30,7 +30,7 @@ def test_layouts_build_the_papers_models(bench):
 
 def test_bad_arguments_are_named(bench, capsys):
     for argv, words in ((["--layouts", "2by64"], "GROUPSxPOINTS"), (["--size", "800"], "HxW"),
-                        (["--repeats", "0"], ">= 1")):
+                        (["--repeats", "0"], ">= 1"), (["--device", "banana"], "not a device")):
         with pytest.raises(SystemExit):
             bench.main(argv)
         assert words in capsys.readouterr().err
