@@ -67,7 +67,7 @@ class _FactoredLinear(torch.autograd.Function):
 
     The weight gradients are computed as (in, out + K*r) and handed back transposed, the
     orientation a plain ``nn.Linear``'s backward uses: with few rows and a wide input, the
-    other orientation, ``[g, g B]^T x``, is a slower product on CPU (1.14x against 1.06x for
+    other orientation, ``[g, g B]^T x``, is a slower product on CPU (1.18x against 1.06x for
     the whole LORS^T stack in ``benchmarks/bench_core.py``, case (a))."""
 
     @staticmethod
