@@ -16,7 +16,7 @@ GPU. For each sampling layout (2 groups x 64 points, the paper's LORS; 4 x 32, A
 Times are medians over interleaved rounds after warm-up (`lors.engine.timing`); a ratio is
 the median of the per-round ratios. Raw numbers go to --out (JSON).
 
-    python benchmarks/bench_detector.py [--repeats 5] [--decoder-repeats 15] [--out FILE]
+    python benchmarks/bench_detector.py [--repeats 9] [--decoder-repeats 15] [--warmup 3] [--out FILE]
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch
 from lors.core.count import count_parameters
 from lors.engine.loop import autocast_dtype, train_one_epoch
 from lors.engine.memory import PeakMemory
-from lors.engine.timing import interleaved, median_ratio
+from lors.engine.timing import interleaved, median_ratio, ratio_quartiles
 from lors.experiments.detection.train import build_optimizer, detection_loss, schedule
 from lors.experiments.report import Column, markdown_table
 from lors.experiments.runner import run_in_child
@@ -177,10 +177,13 @@ def summarise(train_times, decoder_times, memory, layouts) -> list[dict]:
             row = {"layout": layout, "kind": kind, **memory.get(f"{kind} {layout}", {})}
             key = f"{kind} {layout}"
             if key in train_times:
+                base = train_times[f"vanilla {layout}"]
                 row["train_ms"] = 1e3 * statistics.median(train_times[key])
-                row["train_ratio"] = median_ratio(train_times[key], train_times[f"vanilla {layout}"])
+                row["train_ratio"] = median_ratio(train_times[key], base)
+                row["train_ratio_quartiles"] = ratio_quartiles(train_times[key], base)
             row["decoder_ms"] = 1e3 * statistics.median(dec[kind])
             row["decoder_ratio"] = median_ratio(dec[kind], dec["vanilla"])
+            row["decoder_ratio_quartiles"] = ratio_quartiles(dec[kind], dec["vanilla"])
             rows.append(row)
     return rows
 
@@ -207,10 +210,14 @@ def verdicts(rows, train_times) -> list[str]:
 def table(rows) -> str:
     def cell(key, spec):
         return lambda r: "–" if r.get(key) is None else format(r[key], spec)
+
+    def ratio(key):  # the median, and the per-round ratios' quartiles
+        return lambda r: "–" if r.get(key) is None else (
+            f"{r[key]:.3f} [{r[key + '_quartiles'][0]:.2f}, {r[key + '_quartiles'][1]:.2f}]")
     columns = [Column("Layout", lambda r: r["layout"]), Column("Model", lambda r: r["kind"]),
                Column("Decoder params", cell("decoder_params", ",")),
-               Column("Train step ms", cell("train_ms", ",.0f")), Column("(a) ratio", cell("train_ratio", ".3f")),
-               Column("Decoder ms", cell("decoder_ms", ".1f")), Column("(b)/(c) ratio", cell("decoder_ratio", ".3f")),
+               Column("Train step ms", cell("train_ms", ",.0f")), Column("(a) ratio [quartiles]", ratio("train_ratio")),
+               Column("Decoder ms", cell("decoder_ms", ".1f")), Column("(b)/(c) ratio [quartiles]", ratio("decoder_ratio")),
                Column("(d) train peak MiB", cell("train_peak_mib", ",.0f")),
                Column("(d) inference peak MiB", cell("infer_peak_mib", ",.0f"))]
     return markdown_table(rows, columns)
@@ -234,9 +241,9 @@ def parse_layout(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layouts", nargs="+", type=parse_layout, default=["2x64", "4x32"])
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds of training steps")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds of training steps")
     parser.add_argument("--decoder-repeats", type=int, default=15, help="timed rounds of decoder runs")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--batch", type=int, default=1)

@@ -73,13 +73,14 @@ def test_peak_memory_can_leave_out_heap_memory_that_earlier_work_freed():
 
 
 def test_interleaved_timing_rotates_the_order_and_keeps_rounds_aligned():
-    from lors.engine.timing import interleaved, median_ratio
+    from lors.engine.timing import interleaved, median_ratio, ratio_quartiles
     calls = []
     times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b"),
                          "c": lambda: calls.append("c")}, repeats=4, warmup=2)
     assert calls[:9] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # who goes first rotates
     assert len(calls) == 18 and {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
     assert median_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == 3.0  # median of per-round ratios
+    assert ratio_quartiles([1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 5) == (2.0, 4.0)
     with pytest.raises(ValueError, match="repeats"):
         interleaved({"a": lambda: None}, repeats=0)
 

@@ -42,3 +42,13 @@ def interleaved(fns: Mapping[str, Callable[[], object]], repeats: int, warmup: i
 def median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     """The median of a[k] / b[k] over the rounds k."""
     return statistics.median(x / y for x, y in zip(a, b))
+
+
+def ratio_quartiles(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """The first and third quartiles of a[k] / b[k] over the rounds k: the spread behind
+    ``median_ratio`` (both the one ratio when there is one round)."""
+    ratios = [x / y for x, y in zip(a, b)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q1, q3
