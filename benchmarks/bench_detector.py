@@ -16,7 +16,7 @@ GPU. For each sampling layout (2 groups x 64 points, the paper's LORS; 4 x 32, A
 Times are medians over interleaved rounds after warm-up (`lors.engine.timing`); a ratio is
 the median of the per-round ratios. Raw numbers go to --out (JSON).
 
-    python benchmarks/bench_detector.py [--repeats 9] [--decoder-repeats 15] [--warmup 3] [--out FILE]
+    python benchmarks/bench_detector.py [--repeats 9] [--decoder-repeats 40] [--warmup 3] [--out FILE]
 """
 from __future__ import annotations
 
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layouts", nargs="+", type=parse_layout, default=["2x64", "4x32"])
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds of training steps")
-    parser.add_argument("--decoder-repeats", type=int, default=15, help="timed rounds of decoder runs")
+    parser.add_argument("--decoder-repeats", type=int, default=40, help="timed rounds of decoder runs")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="fp32", choices=("fp32", "bf16", "fp16"))
