@@ -138,17 +138,18 @@ def peak_memory(kind: str, layout: str, phase: str, queries: int, batch: int, si
     one untimed step so the optimizer's state exists; "infer": full-model inference), above what
     the process held before the model was built; and the parameter counts."""
     dev = torch.device(device)
-    with PeakMemory(dev, release_freed=True) as before:
-        pass
-    if kind == "merged":  # as a user serves it: the merged checkpoint loaded into a fresh process
-        cfg = merged_config(layout_config("lors", layout, queries))
-        model = build_detector(cfg).to(dev)
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind == "merged":  # as a user serves it: the merged checkpoint loaded into a fresh process
             path = Path(tmp) / "merged.pt"
-            run_in_child(save_merged, (layout, queries, str(path)))
+            run_in_child(save_merged, (layout, queries, str(path)))  # before the baseline: not counted
+        with PeakMemory(dev, release_freed=True) as before:
+            pass
+        if kind == "merged":
+            cfg = merged_config(layout_config("lors", layout, queries))
+            model = build_detector(cfg).to(dev)
             model.load_state_dict(torch.load(path, map_location=dev, weights_only=True))
-    else:
-        model, cfg = build(kind, layout, queries, dev)
+        else:
+            model, cfg = build(kind, layout, queries, dev)
     data = fake_batch(batch, size)
     out = {"params": count_parameters(model).total, "decoder_params": count_parameters(model.decoder).total}
     if phase == "train":
