@@ -107,9 +107,7 @@ def bench_training(layouts, args, device) -> dict[str, list[float]]:
         for kind in ("vanilla", "lors"):
             model, cfg = build(kind, layout, args.queries, device)
             steps[f"{kind} {layout}"] = Trainer(model, cfg, device, batch, args.amp)
-    times = interleaved(steps, args.repeats, args.warmup, sync_for(device), progress="training steps")
-    del steps
-    return times
+    return interleaved(steps, args.repeats, args.warmup, sync_for(device), progress="training steps")
 
 
 def bench_decoder(layout: str, args, device) -> dict[str, list[float]]:

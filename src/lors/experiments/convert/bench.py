@@ -63,12 +63,14 @@ ROWS = (
         "(q, k, v, gate, up), per-layer for those that write it (o, down), activation-aware", "basis", True, 2,
         writer_groups=1),
 )
+ROW_NAMES = tuple(r.name for r in ROWS)
+
+
 def sides(row: Row, targets) -> str | dict[str, str]:
     """``row.side``, with "mixed" spelled out per target."""
     if row.side != "mixed":
         return row.side
     return {t: "out" if is_writer(t) else "in" for t in targets}
-ROW_NAMES = tuple(r.name for r in ROWS)
 
 
 def _texts() -> tuple[str, list[str]]:

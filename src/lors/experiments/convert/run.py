@@ -146,7 +146,7 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
     causal = pre.kind == CAUSAL
     if up is not None and not causal:
         raise ValueError(f"{source} is an encoder: uptraining distils next-token predictions, so it needs a causal LM")
-    total_before = sum(p.numel() for p in pre.model.parameters())
+    total_before = lors.count_parameters(pre.model).total
     progress(f"loaded {source}: {total_before:,} parameters ({time.perf_counter() - start:.0f} s)")
     held_out = held_out_windows(pre, eval_tokens, settings.seq_len) if eval_tokens and causal else None
     quality = {}

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lors.config import to_dict
+from lors.core.count import count_parameters
 from lors.engine.checkpoint import find_checkpoint, save_checkpoint
 from lors.experiments.detection.evaluate import load_detector
 from lors.models.adamixer import merge_detector, merged_config
@@ -30,9 +31,9 @@ def merge_run(checkpoint: str | Path, out: str | Path) -> dict:
     model, cfg, state = load_detector(checkpoint)
     if not (cfg.lors.adaptive.enabled or cfg.lors.static.enabled):
         raise ValueError(f"{checkpoint} is a plain AdaMixer (no LORS in its config): there is nothing to merge")
-    before = sum(p.numel() for p in model.parameters())
+    before = count_parameters(model).total
     merge_detector(model)
-    after = sum(p.numel() for p in model.parameters())
+    after = count_parameters(model).total
     plain = merged_config(cfg)
     kept = {k: state[k] for k in KEPT_STATE if k in state}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # a checkpoint holds one; it has no state
