@@ -1,8 +1,10 @@
 """lors.save / lors.load: exact round trips, shared tensors stored once, clear errors."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -28,7 +30,7 @@ def test_save_load_is_exact_and_stores_each_shared_tensor_once(tmp_path):
         stored = sum(f.get_tensor(k).numel() for k in keys)
         layout = json.loads(f.metadata()["lors"])  # the layout lives in the file itself
     assert sorted(k for k in keys if "shared_weight" in k) == [
-        "h.0.attn.qkv.lors.shared_weight", "h.0.mlp.fc1.lors.shared_weight"]
+        "h.lors.attn.qkv.0.shared_weight", "h.lors.mlp.fc1.0.shared_weight"]
     assert stored == count_parameters(model).total
     assert layout["stacks"][0]["target"] in {"attn.qkv", "mlp.fc1"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # one file
@@ -65,22 +67,22 @@ def test_non_finite_checkpoint_is_rejected(tmp_path):
     path = tmp_path / "m.safetensors"
     lors.save(model, path)
     tensors = load_file(str(path))
-    tensors["h.0.mlp.fc1.lors.A.2"][0, 0, 0] = float("nan")
+    tensors["h.lors.mlp.fc1.0.A.2"][0, 0, 0] = float("nan")
     save_file(tensors, str(path))
-    with pytest.raises(ValueError, match=r"tensor 'h.0.mlp.fc1.lors.A.2' has 1 non-finite"):
+    with pytest.raises(ValueError, match=r"tensor 'h.lors.mlp.fc1.0.A.2' has 1 non-finite"):
         lors.load(shared_gpt(), path)
 
 
 def test_checkpoint_with_other_shapes_is_rejected(tmp_path):
     lors.save(shared_gpt(rank=4), tmp_path / "m.safetensors")
-    with pytest.raises(ValueError, match=r"tensor 'h.0.attn.qkv.lors.A.0' has shape \(1, 4, 32\), "
+    with pytest.raises(ValueError, match=r"tensor 'h.lors.attn.qkv.0.A.0' has shape \(1, 4, 32\), "
                                          r"the model has \(1, 2, 32\)"):
         lors.load(shared_gpt(rank=2), tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="shares 4 layers at 'h', this model has 3"):
         lors.load(GPT(n_layer=3), tmp_path / "m.safetensors")
     smaller = GPT(n_layer=3)
     share_layers(smaller, targets=["attn.qkv", "mlp.fc1"], rank=4)
-    with pytest.raises(ValueError, match=r"missing \[\], unexpected \['h.0.attn.qkv.lors.A.3'"):
+    with pytest.raises(ValueError, match=r"missing \[\], unexpected \['h.3.attn.proj.bias'"):
         lors.load(smaller, tmp_path / "m.safetensors")
 
 
@@ -124,7 +126,7 @@ def test_removing_layer_0_keeps_the_shared_tensors_in_the_checkpoint(tmp_path):
     path = tmp_path / "m.safetensors"
     lors.save(model, path)
     stored = load_file(str(path))
-    assert "h.0.attn.qkv.lors.shared_weight" in stored
+    assert "h.lors.attn.qkv.0.shared_weight" in stored
     assert sum(t.numel() for t in stored.values()) == count_parameters(model).total
     twin = shared_gpt(seed=1)
     del twin.h[0]
@@ -139,3 +141,32 @@ def test_saving_a_module_without_tensors_is_refused(tmp_path):
     with pytest.raises(ValueError, match="ModuleList holds no parameters or buffers"):
         lors.save(torch.nn.ModuleList(), tmp_path / "m.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+V1 = Path(__file__).parent / "data" / "v1"  # written by lors before the stack owned its shared tensors
+
+
+def _v1_encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False).eval()
+
+
+@pytest.mark.parametrize("name", ["share_layers", "convert_layers"])
+@pytest.mark.parametrize("into", ["plain", "shared"])
+def test_a_version_1_checkpoint_loads_through_the_key_map(name, into):
+    with safe_open(str(V1 / f"{name}.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["lors"])["version"] == 1
+        assert any(".0.linear1.lors." in k for k in f.keys())  # the old keys
+    model = _v1_encoder()
+    if into == "shared":  # the model the run rebuilt before resuming
+        if name == "share_layers":
+            share_layers(model, rank=2, groups=[1, 1, 2])
+        else:
+            lors.convert_layers(model, targets=["linear1"], form="lors", rank=3, groups=2)
+            lors.convert_layers(model, targets=["linear2"], form="basis", rank=4, groups=[[0], [1, 2]])
+    lors.load(model, V1 / f"{name}.safetensors")
+    expected = load_file(str(V1 / "outputs.safetensors"))
+    with torch.no_grad():
+        assert torch.allclose(model(expected["x"]), expected[name], atol=1e-6)
+    assert any(k.startswith("layers.lors.linear1.") for k in model.state_dict())

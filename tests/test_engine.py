@@ -115,7 +115,7 @@ def test_adamw_decays_weights_only_also_a_lors_stacks_per_layer_biases_not():
     opt = adamw(stack, 1e-3, 0.1)
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     names = {n: p for n, p in stack.named_parameters()}
-    lors_bias = next(p for n, p in names.items() if n.endswith("lors.bias"))
+    lors_bias = next(p for n, p in names.items() if n.startswith("lors.") and n.endswith(".bias"))
     assert lors_bias.dim() == 2 and id(lors_bias) not in decayed
     assert id(next(p for n, p in names.items() if n.endswith("shared_weight"))) in decayed
     assert not any(id(p) in decayed for n, p in names.items() if p.dim() < 2)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lors import LorsLinear, count_parameters, merge, share_layers
+from lors import LorsLinear, count_parameters, merge, share_layers, substack
 
 
 class Block(nn.Module):
@@ -46,7 +46,7 @@ def perturb(model):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".lors.A." in name or ".lors.B." in name:
+            if ".A." in name or ".B." in name:  # <layers>.lors.<target>.<group>.A.<i>
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
@@ -82,7 +82,7 @@ def test_shared_tensor_is_counted_and_stored_once():
     model = GPT(n_layer=4, d=32)
     share_layers(model.h, targets="mlp.fc1", rank=4)
     keys = [k for k in model.state_dict() if "shared_weight" in k]
-    assert keys == ["h.0.mlp.fc1.lors.shared_weight"]
+    assert keys == ["h.lors.mlp.fc1.0.shared_weight"]
     counts = count_parameters(model)
     assert counts.shared == 128 * 32
     assert counts.private == 4 * (4 * 32 + 128 * 4) + 4 * 128  # factors and per-layer biases
@@ -185,46 +185,78 @@ def unique_numel(module):
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("change", ["del", "slice", "deepcopy"])
-def test_removing_slicing_or_copying_layers_keeps_the_shared_tensors(change):
+def test_the_stack_owns_the_shared_tensors_and_deleting_a_layer_keeps_them():
     torch.manual_seed(0)
     stack = GPT(n_layer=4).h
     share_layers(stack, targets="mlp.fc1", rank=4)
     lors0 = stack[0].mlp.fc1.lors
-    if change == "del":
-        del stack[0]
-        kept = stack
-    elif change == "slice":
-        kept = stack[1:]
-    else:
-        kept = copy.deepcopy(stack[2])
-    params = list(kept.parameters())
-    shared = kept.get_submodule("mlp.fc1" if change == "deepcopy" else "0.mlp.fc1").lors.shared_weight
-    assert any(p is shared for p in params)
-    if change != "deepcopy":
-        assert shared is lors0.shared_weight
+    assert not any(p is lors0.shared_weight for p in stack[0].parameters())  # the layer refers only
+    assert [n for n, _ in stack.named_children()] == ["0", "1", "2", "3", "lors"]
+    assert len(stack) == 4 and all(isinstance(b, Block) for b in stack)
+    del stack[0]
+    assert len(stack) == 3 and [n for n, _ in stack.named_children()] == ["0", "1", "2", "lors"]
+    params = list(stack.parameters())
+    assert any(p is lors0.shared_weight for p in params)
     assert len({id(p) for p in params}) == len(params)
-    sd = kept.state_dict()
-    assert [k for k in sd if "shared_weight" in k] == [
-        "mlp.fc1.lors.shared_weight" if change == "deepcopy" else "0.mlp.fc1.lors.shared_weight"]
-    assert sum(v.numel() for v in sd.values()) == unique_numel(kept) == count_parameters(kept).total
-    assert count_parameters(kept).shared == 128 * 32
+    sd = stack.state_dict()
+    assert [k for k in sd if "shared_weight" in k] == ["lors.mlp.fc1.0.shared_weight"]
+    assert sum(v.numel() for v in sd.values()) == unique_numel(stack) == count_parameters(stack).total
     x = torch.randn(2, 3, 32)
-    (kept(x) if change == "deepcopy" else kept[0](x)).sum().backward()
-    assert shared.grad is not None
+    stack[0](x).sum().backward()  # the old layer 1, still reading its own factors
+    assert lors0.shared_weight.grad is not None and lors0.A[1].grad is not None
 
 
-def test_state_dict_with_the_shared_tensors_under_a_later_layer_loads():
-    model, twin = GPT(n_layer=3), GPT(n_layer=3)
-    for m in (model, twin):
-        share_layers(m, targets="mlp.fc1", rank=2)
-    perturb(model)
-    sd = {k.replace("h.0.mlp.fc1.lors.", "h.2.mlp.fc1.lors."): v for k, v in model.state_dict().items()}
-    twin.load_state_dict(sd)  # strict: the copies under h.0 and h.1 are not required
-    assert torch.equal(twin.h[1].mlp.fc1.weight, model.h[1].mlp.fc1.weight)
-    without = {k: v for k, v in sd.items() if ".lors." not in k}
-    with pytest.raises(RuntimeError, match="Missing key.*h.0.mlp.fc1.lors.shared_weight"):
-        twin.load_state_dict(without)  # missing everywhere is still missing
+@pytest.mark.parametrize("change", ["slice", "deepcopy"])
+def test_layers_taken_out_of_the_stack_refer_to_shared_tensors_they_do_not_own(change):
+    stack = GPT(n_layer=4).h
+    share_layers(stack, targets="mlp.fc1", rank=4)
+    kept = stack[1:] if change == "slice" else copy.deepcopy(stack[2])
+    assert type(kept) in (nn.ModuleList, Block)
+    assert not any("shared_weight" in k for k in kept.state_dict())
+    x = torch.randn(2, 3, 32)
+    layer = kept[0] if change == "slice" else kept
+    layer(x).sum().backward()  # still runs: its LorsLinear refers to a stack module
+    same = layer.mlp.fc1.lors is stack[1].mlp.fc1.lors
+    assert same == (change == "slice")
+
+
+def test_substack_extracts_layers_with_their_own_factors():
+    torch.manual_seed(0)
+    stack = GPT(n_layer=4).h
+    share_layers(stack, targets=["mlp.fc1", "attn.proj"], rank=[1, 2, 3, 4])
+    perturb(stack)
+    sub = substack(stack, [1, 3])
+    assert len(sub) == 2 and len(stack) == 4
+    fc1 = sub[1].mlp.fc1.lors
+    assert fc1.num_layers == 2 and fc1.ranks == [2, 4] and fc1 is not stack[3].mlp.fc1.lors
+    x = torch.randn(2, 3, 32)
+    for j, i in enumerate([1, 3]):
+        assert torch.equal(sub[j](x), stack[i](x))
+    counts = count_parameters(sub)
+    assert counts.total == unique_numel(sub)
+    assert counts.shared == 128 * 32 + 32 * 32
+    with pytest.raises(ValueError, match="distinct indices 0 <= i < 4"):
+        substack(stack, [1, 1])
+
+
+def test_two_state_dicts_written_into_one_dict_each_hold_the_shared_tensors():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False)
+    share_layers(enc, rank=2)
+    d = {}
+    enc.state_dict(destination=d, prefix="a.")
+    enc.state_dict(destination=d, prefix="b.")
+    a = {k[2:]: v for k, v in d.items() if k.startswith("a.")}
+    b = {k[2:]: v for k, v in d.items() if k.startswith("b.")}
+    assert a.keys() == b.keys() == enc.state_dict().keys()
+    twin = copy.deepcopy(enc)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+    twin.load_state_dict(b)  # strict
+    x = torch.randn(2, 4, 16)
+    assert torch.equal(twin.eval()(x), enc.eval()(x))
 
 
 def test_failed_share_layers_leaves_the_stack_untouched():

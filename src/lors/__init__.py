@@ -8,11 +8,13 @@ Core API::
     lors.merge(model)                       # plain nn.Linears, outputs unchanged
     lors.count_parameters(model)            # shared tensors counted once
     lors.save(model, path) / lors.load(model, path)
+    lors.substack(stack, [0, 1])            # some layers of a shared stack, as a stack of their own
 """
 from lors.serialization import load, save
 from lors.core import (AdaptiveLors, Conversion, LorsLinear, ParamCount, SharedBasis, StaticLors,
-                       convert_layers, count_parameters, find_layers, merge, share_layers)
+                       convert_layers, count_parameters, find_layers, merge, share_layers, substack)
 
 __version__ = "0.1.0"
 __all__ = ["AdaptiveLors", "Conversion", "LorsLinear", "ParamCount", "SharedBasis", "StaticLors",
-           "convert_layers", "count_parameters", "find_layers", "load", "merge", "save", "share_layers"]
+           "convert_layers", "count_parameters", "find_layers", "load", "merge", "save", "share_layers",
+           "substack"]

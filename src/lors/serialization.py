@@ -4,9 +4,11 @@
 layout (``describe``) as the file's ``"lors"`` metadata entry, so one file describes itself
 and two checkpoints in one folder never share anything. ``load(model, path)`` accepts either
 a model that already has the same LORS layout or the plain model the layout was made from:
-it re-applies ``share_layers`` from the layout first. Checkpoints written before the layout
-moved into the file may rely on a ``<stem>.lors.json`` side-car; it is read when the file's
-metadata holds no layout.
+it re-creates the layout's ``share_layers``/``convert_layers`` stacks first. Layout version 1
+(before each stack owned its shared modules, which were stored under the first layer that
+read them, ``<layers>.0.<target>.lors.*``) loads through a key map; checkpoints written before
+the layout moved into the file may rely on a ``<stem>.lors.json`` side-car, read when the
+file's metadata holds no layout.
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ from torch import nn
 
 from lors.core.adaptive import AdaptiveLors
 from lors.core.basis import SharedBasis
-from lors.core.share import STACK_TYPES, LorsLinear, attach, find_layers, share_layers
+from lors.core.share import LorsLinear, attach, find_layers
+from lors.core.stack import OWNER, LayerStack, check_owner, owned, shared_stacks
 from lors.core.static import StaticLors
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shared modules owned by their stack (<layers>.lors.<target>.<group>)
 LAYOUT_KEY = "lors"  # the safetensors metadata entry that holds the layout (JSON)
 ALIASES_KEY = "lors_aliases"  # {state-dict key: key stored in its place}, for tied tensors (JSON)
 
@@ -88,7 +91,7 @@ def sidecar_path(path: str | Path) -> Path:
 
 
 def _placements(model: nn.Module) -> dict[int, list[tuple[str, int]]]:
-    """id(stack) -> (path, index) of every LorsLinear that reads it."""
+    """id(stack module) -> (path, index) of every LorsLinear that reads it."""
     found: dict[int, list[tuple[str, int]]] = {}
     for name, m in model.named_modules():
         if isinstance(m, LorsLinear):
@@ -96,48 +99,49 @@ def _placements(model: nn.Module) -> dict[int, list[tuple[str, int]]]:
     return found
 
 
-def _members(stack: nn.Module, target: str, placed: list[tuple[str, int]]) -> tuple[str, list[int]] | None:
-    """(layers path, members) when layer j of ``stack`` sits at ``<layers>.<members[j]>.<target>``
-    for every j, else None (the layers were moved since)."""
-    members, paths = [None] * stack.num_layers, set()
-    for path, index in placed:
-        if not ("." + path).endswith("." + target):
-            return None
-        layers, _, idx = ("." + path)[: -len(target) - 1].rpartition(".")
-        if not idx.isdigit() or members[index] is not None:
-            return None
-        paths.add(layers[1:])
-        members[index] = int(idx)
-    if len(paths) != 1 or None in members:
-        return None
-    return paths.pop(), members
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _in_place(module: LayerStack, layers: str, placed: list[tuple[str, int]]) -> bool:
+    """True when layer j of ``module`` is read at ``<layers>.<members[j]>.<target>``, for every j."""
+    want = {(_join(layers, str(i), module.target), j) for j, i in enumerate(module.members)}
+    return len(module.members) == module.num_layers and set(placed) == want
 
 
 def describe(model: nn.Module) -> dict:
-    """The LORS layout of ``model``: one entry per StaticLors/AdaptiveLors/SharedBasis. A stack
-    made by ``share_layers`` on a stack still as it was built also records ``layers`` and
-    ``target``; one made by ``convert_layers`` (a group of layers, or a basis) records ``layers``,
-    ``target`` and ``members`` (the layer index of each of its layers). That is what
-    ``apply_layout`` needs to re-create it on a plain model."""
-    stacks, placements = [], _placements(model)
-    for name, m in model.named_modules():  # the path of each module's first occurrence
+    """The LORS layout of ``model``: one entry per StaticLors/SharedBasis/AdaptiveLors, with its
+    ``path`` in the state dict and its ``config``. A stack module owned by a shared stack whose
+    layers are still where they were wired in also records ``layers`` (the stack's path),
+    ``target`` and ``members`` (the layer index of each of its layers): what ``apply_layout``
+    needs to re-create it on a plain model."""
+    model = unwrap(model)
+    stacks, placements, seen = [], _placements(model), set()
+    for path, stack in shared_stacks(model):
+        for target, group in owned(stack).items():
+            for gi, m in enumerate(group):
+                entry = {"kind": "static" if isinstance(m, StaticLors) else "basis",
+                         "path": _join(path, OWNER, target, str(gi)), "config": m.config()}
+                if _in_place(m, path, placements.get(id(m), [])):
+                    entry.update(layers=path, target=target, members=list(m.members))
+                stacks.append(entry)
+                seen.add(id(m))
+    for name, m in model.named_modules():  # stack modules used directly (the detector's)
+        if id(m) in seen:
+            continue
         if isinstance(m, (StaticLors, SharedBasis)):
-            entry = {"kind": "static" if isinstance(m, StaticLors) else "basis", "path": name,
-                     "config": m.config()}
-            target = getattr(m, "target", None)
-            found = None if target is None else _members(m, target, placements.get(id(m), []))
-            if found is not None:
-                layers, members = found
-                stack = model.get_submodule(layers) if layers else model
-                by_share_layers = (isinstance(m, StaticLors) and getattr(m, "members", None) is None
-                                   and isinstance(stack, STACK_TYPES) and members == list(range(len(stack))))
-                entry.update(layers=layers, target=target)
-                if not by_share_layers:  # convert_layers: a group, a basis, full-range ranks
-                    entry["members"] = members
-            stacks.append(entry)
+            stacks.append({"kind": "static" if isinstance(m, StaticLors) else "basis", "path": name,
+                           "config": m.config()})
         elif isinstance(m, AdaptiveLors):
             stacks.append({"kind": "adaptive", "path": name, "config": m.config()})
     return {"format": "lors", "version": FORMAT_VERSION, "stacks": stacks}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module that ``torch.compile`` wrapped (its state dict keys carry ``_orig_mod.``), or
+    ``model`` itself."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" else model
 
 
 def save(model: nn.Module, path: str | Path) -> Path:
@@ -152,6 +156,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
     if path.is_dir():
         raise ValueError(f"cannot save to {path}: it is a directory; pass a file name such as "
                          f"{path / 'model.safetensors'}")
+    model = unwrap(model)  # a compiled model saves what the plain one loads
     state = model.state_dict()
     if not state:
         raise ValueError(f"{type(model).__name__} holds no parameters or buffers, so there is "
@@ -217,40 +222,77 @@ def read_layout(path: str | Path) -> dict | None:
     return _check_layout(layout, source)
 
 
-def apply_layout(model: nn.Module, layout: dict) -> None:
-    """Re-apply the ``share_layers`` and ``convert_layers`` results recorded in ``layout`` to a
-    plain model (the values come from the checkpoint afterwards)."""
+def _v1_keys(tensors: dict, layout: dict, model: nn.Module) -> dict:
+    """Rename the tensors of a version-1 checkpoint (each stack module stored under the first
+    layer that read it, ``<layers>.<i>.<target>.lors.*``) to where ``model`` owns them
+    (``<layers>.lors.<target>.<group>.*``), matched by (layers, target, members)."""
+    now = {(e["layers"], e["target"], tuple(e["members"])): e["path"]
+           for e in describe(model)["stacks"] if "target" in e}
+    renames = {}
+    for e in layout["stacks"]:
+        if "target" not in e:
+            continue
+        members = tuple(e.get("members", range(e["config"]["num_layers"])))
+        new = now.get((e["layers"], e["target"], members))
+        if new is not None:
+            renames[e["path"] + "."] = new + "."
+    out = {}
+    for key, value in tensors.items():
+        old = next((p for p in renames if key.startswith(p)), None)
+        out[key if old is None else renames[old] + key[len(old):]] = value
+    return out
+
+
+def _plan_layout(model: nn.Module, layout: dict) -> list[tuple[nn.Module, dict, list[int]]]:
+    """(stack, entry, members) for every entry that ``apply_layout`` re-creates, every entry
+    checked against ``model`` before anything changes."""
+    plan = []
     for entry in layout["stacks"]:
         if entry["kind"] not in ("static", "basis") or "target" not in entry:
             continue
-        cfg = entry["config"]
+        cfg, target = entry["config"], entry["target"]
         try:
-            layers = model.get_submodule(entry["layers"]) if entry["layers"] else model
+            holder = model.get_submodule(entry["layers"]) if entry["layers"] else model
         except AttributeError:
             raise ValueError(f"the checkpoint shares layers at '{entry['layers']}', which this "
                              "model does not have: load it into the model it was saved from") from None
-        found = find_layers(layers)[1]
-        if "members" in entry:  # convert_layers: some layers of the stack, by index
-            members = entry["members"]
-            try:
-                ref = found[max(members)].get_submodule(entry["target"])
-            except (AttributeError, IndexError):
-                ref = None
-            if not isinstance(ref, nn.Linear):
-                raise ValueError(f"the checkpoint converts '{entry['target']}' of layers {members} at "
-                                 f"'{entry['layers']}', which this model does not have as an nn.Linear: "
-                                 "load it into the model it was converted from")
-            kw = dict(device=ref.weight.device, dtype=ref.weight.dtype)
-            stack = StaticLors(**cfg, **kw) if entry["kind"] == "static" else SharedBasis(**cfg, **kw)
-            stack.target, stack.members = entry["target"], list(members)
-            attach(list(found), entry["target"], stack, members)
-            continue
-        if len(found) != cfg["num_layers"]:
-            raise ValueError(f"the checkpoint shares {cfg['num_layers']} layers at "
-                             f"'{entry['layers']}', this model has {len(found)} there: build the model "
+        stack = find_layers(holder)[1]
+        members = list(entry.get("members", range(cfg["num_layers"])))  # version 1: share_layers
+        depth = cfg["num_layers"] if "members" not in entry else max(members) + 1
+        if len(stack) < depth or ("members" not in entry and len(stack) != depth):
+            raise ValueError(f"the checkpoint shares {depth} layers at "
+                             f"'{entry['layers']}', this model has {len(stack)} there: build the model "
                              "with the configuration it was saved with")
-        share_layers(layers, targets=entry["target"], rank=cfg["rank"], groups=cfg["groups"],
-                     init=cfg["init"], shared_bias=cfg["shared_bias"])
+        for i in members:
+            ref = None
+            if i < len(stack):
+                try:
+                    ref = stack[i].get_submodule(target)
+                except AttributeError:
+                    pass
+            if not isinstance(ref, nn.Linear):
+                raise ValueError(f"the checkpoint shares '{target}' of layers {members} at "
+                                 f"'{entry['layers']}', which this model does not have as an "
+                                 f"nn.Linear (layer {i}): load it into the model it was saved from")
+            if (ref.in_features, ref.out_features) != (cfg["in_features"], cfg["out_features"]):
+                raise ValueError(f"the checkpoint shares '{target}' as ({cfg['out_features']}, "
+                                 f"{cfg['in_features']}) weights; layer {i} of this model has "
+                                 f"({ref.out_features}, {ref.in_features}): build the model with the "
+                                 "configuration it was saved with")
+        check_owner(stack)
+        plan.append((stack, entry, members))
+    return plan
+
+
+def apply_layout(model: nn.Module, layout: dict) -> None:
+    """Re-apply the ``share_layers`` and ``convert_layers`` results recorded in ``layout`` to a
+    plain model (the values come from the checkpoint afterwards). Every entry is checked
+    first: a layout that does not fit leaves the model unchanged."""
+    for stack, entry, members in _plan_layout(model, layout):
+        ref = stack[members[0]].get_submodule(entry["target"])
+        kw = dict(device=ref.weight.device, dtype=ref.weight.dtype)
+        cls = StaticLors if entry["kind"] == "static" else SharedBasis
+        attach(stack, entry["target"], cls(**entry["config"], **kw), members)
 
 
 def load(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
@@ -285,15 +327,21 @@ def load(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
                          f"{sidecar_path(path).name} beside it), so lors.save did not write it: "
                          "load a plain safetensors file with model.load_state_dict("
                          "safetensors.torch.load_file(path)), and write checkpoints with lors.save")
+    if layout.get("version", 1) > FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path} has layout version {layout['version']}, newer than this "
+                         f"lors reads ({FORMAT_VERSION}): upgrade lors")
+    model = unwrap(model)
     has_lors = any(isinstance(m, LorsLinear) for m in model.modules())
     if not has_lors:
         apply_layout(model, layout)
+    if layout.get("version", 1) == 1:
+        tensors = _v1_keys(tensors, layout, model)
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if strict and (missing or unexpected):
         hint = "build the model with the configuration it was saved with"
-        if not has_lors and any(".lors." in k for k in unexpected):
+        if not has_lors and any(k.startswith(OWNER + ".") or f".{OWNER}." in k for k in unexpected):
             hint = ("its LORS layers were removed, sliced or copied after share_layers, so the "
                     "layout cannot re-create them: load it into a model changed the same way")
         raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: missing "

@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lors.core.stack import LayerStack
+
 SIDES = ("in", "out")
 
 
-class SharedBasis(nn.Module):
+class SharedBasis(LayerStack):
     """The weights of N stacked Linears as one shared basis and per-layer coefficients.
 
     Args:
@@ -47,7 +49,6 @@ class SharedBasis(nn.Module):
                              f"of a ({out_features}, {in_features}) weight; use 0 <= rank <= {limit}")
         self.num_layers, self.in_features, self.out_features = num_layers, in_features, out_features
         self.rank, self.side = rank, side
-        self.ranks, self.groups = [rank] * num_layers, [1] * num_layers  # LorsLinear's repr
         kw = dict(device=device, dtype=dtype)
         shape = (rank, in_features) if side == "in" else (out_features, rank)
         coeff = (out_features, rank) if side == "in" else (rank, in_features)
@@ -82,6 +83,23 @@ class SharedBasis(nn.Module):
         return (f"num_layers={self.num_layers}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, rank={self.rank}, side={self.side!r}, "
                 f"bias={self.bias is not None}")
+
+    def layer_repr(self, i: int) -> str:
+        return f"basis={self.side}put side, rank={self.rank}"
+
+    def select(self, layers) -> "SharedBasis":
+        """A SharedBasis of the given layers: the basis and their coefficients and biases."""
+        layers = list(layers)
+        b = self.basis
+        new = SharedBasis(len(layers), self.in_features, self.out_features, self.rank, side=self.side,
+                          bias=self.bias is not None, device=b.device, dtype=b.dtype)
+        with torch.no_grad():
+            new.basis.copy_(b)
+            for j, i in enumerate(layers):
+                new.coeffs[j].copy_(self.coeffs[i])
+            if self.bias is not None:
+                new.bias.copy_(self.bias[layers])
+        return new
 
     def config(self) -> dict:
         """Constructor arguments, for checkpoints."""

@@ -30,6 +30,7 @@ from torch import nn
 
 from lors.core.basis import SIDES, SharedBasis
 from lors.core.share import attach, check_identical, find_layers, pick_targets
+from lors.core.stack import check_owner
 from lors.core.static import StaticLors
 
 FORMS = ("lors", "basis")
@@ -404,6 +405,7 @@ def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None
     except ValueError as err:
         raise ValueError(str(err).replace("share_layers", "convert_layers")) from None
     targets = convert_targets(layers[0], targets)
+    check_owner(stack)
     n, parts = len(layers), _groups(groups, len(layers))
     linears = {t: [layer.get_submodule(t) for layer in layers] for t in targets}
     widths = {t: linears[t][0].in_features for t in targets}
@@ -486,8 +488,6 @@ def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None
                         if p.has_bias:
                             sb.bias[j].copy_(linears[t][i].bias.detach())
                 built.append(sb)
-        for gi, (mod, g) in enumerate(zip(built, parts)):
-            mod.target, mod.members = t, list(g)
         stacks[t] = built
         if form == "lors":  # one unit per layer
             ranks[t] = list(unit_ranks[t])
@@ -499,7 +499,7 @@ def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None
 
     for t, built in stacks.items():  # every check passed: change the stack
         for mod, g in zip(built, parts):
-            attach(layers, t, mod, g)
+            attach(stack, t, mod, g)
     after = sum(sum(q.numel() for q in mod.parameters()) for built in stacks.values() for mod in built)
     shown_side = (side if sides_given is None else sides) if form == "basis" else None
     return Conversion(form=form, side=shown_side, targets=targets, groups=parts,

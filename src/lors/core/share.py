@@ -1,110 +1,56 @@
 """Turn any stack of identical layers into LORS form, and merge it back for deployment.
 
 ``share_layers`` replaces a target ``nn.Linear`` in each of N layers by a ``LorsLinear``
-that reads its weight from one ``StaticLors``. Every ``LorsLinear`` registers that
-``StaticLors`` as its child ``lors``, so deleting, slicing (``layers[1:]``) or copying
-(``copy.deepcopy(layers[2])``) layers cannot lose the shared tensors: any layer that is left
-still holds them. Each shared tensor is nevertheless seen once:
-
-- ``parameters()``, ``modules()`` and ``count_parameters`` skip a tensor or module met twice;
-- ``state_dict()`` writes the ``StaticLors`` under the first layer that reaches it
-  (``<layers>.0.<target>.lors.*`` for a whole stack), and ``load_state_dict`` takes it from
-  there for every layer, so checkpoints store it once.
+that reads its weight from one ``StaticLors``. The ``StaticLors`` is registered once, in the
+stack that holds the layers (``<layers>.lors.<target>.0``, see ``lors.core.stack``); each
+``LorsLinear`` refers to it without registering it. ``parameters()``, ``state_dict()``,
+``load_state_dict()`` and ``copy.deepcopy`` are then plain torch and see each shared tensor
+once.
 """
 from __future__ import annotations
 
 import math
-import weakref
-from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
+from lors.core.stack import STACK_TYPES, LayerStack, check_owner, owner, release, shared_stacks
 from lors.core.static import DEFAULT_INIT, StaticLors, per_layer
-
-STACK_TYPES = (nn.ModuleList, nn.Sequential)
-
-# Per-call bookkeeping for state_dict()/load_state_dict(), weakly keyed by the StaticLors so
-# that nothing is stored on the modules (they pickle and deepcopy as before).
-_WRITTEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # StaticLors -> destination
-_LOADING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # StaticLors -> _LoadCall
-
-
-@dataclass
-class _LoadCall:
-    """One ``load_state_dict`` call, told apart from others by its ``missing_keys`` list."""
-    missing_keys: list
-    loaded: bool = False                         # a layer found the shared tensors in the dict
-    pending: list = field(default_factory=list)  # keys of layers met before that one
-
-
-def _first_write(lors: StaticLors, destination: dict) -> bool:
-    """True the first time ``lors`` is written into this ``destination``."""
-    seen = _WRITTEN.get(lors)
-    if seen is not None and seen() is destination:
-        return False
-    try:
-        _WRITTEN[lors] = weakref.ref(destination)  # torch's destination, an OrderedDict
-    except TypeError:  # a plain dict passed by hand cannot be weakly referenced
-        _WRITTEN[lors] = lambda: destination
-    return True
 
 
 class LorsLinear(nn.Module):
-    """Layer ``index`` of a ``StaticLors`` (or a ``SharedBasis``), used in place of an ``nn.Linear``.
+    """Layer ``index`` of a stack module (``StaticLors``, ``SharedBasis``), in place of an
+    ``nn.Linear``.
 
     ``weight`` and ``bias`` are read-only properties holding W_i and b_i, so code that reads
     ``linear.weight`` directly (``nn.MultiheadAttention``'s output projection) still works.
-    The ``StaticLors`` is registered as ``lors`` in every layer; see the module docstring for
-    how state dicts still hold it once.
+    The stack module (``.lors``) is owned by the stack of layers; this layer only refers to it,
+    so it holds no parameters of its own.
     """
 
-    def __init__(self, lors: StaticLors, index: int):
+    def __init__(self, lors: LayerStack, index: int):
         super().__init__()
         if not 0 <= index < lors.num_layers:
             raise ValueError(f"index {index} is out of range for a stack of {lors.num_layers}")
         self.index, self.in_features, self.out_features = index, lors.in_features, lors.out_features
-        self.lors = lors
+        object.__setattr__(self, "_lors", lors)  # a reference, not a submodule: the stack owns it
+
+    @property
+    def lors(self) -> LayerStack:
+        return self._lors
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.lors.weight(self.index)
+        return self._lors.weight(self.index)
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.lors.layer_bias(self.index)
+        return self._lors.layer_bias(self.index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features)."""
-        return self.lors(x, self.index)
-
-    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
-        """``nn.Module.state_dict``, except that only the first layer a call reaches writes
-        the shared ``lors`` tensors; the others write nothing."""
-        if destination is not None and not _first_write(self.lors, destination):
-            return destination
-        return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        # A state dict holds the shared tensors under one layer only (see state_dict). The
-        # layer that finds them loads them; the others read them back from the StaticLors, or,
-        # when met before that layer, have their missing keys cleared once it is found.
-        own = prefix + "lors."
-        call = _LOADING.get(self.lors)
-        if call is None or call.missing_keys is not missing_keys:
-            call = _LOADING[self.lors] = _LoadCall(missing_keys)
-        if any(k.startswith(own) for k in state_dict):
-            call.loaded, pending = True, set(call.pending)
-            missing_keys[:] = [k for k in missing_keys if k not in pending]
-            call.pending.clear()
-        elif call.loaded:
-            state_dict.update({own + k: v for k, v in self.lors.state_dict(keep_vars=True).items()})
-        else:
-            call.pending += [own + k for k in self.lors.state_dict()]
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        return self._lors(x, self.index)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the merged weight W_i and bias b_i."""
@@ -118,16 +64,10 @@ class LorsLinear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        lors, i = self.lors, self.index
-        target = getattr(lors, "target", None)
-        shape = (f"layer {i} of {lors.num_layers}" + (f" of target '{target}'" if target else "")
-                 + f", in_features={self.in_features}, out_features={self.out_features}, ")
-        if hasattr(lors, "side"):  # a SharedBasis
-            return shape + f"basis={lors.side}put side, rank={lors.rank}"
-        return shape + f"rank={lors.ranks[i]}, groups={lors.groups[i]}"
-
-    def __repr__(self) -> str:  # one line: the shared StaticLors would print under every layer
-        return f"{type(self).__name__}({self.extra_repr()})"
+        lors, i = self._lors, self.index
+        where = f" of target '{lors.target}'" if lors.target else ""
+        return (f"layer {i} of {lors.num_layers}{where}, in_features={self.in_features}, "
+                f"out_features={self.out_features}, {lors.layer_repr(i)}")
 
 
 def find_layers(module: nn.Module) -> tuple[str, nn.Module]:
@@ -149,10 +89,10 @@ def find_layers(module: nn.Module) -> tuple[str, nn.Module]:
         return "", module
     best, best_size = None, -1
     for path, child in module.named_modules():
-        kids = list(child.children())
-        if not isinstance(child, STACK_TYPES) or len(kids) < 2:
+        if not isinstance(child, STACK_TYPES) or len(child) < 2:
             continue
-        if len({type(k) for k in kids}) != 1:
+        kinds = {type(k) for k in child}  # a shared stack's iteration leaves out its 'lors' entry
+        if len(kinds) != 1 or issubclass(next(iter(kinds)), LayerStack):  # not the stack modules
             continue
         size = sum(p.numel() for p in child.parameters())
         if size > best_size:
@@ -268,12 +208,13 @@ def share_layers(module: nn.Module, targets: str | Iterable[str] | None = None,
     discarded, their dtype and device kept. Every argument is checked before the stack is
     changed; a bad one is a ValueError. Returns ``{target: StaticLors}``.
     """
-    _, layers = find_layers(module)
-    layers = list(layers)
+    _, stack = find_layers(module)
+    layers = list(stack)
     check_identical(layers)
     rank = _check_per_layer(rank, len(layers), "rank")
     groups = _check_per_layer(groups, len(layers), "groups")
     targets = pick_targets(layers[0], targets)
+    check_owner(stack)
     stacks = {}
     for t in targets:  # build every StaticLors (which checks rank, groups, init) first
         ref = layers[0].get_submodule(t)
@@ -281,27 +222,35 @@ def share_layers(module: nn.Module, targets: str | Iterable[str] | None = None,
                                groups=groups, bias=ref.bias is not None, shared_bias=shared_bias,
                                init=init, device=ref.weight.device, dtype=ref.weight.dtype,
                                name=f"target '{t}'")
-        stacks[t].target = t
     for t, lors in stacks.items():
-        attach(layers, t, lors, range(len(layers)))
+        attach(stack, t, lors, range(len(layers)))
     return stacks
 
 
-def attach(layers: Sequence[nn.Module], target: str, stack: nn.Module, members: Sequence[int]) -> None:
-    """Put ``LorsLinear(stack, j)`` at ``target`` of ``layers[members[j]]`` for every j: how a
+def attach(stack: nn.Module, target: str, module: LayerStack, members: Sequence[int]) -> None:
+    """Register ``module`` once in ``stack`` (under ``lors.<target>``) and put
+    ``LorsLinear(module, j)`` at ``target`` of ``stack[members[j]]`` for every j: how a
     StaticLors or SharedBasis that serves some layers of a stack is wired in."""
+    module.target, module.members = target, list(members)
+    owner(stack, create=True).add(target, module)
     parent, _, leaf = target.rpartition(".")
-    for j, i in enumerate(members):
-        setattr(layers[i].get_submodule(parent) if parent else layers[i], leaf, LorsLinear(stack, j))
+    for j, i in enumerate(module.members):
+        layer = stack[i]
+        setattr(layer.get_submodule(parent) if parent else layer, leaf, LorsLinear(module, j))
 
 
 def merge(module: nn.Module) -> nn.Module:
     """Replace every ``LorsLinear`` in ``module`` by a plain ``nn.Linear`` with its merged
-    weight, in place; outputs are unchanged. Returns ``module``."""
+    weight, in place; outputs are unchanged. A stack whose shared modules no longer serve any
+    of its layers releases them (and is a plain nn.ModuleList/nn.Sequential again).
+    Returns ``module``."""
     if isinstance(module, LorsLinear):
         raise ValueError("merge a module that holds LorsLinears, or call .to_linear() on it")
     found = [(n, m) for n, m in module.named_modules() if isinstance(m, LorsLinear)]
     for name, lin in found:
         parent, _, leaf = name.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, leaf, lin.to_linear())
+    for _, stack in shared_stacks(module):
+        used = {id(m.lors) for layer in stack for m in layer.modules() if isinstance(m, LorsLinear)}
+        release(stack, used)
     return module

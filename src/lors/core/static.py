@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lors.core.stack import LayerStack
+
 INITS = ("paper", "official")
 DEFAULT_INIT = "paper"  # the one default everywhere: section 4.1, what the paper reports
 
@@ -96,7 +98,7 @@ class _FactoredLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_a, grad_b, grad_bias
 
 
-class StaticLors(nn.Module):
+class StaticLors(LayerStack):
     """The weights of N stacked Linears: a shared part and per-layer low-rank residuals.
 
     Args:
@@ -204,6 +206,25 @@ class StaticLors(nn.Module):
         return (f"num_layers={self.num_layers}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, rank={self.ranks}, groups={self.groups}, "
                 f"bias={self.bias is not None}, shared_bias={self.shared_bias}, init={self.init!r}")
+
+    def layer_repr(self, i: int) -> str:
+        return f"rank={self.ranks[i]}, groups={self.groups[i]}"
+
+    def select(self, layers) -> "StaticLors":
+        """A StaticLors of the given layers: the shared weight (and shared bias) and their factors."""
+        layers = list(layers)
+        w = self.shared_weight
+        new = StaticLors(len(layers), self.in_features, self.out_features,
+                         rank=[self.ranks[i] for i in layers], groups=[self.groups[i] for i in layers],
+                         bias=self.bias is not None, shared_bias=self.shared_bias, init=self.init,
+                         full_range=self.full_range, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new.shared_weight.copy_(w)
+            for j, i in enumerate(layers):
+                new.A[j].copy_(self.A[i]), new.B[j].copy_(self.B[i])
+            if self.bias is not None:
+                new.bias.copy_(self.bias if self.shared_bias else self.bias[layers])
+        return new
 
     def config(self) -> dict:
         """Constructor arguments, for checkpoints."""
