@@ -264,3 +264,44 @@ def test_failed_share_layers_leaves_the_stack_untouched():
     with pytest.raises(ValueError, match="target '1': rank 6 .*use 1 <= rank < 4"):
         share_layers(stack, rank=6)  # fits Linear '0', not Linear '1'
     assert not any(isinstance(m, LorsLinear) for m in stack.modules())
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_a_shared_stack_compiles_without_graph_breaks(kind):
+    torch.manual_seed(0)
+    if kind == "gpt":
+        model = GPT(n_layer=3)
+        share_layers(model, rank=4, groups=[1, 2, 2])
+        run = lambda m, x: m(x)  # noqa: E731
+    else:
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=64)
+        model = transformers.LlamaForCausalLM(cfg)
+        share_layers(model.model.layers, rank=4)
+        run = lambda m, x: m(input_ids=x).logits  # noqa: E731
+    perturb(model)
+    idx = torch.randint(0, 50, (2, 7))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # a graph break raises
+    out = run(compiled, idx)
+    out.sum().backward()
+    torch.testing.assert_close(out, run(model, idx), rtol=1e-5, atol=1e-6)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "shared_weight" in n)
+
+
+def test_saving_a_compiled_model_writes_what_the_plain_model_loads(tmp_path):
+    import lors
+    torch.manual_seed(0)
+    model = GPT(n_layer=3)
+    share_layers(model, rank=4)
+    perturb(model)
+    compiled = torch.compile(model)
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    path = lors.save(compiled, tmp_path / "m.safetensors")
+    plain = GPT(n_layer=3)
+    lors.load(plain, path)  # strict
+    idx = torch.randint(0, 50, (2, 5))
+    assert torch.equal(plain(idx), model(idx))
+    again = torch.compile(GPT(n_layer=3))
+    lors.load(again, path)  # into a compiled model too
+    assert torch.equal(again._orig_mod(idx), model(idx))

@@ -144,8 +144,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" else model
 
 
-def save(model: nn.Module, path: str | Path) -> Path:
+def save(model: nn.Module, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model``'s tensors and its layout to the one safetensors file ``path``.
+
+    ``state`` replaces ``model.state_dict()`` where the tensors were gathered elsewhere (the
+    full state dict of an FSDP-sharded model).
 
     The file is written under a temporary name and renamed, so an interrupted save never
     leaves a damaged checkpoint. Returns ``path``. Raises ValueError when the model holds no
@@ -157,7 +160,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
         raise ValueError(f"cannot save to {path}: it is a directory; pass a file name such as "
                          f"{path / 'model.safetensors'}")
     model = unwrap(model)  # a compiled model saves what the plain one loads
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     if not state:
         raise ValueError(f"{type(model).__name__} holds no parameters or buffers, so there is "
                          f"nothing to save to {path}: pass the module that holds the weights")

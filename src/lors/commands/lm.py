@@ -11,7 +11,7 @@ def run_train(args: argparse.Namespace) -> int:
     from lors.experiments.lm.train import train
     from lors.models.gpt import load_lm_config
     summary = train(load_lm_config(args.config, args.overrides), run_dir=args.run_dir, resume=not args.no_resume,
-                    device=args.device, extend=args.extend)
+                    device=args.device, extend=args.extend, parallel=args.parallel)
     metrics = summary.get("metrics", {})
     print(json.dumps(summary, indent=2) if args.json else
           f"{summary['steps']} steps in {summary['run_dir']}" +
@@ -50,6 +50,9 @@ def register(sub) -> None:
     p.add_argument("--no-resume", action="store_true", help="start afresh even if run-dir has a checkpoint")
     p.add_argument("--extend", action="store_true", help="let a larger train.steps continue a shorter run")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: this process's GPU, else CPU)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                   help="under torchrun: ddp (a full replica per process, the default) or fsdp (FSDP2: "
+                        "each process holds 1/N of every weight, for models that do not fit one device)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(func=run_train)
 

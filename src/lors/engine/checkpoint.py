@@ -55,8 +55,12 @@ class CheckpointWriteError(SaveError):
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict) -> Path:
+                    state: dict, full: tuple[dict, dict] | None = None) -> Path:
     """Write ``ckpt_<step>`` into ``run_dir`` and point ``last.json`` at it.
+
+    ``full``: the (model, optimizer) state dicts gathered from a sharded model
+    (``distributed.full_state``), written instead of the model's and optimizer's own, so the
+    checkpoint is the one a single process would write.
 
     If writing fails (a full disk, an interruption), the partial folder is removed and the
     previous checkpoint stays the newest; an ``OSError`` becomes ``CheckpointWriteError``.
@@ -67,8 +71,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_model(model, tmp / "model.safetensors")
-        opt = optimizer.state_dict()
+        save_model(model, tmp / "model.safetensors", None if full is None else full[0])
+        opt = optimizer.state_dict() if full is None else full[1]
         tensors, groups = {}, opt["param_groups"]
         for idx, pstate in opt["state"].items():
             for key, value in pstate.items():

@@ -10,7 +10,8 @@ needs around it, so each experiment only builds its objects:
   that the requested config may continue it; the batches of a step are a function of (seed,
   epoch, step) (`lors.engine.sampler`) and the rate one of the step (`lors.engine.schedule`),
   so a resumed run reproduces the uninterrupted one;
-- DDP under torchrun, autocast (bf16 / fp16 with a gradient scaler), gradient clipping;
+- DDP or FSDP2 (``parallel="fsdp"``: each layer of the stack, then the root) under torchrun,
+  checkpoints gathered into the single-process format either way; autocast (bf16 / fp16 with a gradient scaler), gradient clipping;
 - a NaN or infinite loss stops the run with the last checkpoint intact;
 - ``log.csv`` (one row per step, flushed every ``log_every``) and TensorBoard scalars;
 - atomic checkpoints every ``checkpoint_every`` steps and at the end; Ctrl-C names the
@@ -124,6 +125,7 @@ class RunSettings:
     stop_after: int | None = None
     progress: bool = True
     fail_hint: str = "lower the learning rate or check the data, then resume"
+    parallel: str = "ddp"  # under torchrun: "ddp" (a replica per process) or "fsdp" (FSDP2, sharded)
 
 
 def _dotted(config: Mapping[str, Any], key: str) -> Any:
@@ -284,7 +286,14 @@ def _fit(model, loss_fn, epoch_batches, steps_per_epoch, optimizer, schedule, s:
     for group, base in zip(optimizer.param_groups, bases):  # the schedule scales these, even after a resume
         group["base_lr"] = base
     distributed.barrier()
-    ddp = DistributedDataParallel(model) if world > 1 else model
+    if s.parallel not in distributed.PARALLELS:
+        raise ValueError(f"parallel must be one of {distributed.PARALLELS}, got {s.parallel!r}")
+    sharded = world > 1 and s.parallel == "fsdp"
+    if sharded:  # every process runs each forward (evaluation too) and gathers each checkpoint
+        distributed.shard(model, optimizer)
+        ddp = model
+    else:
+        ddp = DistributedDataParallel(model) if world > 1 else model
     total = schedule.total_steps
     last = min(total, s.stop_after) if s.stop_after is not None else total
     set_aside_dir = None
@@ -313,13 +322,17 @@ def _fit(model, loss_fn, epoch_batches, steps_per_epoch, optimizer, schedule, s:
             log.step(now, epoch, lr, loss, terms, seconds)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
-        if main and evaluate is not None and s.eval_every and now % s.eval_every == 0 and now < total:
-            log.val(now, evaluate())  # the final evaluation comes after the loop
+        if (main or sharded) and evaluate is not None and s.eval_every and now % s.eval_every == 0 \
+                and now < total:
+            metrics = evaluate()  # the final evaluation comes after the loop
+            if main:
+                log.val(now, metrics)
         if now % s.checkpoint_every == 0 or now == last:
+            full = distributed.full_state(model, optimizer) if sharded else None
             if main:
                 log.flush()
                 save_checkpoint(run_dir, now, model, optimizer, {**s.state, "config": dict(s.config),
-                                                                  "epoch": epoch})
+                                                                  "epoch": epoch}, full)
                 if set_aside_dir is not None:
                     drop_set_aside(run_dir)
                     set_aside_dir = None
@@ -339,10 +352,11 @@ def _fit(model, loss_fn, epoch_batches, steps_per_epoch, optimizer, schedule, s:
     summary = {"steps": step, "total_steps": total, "run_dir": str(run_dir),
                "seconds_per_step": statistics.median(step_times[1:] or step_times) if step_times else math.nan,
                "peak_memory_mb": memory.peak_mib}
-    if main:
-        if evaluate is not None and step == total:
-            summary["metrics"] = evaluate()
+    if (main or sharded) and evaluate is not None and step == total:
+        summary["metrics"] = evaluate()
+        if main:
             log.val(step, summary["metrics"])
+    if main:
         log.close()
     distributed.barrier()
     return summary

@@ -87,8 +87,10 @@ def schedule(cfg: LMConfig) -> Schedule:
 
 def train(cfg: LMConfig, run_dir: str | Path | None = None, resume: bool = True, stop_after: int | None = None,
           device: str | None = None, progress: bool = True, evaluate_at_end: bool = True,
-          extend: bool = False) -> dict:
-    """Train ``cfg``'s GPT; returns the engine's summary plus val bits-per-byte at the end."""
+          extend: bool = False, parallel: str = "ddp") -> dict:
+    """Train ``cfg``'s GPT; returns the engine's summary plus val bits-per-byte at the end.
+    Under torchrun, ``parallel`` is "ddp" (a replica per process) or "fsdp" (FSDP2: each block
+    and then the root sharded; see docs/core.md)."""
     cfg.validate()
     t = cfg.train
     rank, world, dev, per_process = distributed.setup(device, t.batch_size)
@@ -115,7 +117,7 @@ def train(cfg: LMConfig, run_dir: str | Path | None = None, resume: bool = True,
         log_terms=("bpb",), checkpoint_every=t.checkpoint_every, log_every=t.log_every, eval_every=t.eval_every,
         clip_grad=t.clip_grad,
         amp=t.amp, resume=resume, extend=extend, stop_after=stop_after, progress=progress,
-        state={"tokenizer": tokens.tokenizer_json},
+        state={"tokenizer": tokens.tokenizer_json}, parallel=parallel,
         fail_hint="Lower train.lr or keep train.clip_grad on, then resume")
     final = partial(evaluate, model, tokens, cfg, dev) if evaluate_at_end else None
     return fit(model, loss_fn, epoch_batches, t.steps, optimizer, schedule(cfg), settings, rank, world,
