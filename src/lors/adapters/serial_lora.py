@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from lors.core.stack import refer
+
 # Child names of the projections that read the block input: separate q, k, v or one fused qkv.
 QKV_NAMES: tuple[tuple[str, str, str], ...] = (
     ("query", "key", "value"),  # HF BERT, RoBERTa, MiniLM
@@ -137,12 +139,12 @@ class SerialLoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, pair: SerialLoraPair):
         super().__init__()
         self.base_layer = base_layer
-        self._pair = [pair]  # a list hides it from state_dict/parameters: the block owns the pair
+        refer(self, "_pair", pair)  # the block (or PEFT's first tuner layer) owns the pair
         self.merged = False
 
     @property
     def pair(self) -> SerialLoraPair:
-        return self._pair[0]
+        return self._pair
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> (..., d_out)."""

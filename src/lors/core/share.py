@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from lors.core.stack import STACK_TYPES, LayerStack, check_owner, owner, release, shared_stacks
+from lors.core.stack import STACK_TYPES, LayerStack, check_owner, owner, refer, release, shared_stacks
 from lors.core.static import DEFAULT_INIT, StaticLors, per_layer
 
 
@@ -34,7 +34,7 @@ class LorsLinear(nn.Module):
         if not 0 <= index < lors.num_layers:
             raise ValueError(f"index {index} is out of range for a stack of {lors.num_layers}")
         self.index, self.in_features, self.out_features = index, lors.in_features, lors.out_features
-        object.__setattr__(self, "_lors", lors)  # a reference, not a submodule: the stack owns it
+        refer(self, "_lors", lors)  # the stack owns it
 
     @property
     def lors(self) -> LayerStack:

@@ -31,6 +31,14 @@ OWNER = "lors"  # the stack's entry that owns its shared modules
 STACK_TYPES = (nn.ModuleList, nn.Sequential)
 
 
+def refer(module: nn.Module, name: str, target: nn.Module) -> None:
+    """Let ``module.<name>`` be ``target`` without registering it as a submodule: ``target`` is
+    owned once elsewhere (by the stack, or an attention block) and ``module`` only uses it, so
+    ``parameters()``, ``state_dict()`` and FSDP see it under its owner alone. ``copy.deepcopy``
+    of a model copies both into one new ``target``."""
+    object.__setattr__(module, name, target)
+
+
 class LayerStack(nn.Module):
     """The weights of ``num_layers`` stacked Linears, applied by layer index: what a
     ``LorsLinear`` reads, what counting and serialization see.
