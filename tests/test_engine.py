@@ -120,3 +120,45 @@ def test_adamw_decays_weights_only_also_a_lors_stacks_per_layer_biases_not():
     assert id(next(p for n, p in names.items() if n.endswith("shared_weight"))) in decayed
     assert not any(id(p) in decayed for n, p in names.items() if p.dim() < 2)
     assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def _toy_fit(run_dir, amp="fp32", stop_after=None, steps=4, loss_fn=None):
+    from lors.engine.loop import RunSettings, adamw, fit
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    data = torch.randn(steps, 2, 4, generator=torch.Generator().manual_seed(0))
+
+    def batches(epoch, start):
+        return (data[s] for s in range(start, steps))
+
+    loss_fn = loss_fn or (lambda m, x: (m(x).pow(2).mean(), {}))
+    settings = RunSettings(run_dir=run_dir, config={"train": {"steps": steps}}, length_key="train.steps",
+                           checkpoint_every=2, amp=amp, stop_after=stop_after, progress=False)
+    return fit(model, loss_fn, batches, steps, adamw(model, 1e-3, 0.0), Schedule(lr=1e-3, total_steps=steps),
+               settings)
+
+
+def test_fp16_resume_restores_the_gradient_scalers_loss_scale(tmp_path):
+    import json
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _toy_fit(whole, amp="fp16", steps=6)
+    _toy_fit(cut, amp="fp16", steps=6, stop_after=2)
+    _toy_fit(cut, amp="fp16", steps=6)
+    scale = [json.loads((run / "ckpt_00000006" / "state.json").read_text())["grad_scaler"] for run in (whole, cut)]
+    assert scale[0] == scale[1] and scale[0]["scale"] < 65536.0  # it backed off, and resumed where it was
+    assert (whole / "log.csv").read_text().count("\n") == 7
+    rows = [[r.split(",")[:4] for r in (run / "log.csv").read_text().splitlines()] for run in (whole, cut)]
+    assert rows[0] == rows[1]
+
+
+def test_the_log_files_are_closed_when_a_run_fails(tmp_path, monkeypatch):
+    from lors.engine import loop
+    closed = []
+    monkeypatch.setattr(loop.RunLog, "close", lambda self: (closed.append(True), self.file.close()))
+
+    def bad(m, x):
+        return m(x).sum() * float("nan"), {}
+
+    with pytest.raises(NonFiniteLossError):
+        _toy_fit(tmp_path / "run", loss_fn=bad)
+    assert closed == [True]

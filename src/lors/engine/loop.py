@@ -46,6 +46,9 @@ from lors.engine.schedule import Schedule
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
 
 
+SCALER = "grad_scaler"  # state.json entry: the fp16 gradient scaler's state (loss scale, growth tracker)
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last checkpoint is left as it was."""
 
@@ -156,9 +159,10 @@ def check_resumable(stored: Mapping[str, Any], requested: Mapping[str, Any], ckp
 
 
 def resume_from(run_dir: Path, settings: RunSettings, model: nn.Module,
-                optimizer: torch.optim.Optimizer) -> int:
-    """Load the newest readable checkpoint of ``run_dir`` (model, optimiser, RNG) after
-    checking that ``settings.config`` may continue it; returns its step, 0 if there is none.
+                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> int:
+    """Load the newest readable checkpoint of ``run_dir`` (model, optimiser, RNG and, for fp16,
+    the gradient scaler's loss scale) after checking that ``settings.config`` may continue it;
+    returns its step, 0 if there is none.
 
     An unreadable newest checkpoint (a truncated file) is reported and the previous one used.
     """
@@ -173,7 +177,10 @@ def resume_from(run_dir: Path, settings: RunSettings, model: nn.Module,
         check_resumable(state.get("config", {}), settings.config, ckpt, settings.resume_free,
                         settings.extend, settings.length_key)
         try:
-            return load_checkpoint(ckpt, model, optimizer, restore_rng=True)["step"]
+            state = load_checkpoint(ckpt, model, optimizer, restore_rng=True)
+            if scaler is not None and scaler.is_enabled() and state.get(SCALER):
+                scaler.load_state_dict(state[SCALER])
+            return state["step"]
         except (ValueError, OSError, RuntimeError) as err:
             print(f"warning: checkpoint {ckpt} is unreadable ({err}); trying an earlier one", flush=True)
     if order:
@@ -282,7 +289,9 @@ def _fit(model, loss_fn, epoch_batches, steps_per_epoch, optimizer, schedule, s:
     main = rank == 0
     dev = next(model.parameters()).device
     bases = [group["lr"] for group in optimizer.param_groups]  # the rates the optimiser was built with
-    step = resume_from(run_dir, s, model, optimizer) if s.resume else 0
+    dtype = autocast_dtype(s.amp, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    step = resume_from(run_dir, s, model, optimizer, scaler) if s.resume else 0
     for group, base in zip(optimizer.param_groups, bases):  # the schedule scales these, even after a resume
         group["base_lr"] = base
     distributed.barrier()
@@ -309,8 +318,6 @@ def _fit(model, loss_fn, epoch_batches, steps_per_epoch, optimizer, schedule, s:
                   "trains it again", flush=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(s.config)), sort_keys=False))
     log = RunLog(run_dir, s.log_terms, step, s.log_every) if main else None
-    dtype = autocast_dtype(s.amp, dev)
-    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
     bar = tqdm(total=last, initial=step, desc="train", disable=not (s.progress and main), dynamic_ncols=True)
     step_times: list[float] = []
     epoch = step // steps_per_epoch
@@ -331,32 +338,37 @@ def _fit(model, loss_fn, epoch_batches, steps_per_epoch, optimizer, schedule, s:
             full = distributed.full_state(model, optimizer) if sharded else None
             if main:
                 log.flush()
+                extra = {SCALER: scaler.state_dict()} if scaler.is_enabled() else {}
                 save_checkpoint(run_dir, now, model, optimizer, {**s.state, "config": dict(s.config),
-                                                                  "epoch": epoch}, full)
+                                                                  "epoch": epoch, **extra}, full)
                 if set_aside_dir is not None:
                     drop_set_aside(run_dir)
                     set_aside_dir = None
             distributed.barrier()
 
     ddp.train()
-    with PeakMemory(dev) as memory:
-        while step < last:
-            epoch, offset = divmod(step, steps_per_epoch)
-            try:
-                step = train_one_epoch(ddp, loss_fn, epoch_batches(epoch, offset), optimizer, schedule, step,
-                                       last, dtype=dtype, scaler=scaler, clip_grad=s.clip_grad, on_step=on_step)
-            except NonFiniteLossError as err:
-                raise NonFiniteLossError(f"{err} (epoch {epoch}); the last checkpoint in {run_dir} is "
-                                         f"intact. {s.fail_hint}") from None
-    bar.close()
-    summary = {"steps": step, "total_steps": total, "run_dir": str(run_dir),
-               "seconds_per_step": statistics.median(step_times[1:] or step_times) if step_times else math.nan,
-               "peak_memory_mb": memory.peak_mib}
-    if (main or sharded) and evaluate is not None and step == total:
-        summary["metrics"] = evaluate()
+    try:  # the log and TensorBoard files are closed however the run ends
+        with PeakMemory(dev) as memory:
+            while step < last:
+                epoch, offset = divmod(step, steps_per_epoch)
+                try:
+                    step = train_one_epoch(ddp, loss_fn, epoch_batches(epoch, offset), optimizer, schedule,
+                                           step, last, dtype=dtype, scaler=scaler, clip_grad=s.clip_grad,
+                                           on_step=on_step)
+                except NonFiniteLossError as err:
+                    raise NonFiniteLossError(f"{err} (epoch {epoch}); the last checkpoint in {run_dir} is "
+                                             f"intact. {s.fail_hint}") from None
+        bar.close()
+        summary = {"steps": step, "total_steps": total, "run_dir": str(run_dir),
+                   "seconds_per_step": statistics.median(step_times[1:] or step_times) if step_times else math.nan,
+                   "peak_memory_mb": memory.peak_mib}
+        if (main or sharded) and evaluate is not None and step == total:
+            summary["metrics"] = evaluate()
+            if main:
+                log.val(step, summary["metrics"])
+    finally:
+        bar.close()
         if main:
-            log.val(step, summary["metrics"])
-    if main:
-        log.close()
+            log.close()
     distributed.barrier()
     return summary
