@@ -170,3 +170,20 @@ def test_a_version_1_checkpoint_loads_through_the_key_map(name, into):
     with torch.no_grad():
         assert torch.allclose(model(expected["x"]), expected[name], atol=1e-6)
     assert any(k.startswith("layers.lors.linear1.") for k in model.state_dict())
+
+
+def test_tensor_files_are_written_with_the_modes_the_umask_gives(tmp_path):
+    import os
+    import stat
+
+    from lors.engine.checkpoint import save_checkpoint
+    model = shared_gpt()
+    umask = os.umask(0o022)
+    try:
+        lors.save(model, tmp_path / "m.safetensors")
+        ckpt = save_checkpoint(tmp_path / "run", 1, model, torch.optim.SGD(model.parameters(), lr=0.1), {})
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode)
+             for p in [tmp_path / "m.safetensors", *ckpt.iterdir()]}
+    assert set(modes.values()) == {0o644}, modes  # model, optimizer, state.json alike

@@ -59,6 +59,15 @@ def _untie(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dic
     return tensors, aliases
 
 
+def write_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with the file's mode set as the umask asks (safetensors
+    creates it 0600, unlike every other file a run writes)."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def read_aliases(path: str | Path) -> dict[str, str]:
     """The tied-tensor aliases that `save` recorded in ``path`` ({} for none)."""
     with safe_open(str(path), framework="pt") as f:
@@ -176,7 +185,7 @@ def save(model: nn.Module, path: str | Path, state: dict[str, torch.Tensor] | No
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=metadata)
+        write_tensors(tensors, tmp, metadata)
         tmp.replace(path)
     except (OSError, SafetensorError) as err:
         with contextlib.suppress(OSError):

@@ -31,9 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 
 from lors.core.stack import refer
+from lors.serialization import write_tensors
 
 # Child names of the projections that read the block input: separate q, k, v or one fused qkv.
 QKV_NAMES: tuple[tuple[str, str, str], ...] = (
@@ -298,7 +299,7 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
                          f"as {path / 'adapter.safetensors'}")
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     try:
-        save_file(state, str(path), metadata=meta)
+        write_tensors(state, path, meta)
     except (OSError, SafetensorError) as err:
         raise ValueError(f"cannot write adapter file {path} ({err}): pass a path in an existing, "
                          "writable directory on a disk with free space") from None
