@@ -187,3 +187,20 @@ def test_tensor_files_are_written_with_the_modes_the_umask_gives(tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode)
              for p in [tmp_path / "m.safetensors", *ckpt.iterdir()]}
     assert set(modes.values()) == {0o644}, modes  # model, optimizer, state.json alike
+
+
+@pytest.mark.parametrize("other", [dict(n_layer=3), dict(d=16), dict(vocab=60)])
+def test_a_refused_checkpoint_leaves_the_plain_model_unchanged(tmp_path, other):
+    torch.manual_seed(0)
+    model = GPT(n_layer=4)
+    lors.convert_layers(model, targets=["mlp.fc1", "attn.proj"], form="basis", rank=8, groups=2)
+    path = lors.save(model, tmp_path / "converted.safetensors")
+    plain = GPT(**{"n_layer": 4, **other})
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(ValueError, match="it was saved with|model it was saved from"):
+        lors.load(plain, path)
+    assert not any(isinstance(m, lors.LorsLinear) for m in plain.modules())
+    assert type(plain.h) is nn.ModuleList
+    after = plain.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    plain(torch.randint(0, 10, (1, 5)))  # still runs

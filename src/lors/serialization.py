@@ -25,7 +25,7 @@ from torch import nn
 
 from lors.core.adaptive import AdaptiveLors
 from lors.core.basis import SharedBasis
-from lors.core.share import LorsLinear, attach, find_layers
+from lors.core.share import LorsLinear, attach, find_layers, merge
 from lors.core.stack import OWNER, LayerStack, check_owner, owned, shared_stacks
 from lors.core.static import StaticLors
 
@@ -296,15 +296,26 @@ def _plan_layout(model: nn.Module, layout: dict) -> list[tuple[nn.Module, dict, 
     return plan
 
 
-def apply_layout(model: nn.Module, layout: dict) -> None:
+def apply_layout(model: nn.Module, layout: dict):
     """Re-apply the ``share_layers`` and ``convert_layers`` results recorded in ``layout`` to a
     plain model (the values come from the checkpoint afterwards). Every entry is checked
-    first: a layout that does not fit leaves the model unchanged."""
+    first: a layout that does not fit leaves the model unchanged. Returns a function that
+    undoes it (puts the original Linears back)."""
+    replaced = []  # (layer, target, original Linear)
     for stack, entry, members in _plan_layout(model, layout):
         ref = stack[members[0]].get_submodule(entry["target"])
         kw = dict(device=ref.weight.device, dtype=ref.weight.dtype)
         cls = StaticLors if entry["kind"] == "static" else SharedBasis
+        replaced += [(stack[i], entry["target"], stack[i].get_submodule(entry["target"])) for i in members]
         attach(stack, entry["target"], cls(**entry["config"], **kw), members)
+
+    def undo() -> None:
+        for layer, target, linear in replaced:
+            parent, _, leaf = target.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, leaf, linear)
+        merge(model)  # releases the stack modules that no layer reads any more
+
+    return undo
 
 
 def load(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
@@ -344,8 +355,18 @@ def load(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
                          f"lors reads ({FORMAT_VERSION}): upgrade lors")
     model = unwrap(model)
     has_lors = any(isinstance(m, LorsLinear) for m in model.modules())
-    if not has_lors:
-        apply_layout(model, layout)
+    undo = None if has_lors else apply_layout(model, layout)
+    try:
+        _load_tensors(model, path, tensors, layout, has_lors, strict)
+    except BaseException:
+        if undo is not None:  # a refused file leaves the plain model as it was
+            undo()
+        raise
+    return model
+
+
+def _load_tensors(model: nn.Module, path: Path, tensors: dict, layout: dict, has_lors: bool,
+                  strict: bool) -> None:
     if layout.get("version", 1) == 1:
         tensors = _v1_keys(tensors, layout, model)
     own = model.state_dict()
@@ -366,4 +387,4 @@ def load(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
                              f"{tuple(own[name].shape)}; build the model with the rank, groups "
                              "and sizes it was saved with")
     model.load_state_dict(tensors, strict=strict)
-    return model
+
