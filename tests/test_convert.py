@@ -252,3 +252,15 @@ def test_gpt2_conv1d_gets_a_clear_message():
     model = GPT2Model(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4))
     with pytest.raises(ValueError, match=r"Conv1D .*GPT-2's transposed Linear"):
         convert_layers(model, rank=4)
+
+
+def test_recorded_moments_passed_as_a_plain_dict_are_refused_not_read_as_activations():
+    from lors.core import input_moments
+    from lors.core.share import find_layers
+    model, run, x = _build("gpt")
+    layers = list(find_layers(model)[1])
+    moments = input_moments(layers, ["mlp.fc1"], lambda: run(model, x))
+    with pytest.raises(ValueError, match="an input moment rather than activations: pass the InputMoments"):
+        convert_layers(model, targets="mlp.fc1", rank=4, calibration=dict(moments))
+    assert not any(isinstance(m, lors.LorsLinear) for m in model.modules())
+    convert_layers(model, targets="mlp.fc1", rank=4, calibration=moments)  # the object itself works

@@ -161,6 +161,11 @@ def _moments_from_activations(calibration: Mapping, targets: Sequence[str], n: i
                 raise ValueError(f"calibration for target '{t}' layer {i} has shape {got}; the Linear "
                                  f"reads inputs of width {widths[t]}: pass its input activations, "
                                  f"shape (..., {widths[t]})")
+            if x.dtype == torch.float64 and x.shape == (widths[t], widths[t]) and torch.equal(x, x.t()):
+                raise ValueError(f"calibration for target '{t}' layer {i} is a symmetric ({widths[t]}, "
+                                 f"{widths[t]}) float64 matrix, an input moment rather than activations: "
+                                 "pass the InputMoments object that input_moments returned itself (not "
+                                 "dict(moments)), or the input activations")
             flat = x.detach().reshape(-1, widths[t]).double()
             moments.append(flat.t() @ flat / flat.shape[0])
         out[t] = moments
