@@ -154,3 +154,15 @@ def test_a_child_run_reports_its_own_peak_memory_not_its_parents():
     parent_peak = parent.peak_mib
     assert parent_peak > 2000 and child_peak < parent_peak - 1000, (parent_peak, child_peak)
     del big
+
+
+def test_ablate_writes_under_runs_by_default_and_records_every_flag_that_changes_the_figures():
+    from lors.cli import build_parser
+    from lors.experiments.detection.bench import SweepOptions, sweep_flags
+    args = build_parser().parse_args(["detect", "ablate", "--suite", "table5"])
+    assert args.out_dir == "runs/ablate"  # never the committed docs/results
+    opts = SweepOptions(seeds=[0, 1], data_dir="d", data_set=["num_train=4"], overrides=["train.epochs=2"],
+                        max_steps=2, pretrain=False)
+    assert " ".join(sweep_flags(opts)) == ("--data-dir d --data-set num_train=4 --no-pretrain --max-steps 2 "
+                                          "train.epochs=2 --seeds 0 1")
+    assert sweep_flags(SweepOptions(pretrain_steps=5)) == ["--pretrain-steps", "5", "--seeds", "0"]

@@ -194,7 +194,9 @@ def add_bench_parsers(subparsers: argparse._SubParsersAction) -> None:
                    help="a suite in configs/ablate (table4 ... table8) or the path of a suite YAML file")
     p.add_argument("--config", default=None, help="the config the rows override (default: the suite's, "
                                                   f"{LORS} for the paper's tables)")
-    p.add_argument("--out-dir", default="docs/results", help="where the table and plot go")
+    p.add_argument("--out-dir", default="runs/ablate",
+                   help="where the table and plot go (default runs/ablate; the committed tables in "
+                        "docs/results were written with --out-dir docs/results)")
     p.add_argument("--runs", dest="runs_dir", default="runs/ablate",
                    help="run directories, one per resolved config (a hash of it): a finished run is "
                         "reused by every row and later call that trains the same config")

@@ -82,6 +82,21 @@ class SweepOptions:
     pretrain_steps: int = PRETRAIN_STEPS
 
 
+def sweep_flags(opts: SweepOptions) -> list[str]:
+    """The command-line flags of ``opts`` that change a sweep's figures (seeds last, since
+    ``--seeds`` takes every number after it), shell-quoted, for the "Command:" line of a table."""
+    import shlex
+    default = SweepOptions()
+    flags = [*(["--data-dir", opts.data_dir] if opts.data_dir != default.data_dir else []),
+             *[f for kv in opts.data_set for f in ("--data-set", kv)],
+             *(["--no-pretrain"] if not opts.pretrain else
+               ["--pretrain-steps", str(opts.pretrain_steps)] if opts.pretrain_steps != default.pretrain_steps
+               else []),
+             *(["--max-steps", str(opts.max_steps)] if opts.max_steps else []),
+             *opts.overrides, "--seeds", *map(str, opts.seeds)]
+    return [shlex.quote(f) for f in flags]
+
+
 def data_overrides(data_dir: str | Path) -> list[str]:
     """Config overrides pointing a detector config at a benchmark folder."""
     d = Path(data_dir)
@@ -231,7 +246,7 @@ def compare(opts: SweepOptions, out: str | Path = "runs/compare", vanilla: str =
     return summary
 
 
-def ablate(opts: SweepOptions, suite: str, config: str | None = None, out_dir: str | Path = "docs/results",
+def ablate(opts: SweepOptions, suite: str, config: str | None = None, out_dir: str | Path = "runs/ablate",
            runs_dir: str | Path = "runs/ablate", retrain: bool = False) -> dict:
     """Train every row of ``suite`` for each seed (on ``config``, default the suite's); write
     ablation_SUITE.md, .json and .png to ``out_dir``; returns the rows."""
@@ -261,9 +276,7 @@ def ablate(opts: SweepOptions, suite: str, config: str | None = None, out_dir: s
     out.mkdir(parents=True, exist_ok=True)
     table = results_table(rows, "Variant")
     command = " ".join(["lors detect ablate --suite", suite,
-                        *(["--config", config] if config != spec.config else []),
-                        *([f"--max-steps {opts.max_steps}"] if opts.max_steps else []), *opts.overrides,
-                        "--seeds", *map(str, opts.seeds)])
+                        *(["--config", config] if config != spec.config else []), *sweep_flags(opts)])
     md = (f"# {spec.title}\n\nCommand: `{command}`  \nBase config: `{config}` plus each row's "
           f"overrides; seeds {list(opts.seeds)} (AP in %, mean ± sample std over seeds); "
           f"wall time {(time.perf_counter() - tic) / 60:.1f} min.\n\n{table}\n\n"
