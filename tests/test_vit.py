@@ -81,3 +81,23 @@ def test_vit_compare_writes_table_and_plots(tmp_path):
 def test_bad_vit_settings_are_named(override, message):
     with pytest.raises(ValueError, match=message):
         load_vit_config("vit_small", [override])
+
+
+def test_vit_compare_reuses_finished_runs_and_refuses_to_overwrite_other_settings(tmp_path, capsys):
+    from lors.experiments.compare import compare_rows
+    from lors.experiments.vit.compare import compare_vit
+    root = write_fashion(tmp_path)
+    out = tmp_path / "cmp"
+    overrides = [*TINY, f"data.root={root}"]
+    first = compare_vit(seeds=[0], out=out, overrides=overrides, jobs=1, quiet=True)
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/ckpt_*/model.safetensors")}
+    capsys.readouterr()
+    again = compare_vit(seeds=[0], out=out, overrides=overrides, jobs=1, quiet=True)
+    assert capsys.readouterr().out.count("reusing the finished run") == 4
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/ckpt_*/model.safetensors")} == stamps  # not retrained
+    assert [r["val_acc"] for r in again["rows"]] == [r["val_acc"] for r in first["rows"]]
+    with pytest.raises(ValueError, match=r"holds a dense run with other settings \(train.lr .*pass another --out"):
+        compare_vit(seeds=[0], out=out, overrides=[*overrides, "train.lr=0.5"], jobs=1, quiet=True)
+    zero = compare_rows({"dense": 0.0, "LORS": 10.0, "tied": 5.0, "dense-small": 20.0}, lower_is_better=False)
+    assert zero["lors_vs_dense_relative"] is None and zero["lors_vs_dense"] == 10.0  # no ZeroDivisionError
+    assert zero["lors_beats_tied"] and not zero["lors_beats_dense_small"]

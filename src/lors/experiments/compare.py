@@ -8,7 +8,8 @@ For the same budget (steps x batch) and seeds it trains four models of one famil
   dense-small  a dense model as deep as the base but narrower: the width whose non-embedding
                parameter count is closest to the LORS model's.
 Runs go through `lors.experiments.runner` (each in its own process, two at a time on a 2-core
-machine). Writes ``summary.json``, ``table.md``, ``metric_vs_params.png`` (the val metric
+machine) and resume: a rerun of the same command reuses finished runs and continues interrupted
+ones; a run folder that holds other settings is refused, never overwritten. Writes ``summary.json``, ``table.md``, ``metric_vs_params.png`` (the val metric
 against non-embedding parameters) and ``val_curves.png`` (the val metric during training,
 mean over seeds).
 """
@@ -25,7 +26,10 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
+from lors.config import to_dict
 from lors.core import count_parameters
+from lors.engine.checkpoint import find_checkpoint, read_state
+from lors.engine.rundir import config_differences, describe
 from lors.experiments.report import Column, Series, markdown_table, mean_and_spread, plot_points
 from lors.experiments.runner import Job, default_width, logged_step, run_jobs
 
@@ -50,6 +54,7 @@ class Task:
     lower_is_better: bool
     unit: str                                    # "tokens", "images": what a step trains on
     units_per_step: Callable[[Any], int]
+    resume_free: Sequence[str] = ()              # config keys a run may differ in and still be reused
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -84,9 +89,37 @@ def model_configs(task: Task, dense: str, lors: str, tied: str, overrides: Seque
     return cfgs
 
 
+def _percent(value: float | None) -> str:
+    return "dense is 0: no ratio" if value is None else f"{value:+.2%}"
+
+
 def val_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
     with (run_dir / "val.csv").open() as f:
         return [(int(r["step"]), float(r[metric])) for r in csv.DictReader(f)]
+
+
+def check_earlier_run(task: Task, name: str, cfg: Any, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``cfg``. A run of other settings is a
+    ValueError (never overwritten silently); an unfinished one resumes when trained."""
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None:
+        return False
+    state = read_state(ckpt)
+    diffs = config_differences(state.get("config", {}), json.loads(json.dumps(to_dict(cfg))), task.resume_free)
+    if diffs:
+        raise ValueError(f"{run_dir} holds a {name} run with other settings ({describe(diffs)}): pass another "
+                         f"--out to compare these settings, or delete {run_dir} to train it again")
+    return state["step"] >= cfg.train.steps
+
+
+def compare_rows(by: dict[str, float], lower_is_better: bool) -> dict:
+    """LORS against the others, from each model's mean metric; the relative gap is None when
+    dense scored 0 (a ViT that learned nothing) rather than a division by zero."""
+    better = (lambda a, b: a < b) if lower_is_better else (lambda a, b: a > b)
+    return {"lors_vs_dense": by["LORS"] - by["dense"],
+            "lors_vs_dense_relative": (by["LORS"] - by["dense"]) / by["dense"] if by["dense"] else None,
+            "lors_beats_tied": better(by["LORS"], by["tied"]),
+            "lors_beats_dense_small": better(by["LORS"], by["dense-small"])}
 
 
 def compare(task: Task, seeds: Sequence[int], out: str | Path, dense: str, lors: str, tied: str,
@@ -103,6 +136,8 @@ def compare(task: Task, seeds: Sequence[int], out: str | Path, dense: str, lors:
             run_cfg.train.seed = seed
             run_dir = out / f"{name}_seed{seed}"
             runs.append((name, run_dir))
+            if check_earlier_run(task, name, run_cfg, run_dir):  # the child resumes it: no step to train
+                print(f"{name}, seed {seed}: reusing the finished run in {run_dir}", flush=True)
             job_list.append(Job(f"{name}, seed {seed}", task.train, (run_cfg, str(run_dir), not quiet and width == 1),
                                 steps=cfg.train.steps, done=lambda d=run_dir: logged_step(d)))
     results = run_jobs(job_list, width=width, quiet=quiet)
@@ -137,13 +172,8 @@ def compare(task: Task, seeds: Sequence[int], out: str | Path, dense: str, lors:
     plot_points([Series(r["model"], [s * units / 1e6 for s, _ in r["curve"]], [v for _, v in r["curve"]], style="o-")
                  for r in rows], out / "val_curves.png", f"training {task.unit} (M)", task.metric_label,
                 f"{task.metric_label} during training, mean of seeds {list(seeds)}")
-    by = {r["model"]: r[m] for r in rows}
-    better = (lambda a, b: a < b) if task.lower_is_better else (lambda a, b: a > b)
-    verdict = {"lors_vs_dense": by["LORS"] - by["dense"],
-               "lors_vs_dense_relative": (by["LORS"] - by["dense"]) / by["dense"],
-               "lors_beats_tied": better(by["LORS"], by["tied"]),
-               "lors_beats_dense_small": better(by["LORS"], by["dense-small"]),
-               "lors_non_embedding_share": rows[1]["non_embedding_params"] / dense_ne}
+    verdict = compare_rows({r["model"]: r[m] for r in rows}, task.lower_is_better)
+    verdict["lors_non_embedding_share"] = next(r for r in rows if r["model"] == "LORS")["non_embedding_params"] / dense_ne
     summary = {"task": task.title, "verdict": verdict, "seeds": list(seeds), "overrides": list(overrides),
                "configs": {"dense": dense, "LORS": lors, "tied": tied,
                            "dense-small": f"{dense} {task.width_key}={_get(cfgs['dense-small'], task.width_key)}"},
@@ -155,7 +185,7 @@ def compare(task: Task, seeds: Sequence[int], out: str | Path, dense: str, lors:
           f"({task.metric_label}, mean ± sample std):\n")
     print(table)
     print(f"\nLORS keeps {verdict['lors_non_embedding_share']:.1%} of the dense non-embedding parameters; "
-          f"{task.metric_label}: LORS - dense = {verdict['lors_vs_dense']:+.4f} ({verdict['lors_vs_dense_relative']:+.2%}); "
+          f"{task.metric_label}: LORS - dense = {verdict['lors_vs_dense']:+.4f} ({_percent(verdict['lors_vs_dense_relative'])}); "
           f"LORS {'beats' if verdict['lors_beats_tied'] else 'does not beat'} tied and "
           f"{'beats' if verdict['lors_beats_dense_small'] else 'does not beat'} dense-small")
     print(f"\nwall time {summary['wall_seconds'] / 60:.1f} min; wrote {out / 'summary.json'}, {out / 'table.md'}, "

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lors.experiments.compare import Task, compare
-from lors.experiments.lm.train import train
+from lors.experiments.lm.train import RESUME_FREE, train
 from lors.models.gpt import build_gpt, load_lm_config
 
 
@@ -14,7 +14,7 @@ def _embedding(model) -> int:
 
 
 def _train(cfg, run_dir: str, progress: bool) -> dict:
-    return train(cfg, run_dir, resume=False, progress=progress)
+    return train(cfg, run_dir, resume=True, progress=progress)  # finished runs are reused
 
 
 def _tokens(cfg) -> int:
@@ -23,7 +23,8 @@ def _tokens(cfg) -> int:
 
 GPT_TASK = Task(title="byte-level GPT", load=load_lm_config, build=build_gpt, embedding=_embedding, train=_train,
                 depth_key="model.n_layer", width_key="model.n_embd", heads_key="model.n_head", metric="val_bpb",
-                metric_label="val bits per byte", lower_is_better=True, unit="tokens", units_per_step=_tokens)
+                metric_label="val bits per byte", lower_is_better=True, unit="tokens", units_per_step=_tokens,
+                resume_free=RESUME_FREE)
 
 
 def compare_lm(seeds: Sequence[int] = (0, 1), out: str | Path = "runs/lm_compare", dense: str = "gpt_small",

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lors.experiments.compare import Task, compare
-from lors.experiments.vit.train import train
+from lors.experiments.vit.train import RESUME_FREE, train
 from lors.models.vit import build_vit, load_vit_config
 
 
@@ -16,7 +16,7 @@ def _embedding(model) -> int:
 
 
 def _train(cfg, run_dir: str, progress: bool) -> dict:
-    return train(cfg, run_dir, resume=False, progress=progress)
+    return train(cfg, run_dir, resume=True, progress=progress)  # finished runs are reused
 
 
 def _images(cfg) -> int:
@@ -26,7 +26,7 @@ def _images(cfg) -> int:
 VIT_TASK = Task(title="ViT on Fashion-MNIST", load=load_vit_config, build=build_vit, embedding=_embedding,
                 train=_train, depth_key="model.depth", width_key="model.embed_dim", heads_key="model.num_heads",
                 metric="val_acc", metric_label="test accuracy (%)", lower_is_better=False, unit="images",
-                units_per_step=_images)
+                units_per_step=_images, resume_free=RESUME_FREE)
 
 
 def compare_vit(seeds: Sequence[int] = (0, 1), out: str | Path = "runs/vit_compare", dense: str = "vit_small",
