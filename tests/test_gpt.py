@@ -107,6 +107,8 @@ def test_bytes_round_trip():
     (lambda d: (d / "blank.txt").write_text("\n\n  \n") and d / "blank.txt", "is empty"),
     (lambda d: (d / "short.txt").write_text("tiny") and d / "short.txt", "fewer than one context window"),
     (lambda d: (d / "b.bin").write_bytes(b"\x00\x01\x02" * 50) and d / "b.bin", "looks binary"),
+    (lambda d: (d / "late.txt").write_bytes(b"plain text\n\n" * 500 + b"\x00\x01") and d / "late.txt",
+     "looks binary"),  # the NUL byte comes after the first 4 KiB
     (lambda d: (d / "latin.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50) and d / "latin.txt",
      "is not UTF-8"),
 ])
@@ -223,3 +225,13 @@ def test_the_gpt_is_causal_with_either_position_encoding(tmp_path, positions):
         torch.testing.assert_close(model(changed)[:, :8], model(idx)[:, :8])  # the future is not seen
         assert not torch.allclose(model(changed)[:, 8:], model(idx)[:, 8:])
     assert (model.wpe is None) == (positions == "rotary")
+
+
+def test_a_run_refuses_to_resume_on_a_corpus_that_changed_under_its_path(tmp_path):
+    cfg = config("gpt_small", tmp_path, "train.steps=4")
+    train(cfg, tmp_path / "run", stop_after=2, progress=False, evaluate_at_end=False)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(corpus.read_text().replace("lazy dog", "sleepy cat"))
+    with pytest.raises(ValueError, match="is not the one the run in .* was trained on.*--no-resume"):
+        train(cfg, tmp_path / "run", progress=False, evaluate_at_end=False)
+    train(cfg, tmp_path / "run", resume=False, progress=False, evaluate_at_end=False)  # afresh: fine

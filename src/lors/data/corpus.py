@@ -42,9 +42,20 @@ def _split_entries(text: str, fortunes: bool) -> list[str]:
     return [p.strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file's text; a ValueError naming the fix for a missing file, a folder, a
+    binary file (NUL bytes anywhere) or one that is not UTF-8 (latin-1, say)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a text file: pass a UTF-8 text file")
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: pass an existing UTF-8 text file")
+    return _read(path)
+
+
 def _read(path: Path) -> str:
     data = path.read_bytes()
-    if b"\x00" in data[:4096]:
+    if b"\x00" in data:
         raise ValueError(f"{path} looks binary (it holds NUL bytes): a corpus is UTF-8 text; remove the "
                          "file or point data.corpus at the text files only")
     try:
@@ -175,3 +186,12 @@ def codec(tokenizer_json: str | None) -> Tokens:
     """Encoding and decoding only (no corpus): bytes, or the BPE of ``tokenizer_json``."""
     empty = torch.zeros(0, dtype=torch.long)
     return Tokens(empty, empty, VOCAB_SIZE, 1.0, tokenizer_json)
+
+
+def digest(tokens: Tokens) -> str:
+    """sha256 of the train and val token ids: what a run stores to notice that the corpus at its
+    path changed (a resumed run on another text would silently mix the two)."""
+    h = hashlib.sha256(tokens.train.numpy().tobytes())
+    h.update(b"|")
+    h.update(tokens.val.numpy().tobytes())
+    return h.hexdigest()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lors.config import load_config, to_dict
-from lors.data.corpus import Tokens, codec, load_corpus, tokenize
+from lors.data.corpus import Tokens, codec, digest, load_corpus, tokenize
 from lors.engine import distributed
 from lors.engine.checkpoint import find_checkpoint, load_checkpoint, read_state
 from lors.engine.loop import RunSettings, adamw, fit
@@ -96,10 +96,15 @@ def train(cfg: LMConfig, run_dir: str | Path | None = None, resume: bool = True,
     rank, world, dev, per_process = distributed.setup(device, t.batch_size)
     previous = find_checkpoint(run_dir or t.output_dir) if resume else None  # a resumed run keeps its BPE
     try:
-        tokenizer_json = read_state(previous).get("tokenizer") if previous else None
+        stored = read_state(previous) if previous else {}
     except ValueError:
-        tokenizer_json = None
-    tokens = load_tokens(cfg, tokenizer_json)
+        stored = {}
+    tokens = load_tokens(cfg, stored.get("tokenizer"))
+    corpus_sha = digest(tokens)
+    if stored.get("corpus_sha256", corpus_sha) != corpus_sha:
+        raise ValueError(f"the corpus {cfg.data.corpus or 'fortunes'} is not the one the run in {previous.parent} "
+                         "was trained on (its content changed): restore that corpus to resume, pass "
+                         "--no-resume to train afresh on this one, or use another --run-dir")
     torch.manual_seed(t.seed)
     model = build_gpt(cfg).to(dev)
     optimizer = adamw(model, t.lr, t.weight_decay, betas=(0.9, 0.95))
@@ -117,7 +122,7 @@ def train(cfg: LMConfig, run_dir: str | Path | None = None, resume: bool = True,
         log_terms=("bpb",), checkpoint_every=t.checkpoint_every, log_every=t.log_every, eval_every=t.eval_every,
         clip_grad=t.clip_grad,
         amp=t.amp, resume=resume, extend=extend, stop_after=stop_after, progress=progress,
-        state={"tokenizer": tokens.tokenizer_json}, parallel=parallel,
+        state={"tokenizer": tokens.tokenizer_json, "corpus_sha256": corpus_sha}, parallel=parallel,
         fail_hint="Lower train.lr or keep train.clip_grad on, then resume")
     final = partial(evaluate, model, tokens, cfg, dev) if evaluate_at_end else None
     return fit(model, loss_fn, epoch_batches, t.steps, optimizer, schedule(cfg), settings, rank, world,
