@@ -16,7 +16,7 @@ def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = check_device(device)
     if dev.type == "cuda" and dev.index is None:  # "cuda" alone: this process's local GPU
         dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
@@ -24,6 +24,25 @@ def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return rank, world, dev
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch.device; a ValueError naming the fix for a name torch does not know
+    (``--device banana``) or a GPU this process cannot see."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: torch sees no CUDA GPU here (torch.cuda.is_available() is "
+                             "False): use --device cpu, or install a CUDA build of torch on a GPU machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type not in ("cpu", "mps", "meta"):
+        raise ValueError(f"--device {device}: lors runs on cpu or cuda")
+    return dev
 
 
 def setup(device: str | None, batch_size: int) -> tuple[int, int, torch.device, int]:

@@ -5,6 +5,7 @@ change defaults or add keys.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,3 +33,10 @@ class StepTrainConfig:
         for key in ("warmup_steps", "eval_every"):
             at_least(f"train.{key}", getattr(self, key), 0)
         positive("train.lr", self.lr)
+        at_least("train.weight_decay", self.weight_decay, 0)
+        at_least("train.clip_grad", self.clip_grad, 0, "0 disables clipping")
+        if self.warmup_steps >= self.steps:
+            warnings.warn(f"train.warmup_steps={self.warmup_steps} is not below train.steps={self.steps}: the "
+                          f"learning rate never reaches train.lr={self.lr:g} (the last step runs at "
+                          f"{self.steps / max(1, self.warmup_steps):.0%} of it); use fewer warm-up steps",
+                          stacklevel=2)
