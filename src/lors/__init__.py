@@ -8,13 +8,15 @@ Core API::
     lors.merge(model)                       # plain nn.Linears, outputs unchanged
     lors.count_parameters(model)            # shared tensors counted once
     lors.save(model, path) / lors.load(model, path)
+    lors.save_pretrained(model, folder, tokenizer) / lors.from_pretrained(folder)  # HuggingFace folders
     lors.substack(stack, [0, 1])            # some layers of a shared stack, as a stack of their own
 """
+from lors.hf import from_pretrained, save_pretrained
 from lors.serialization import load, save
 from lors.core import (AdaptiveLors, Conversion, LorsLinear, ParamCount, SharedBasis, StaticLors,
                        convert_layers, count_parameters, find_layers, merge, share_layers, substack)
 
 __version__ = "0.1.0"
 __all__ = ["AdaptiveLors", "Conversion", "LorsLinear", "ParamCount", "SharedBasis", "StaticLors",
-           "convert_layers", "count_parameters", "find_layers", "load", "merge", "save", "share_layers",
-           "substack"]
+           "convert_layers", "count_parameters", "find_layers", "from_pretrained", "load", "merge", "save",
+           "save_pretrained", "share_layers", "substack"]
