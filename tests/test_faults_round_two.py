@@ -33,3 +33,44 @@ def test_a_bad_device_is_one_line(device, message, tmp_path, capsys):
                  "train.steps=1", "train.warmup_steps=0"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_vit_train_extends_a_finished_run_as_its_refusal_says(tmp_path, capsys):
+    from test_vit import TINY, write_fashion
+    root = write_fashion(tmp_path)
+    base = ["vit", "train", "--run-dir", str(tmp_path / "run"), *TINY, f"data.root={root}"]
+    assert main(base) == 0
+    assert main([*base, "train.steps=6"]) == 2
+    assert "pass --extend" in capsys.readouterr().err
+    assert main([*base, "train.steps=6", "--extend"]) == 0
+    assert "6 steps in" in capsys.readouterr().out
+
+
+def test_a_nan_loss_is_one_line_whose_hint_a_rerun_can_follow(tmp_path, capsys):
+    from test_gpt import TINY, write_corpus
+    base = ["lm", "train", "--config", "gpt_small", "--run-dir", str(tmp_path / "run"), *TINY,
+            f"data.corpus={write_corpus(tmp_path)}", "train.clip_grad=0"]
+    assert main([*base, "train.lr=1e30"]) == 2
+    err = capsys.readouterr().err
+    assert "loss is nan" in err and "--no-resume" in err and "Traceback" not in err
+    assert main([*base, "train.lr=1e-3", "--no-resume"]) == 0  # what the hint says works
+
+
+def test_an_os_error_is_one_line_and_lors_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from lors.engine import loop
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "log.csv"))
+
+    monkeypatch.setattr(loop.RunLog, "__init__", full_disk)  # the log is written before any checkpoint
+    from test_gpt import TINY, write_corpus
+    argv = ["lm", "train", "--run-dir", str(tmp_path / "run"), *TINY, f"data.corpus={write_corpus(tmp_path)}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "log.csv" in err and "free space" in err
+    assert "Traceback" not in err
+    monkeypatch.setenv("LORS_DEBUG", "1")
+    with pytest.raises(OSError, match="No space left"):
+        main(argv)

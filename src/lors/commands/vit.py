@@ -11,7 +11,7 @@ def run_train(args: argparse.Namespace) -> int:
     from lors.experiments.vit.train import train
     from lors.models.vit import load_vit_config
     summary = train(load_vit_config(args.config, args.overrides), run_dir=args.run_dir, resume=not args.no_resume,
-                    device=args.device)
+                    device=args.device, extend=args.extend)
     metrics = summary.get("metrics", {})
     print(json.dumps(summary, indent=2) if args.json else
           f"{summary['steps']} steps in {summary['run_dir']}" +
@@ -29,11 +29,12 @@ def register(sub) -> None:
     parser = sub.add_parser("vit", help="a small ViT on Fashion-MNIST: dense, LORS or tied blocks")
     cmds = parser.add_subparsers(dest="vit_command", required=True, metavar="COMMAND")
 
-    p = cmds.add_parser("train", help="train a ViT (configs/vit) on Fashion-MNIST")
-    p.add_argument("--config", default="vit_small", help="preset name (configs/vit/NAME.yaml) or YAML path")
+    p = cmds.add_parser("train", help="train a ViT (lors/configs/vit) on Fashion-MNIST")
+    p.add_argument("--config", default="vit_small", help="preset name (lors/configs/vit/NAME.yaml) or YAML path")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
     p.add_argument("--run-dir", help="checkpoints and logs (default: train.output_dir)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if run-dir has a checkpoint")
+    p.add_argument("--extend", action="store_true", help="let a larger train.steps continue a shorter run")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: this process's GPU, else CPU)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(func=run_train)

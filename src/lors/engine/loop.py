@@ -46,6 +46,9 @@ from lors.engine.schedule import Schedule
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
 
 
+# what to do after a NaN loss: a resumed run keeps its settings, so a lower rate means a new run
+RETRY_HINT = ("Rerun with a lower train.lr (and train.clip_grad on) and --no-resume, or into another "
+              "--run-dir: a resumed run keeps the settings it started with")
 SCALER = "grad_scaler"  # state.json entry: the fp16 gradient scaler's state (loss scale, growth tracker)
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from lors.config import to_dict
 from lors.engine import distributed
-from lors.engine.loop import NonFiniteLossError, RunSettings, fit
+from lors.engine.loop import RETRY_HINT, NonFiniteLossError, RunSettings, fit
 from lors.engine.sampler import EpochSampler, SeededItems
 from lors.engine.schedule import Schedule
 from lors.data.coco import collate_fn
@@ -101,7 +101,7 @@ def train(cfg: DetectorConfig, run_dir=None, resume: bool = True, stop_after: in
         log_every=t.log_every, clip_grad=t.clip_grad, amp=t.amp, resume=resume, extend=extend,
         stop_after=stop_after, progress=progress,
         state={"class_names": train_set.class_names, "label_to_cat_id": train_set.label_to_cat_id},
-        fail_hint="Lower train.lr, keep train.clip_grad on, or check the data for broken boxes, then resume")
+        fail_hint=RETRY_HINT + "; check the data for broken boxes")
     final = partial(evaluate, model, val_set, cfg, dev, progress=progress) if val_set is not None else None
     return fit(model, loss_fn, epoch_batches, sampler.steps, optimizer, schedule(cfg, sampler.steps),
                settings, rank, world, evaluate=final)

@@ -22,7 +22,7 @@ from lors.config import load_config, to_dict
 from lors.data.corpus import Tokens, codec, digest, load_corpus, tokenize
 from lors.engine import distributed
 from lors.engine.checkpoint import find_checkpoint, load_checkpoint, read_state
-from lors.engine.loop import RunSettings, adamw, fit
+from lors.engine.loop import RETRY_HINT, RunSettings, adamw, fit
 from lors.engine.schedule import Schedule
 from lors.models.gpt import LMConfig, build_gpt
 
@@ -123,7 +123,7 @@ def train(cfg: LMConfig, run_dir: str | Path | None = None, resume: bool = True,
         clip_grad=t.clip_grad,
         amp=t.amp, resume=resume, extend=extend, stop_after=stop_after, progress=progress,
         state={"tokenizer": tokens.tokenizer_json, "corpus_sha256": corpus_sha}, parallel=parallel,
-        fail_hint="Lower train.lr or keep train.clip_grad on, then resume")
+        fail_hint=RETRY_HINT)
     final = partial(evaluate, model, tokens, cfg, dev) if evaluate_at_end else None
     return fit(model, loss_fn, epoch_batches, t.steps, optimizer, schedule(cfg), settings, rank, world,
                evaluate=final)

@@ -15,7 +15,7 @@ from torch import nn
 from lors.config import to_dict
 from lors.data.fashion import load_fashion_mnist
 from lors.engine import distributed
-from lors.engine.loop import RunSettings, adamw, fit
+from lors.engine.loop import RETRY_HINT, RunSettings, adamw, fit
 from lors.engine.sampler import EpochSampler
 from lors.engine.schedule import Schedule
 from lors.models.vit import VitConfig, build_vit
@@ -47,8 +47,10 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, devic
 
 
 def train(cfg: VitConfig, run_dir: str | Path | None = None, resume: bool = True, stop_after: int | None = None,
-          device: str | None = None, progress: bool = True, evaluate_at_end: bool = True) -> dict:
-    """Train ``cfg``'s ViT; returns the engine's summary plus test accuracy at the end."""
+          device: str | None = None, progress: bool = True, evaluate_at_end: bool = True,
+          extend: bool = False) -> dict:
+    """Train ``cfg``'s ViT; returns the engine's summary plus test accuracy at the end. ``extend``
+    lets a larger ``train.steps`` continue a finished shorter run."""
     cfg.validate()
     t = cfg.train
     rank, world, dev, per_process = distributed.setup(device, t.batch_size)
@@ -75,8 +77,8 @@ def train(cfg: VitConfig, run_dir: str | Path | None = None, resume: bool = True
     settings = RunSettings(
         run_dir=run_dir or t.output_dir, config=to_dict(cfg), resume_free=RESUME_FREE, length_key="train.steps",
         log_terms=("train_acc",), checkpoint_every=t.checkpoint_every, log_every=t.log_every, eval_every=t.eval_every,
-        clip_grad=t.clip_grad, amp=t.amp, resume=resume, stop_after=stop_after, progress=progress,
-        fail_hint="Lower train.lr or keep train.clip_grad on, then resume")
+        clip_grad=t.clip_grad, amp=t.amp, resume=resume, extend=extend, stop_after=stop_after, progress=progress,
+        fail_hint=RETRY_HINT)
     schedule = Schedule(lr=t.lr, total_steps=t.steps, warmup_steps=t.warmup_steps, decay="cosine")
     final = partial(evaluate, model, test_x, test_y, dev) if evaluate_at_end else None
     return fit(model, loss_fn, epoch_batches, sampler.steps, optimizer, schedule, settings, rank, world,
