@@ -74,3 +74,18 @@ def test_an_os_error_is_one_line_and_lors_debug_shows_the_traceback(tmp_path, ca
     monkeypatch.setenv("LORS_DEBUG", "1")
     with pytest.raises(OSError, match="No space left"):
         main(argv)
+
+
+def test_a_run_read_by_the_wrong_command_names_the_command_it_belongs_to(tmp_path, capsys):
+    from test_gpt import TINY as LM_TINY, write_corpus
+    from test_vit import TINY, write_fashion
+    vit_run, lm_run = tmp_path / "vit", tmp_path / "lm"
+    assert main(["vit", "train", "--run-dir", str(vit_run), *TINY, f"data.root={write_fashion(tmp_path)}"]) == 0
+    assert main(["lm", "train", "--run-dir", str(lm_run), *LM_TINY, f"data.corpus={write_corpus(tmp_path)}"]) == 0
+    capsys.readouterr()
+    for argv in (["lm", "eval", "--checkpoint", str(vit_run)], ["lm", "sample", "--checkpoint", str(vit_run)]):
+        assert main(argv) == 2
+        assert "holds a run of `lors vit train`, not of `lors lm train`" in capsys.readouterr().err
+    assert main(["detect", "eval", "--checkpoint", str(lm_run)]) == 2
+    assert "holds a run of `lors lm train`, not of `lors detect train`: read it with lors lm eval" in \
+        capsys.readouterr().err

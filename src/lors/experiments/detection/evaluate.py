@@ -34,6 +34,7 @@ from pycocotools.cocoeval import COCOeval
 
 from lors.data.coco import CocoDetection, collate_fn, fill_eval_defaults
 from lors.engine.checkpoint import find_checkpoint, load_checkpoint, read_state
+from lors.experiments.families import check_family
 from lors.engine.loop import autocast_dtype
 from lors.experiments.detection.data import build_datasets, to_device
 from lors.models.adamixer import DetectorConfig, PostProcess, build_detector
@@ -134,6 +135,7 @@ def run_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, D
         raise ValueError(f"{path} holds no checkpoint (no state.json or last.json): pass a run "
                          "directory written by `lors detect train` or one of its ckpt_* folders")
     state = read_state(ckpt)
+    check_family(state.get("config", {}), "detect", ckpt)
     return ckpt, load_config(DetectorConfig, state["config"], overrides), state
 
 

@@ -19,11 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lors.config import load_config, to_dict
+from lors.core import count_parameters
 from lors.data.corpus import Tokens, codec, digest, load_corpus, tokenize
 from lors.engine import distributed
 from lors.engine.checkpoint import find_checkpoint, load_checkpoint, read_state
 from lors.engine.loop import RETRY_HINT, RunSettings, adamw, fit
 from lors.engine.schedule import Schedule
+from lors.experiments.families import check_family
 from lors.models.gpt import LMConfig, build_gpt
 
 RESUME_FREE = ("train.output_dir", "train.log_every", "train.checkpoint_every", "train.eval_every",
@@ -88,7 +90,8 @@ def schedule(cfg: LMConfig) -> Schedule:
 def train(cfg: LMConfig, run_dir: str | Path | None = None, resume: bool = True, stop_after: int | None = None,
           device: str | None = None, progress: bool = True, evaluate_at_end: bool = True,
           extend: bool = False, parallel: str = "ddp") -> dict:
-    """Train ``cfg``'s GPT; returns the engine's summary plus val bits-per-byte at the end.
+    """Train ``cfg``'s GPT; returns the engine's summary plus val bits-per-byte at the end and
+    ``parameters`` (`parameter_counts`).
     Under torchrun, ``parallel`` is "ddp" (a replica per process) or "fsdp" (FSDP2: each block
     and then the root sharded; see docs/core.md)."""
     cfg.validate()
@@ -125,8 +128,18 @@ def train(cfg: LMConfig, run_dir: str | Path | None = None, resume: bool = True,
         state={"tokenizer": tokens.tokenizer_json, "corpus_sha256": corpus_sha}, parallel=parallel,
         fail_hint=RETRY_HINT)
     final = partial(evaluate, model, tokens, cfg, dev) if evaluate_at_end else None
-    return fit(model, loss_fn, epoch_batches, t.steps, optimizer, schedule(cfg), settings, rank, world,
-               evaluate=final)
+    return {**fit(model, loss_fn, epoch_batches, t.steps, optimizer, schedule(cfg), settings, rank, world,
+                  evaluate=final), "parameters": parameter_counts(cfg)}
+
+
+def parameter_counts(cfg: LMConfig) -> dict[str, int]:
+    """``total`` and ``non_embedding`` parameters of ``cfg``'s GPT, each shared tensor once
+    (`lors.count_parameters`; built on the meta device). The token embedding, which the output
+    layer shares, and learned positions are the embedding."""
+    model = build_gpt(cfg, device="meta")
+    total = count_parameters(model).total
+    embedding = model.wte.weight.numel() + (model.wpe.weight.numel() if model.wpe is not None else 0)
+    return {"total": total, "non_embedding": total - embedding}
 
 
 def load_lm(path: str | Path, overrides: Sequence[str] = (), device: torch.device | str = "cpu"):
@@ -136,6 +149,7 @@ def load_lm(path: str | Path, overrides: Sequence[str] = (), device: torch.devic
     if ckpt is None:
         raise ValueError(f"{path} holds no checkpoint: pass a run directory written by `lors lm train`")
     state = read_state(ckpt)
+    check_family(state.get("config", {}), "lm", ckpt)
     cfg = load_config(LMConfig, state["config"], overrides)
     model = build_gpt(cfg).to(device)
     load_checkpoint(ckpt, model)
