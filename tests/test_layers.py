@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lors"
 ROOT = SRC.parents[1]
 # the layer of each top-level name under lors (a package or a module); higher imports lower
 LAYERS = {
-    "core": 0, "config": 0, "serialization": 0,
+    "core": 0, "config": 0, "serialization": 0, "hf": 0,
     "models": 1, "adapters": 1, "data": 1,
     "engine": 2,
     "experiments": 3,
