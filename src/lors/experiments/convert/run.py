@@ -6,12 +6,17 @@ Loads the model (`lors.models.pretrained`), records the targets' input moments o
 text, calls `lors.convert_layers`, checks that ``lors.load`` into a plain copy gives the same
 outputs, and writes ``DIR/model.safetensors`` (``lors.save``: each shared tensor once, the layout
 in the file), ``DIR/conversion.json`` (settings, ranks, errors, parameter counts) and, with
-``merged``, ``DIR/merged/`` (``lors.merge`` then ``save_pretrained``: a plain HF model).
+``merged``, ``DIR/merged/`` (``lors.merge`` then ``save_pretrained``: a plain HF model, checked
+to reload to the same outputs). ``conversion.json`` is written last, so it marks a finished run:
+a run that fails after its first write leaves none (an earlier run's is removed first), and the
+merged folder is written under ``merged.tmp`` and renamed once complete.
 """
 from __future__ import annotations
 
 import copy
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -131,6 +136,50 @@ def held_out_windows(pre: Pretrained, tokens: int, seq_len: int) -> torch.Tensor
     return token_windows(pre.tokenizer, fortunes_texts()[1], tokens, seq_len)
 
 
+def check_out(out: Path) -> None:
+    """Fail before any work if ``out`` cannot hold the results (a file, a read-only place)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        raise ValueError(f"cannot write the results to {out} ({err.strerror or err}): pass a writable "
+                         "folder as --out") from None
+
+
+def check_serializable(pre: Pretrained) -> None:
+    """Fail before any work if ``save_pretrained`` would refuse the model, as it does a quantized one."""
+    quantizer = getattr(pre.model, "hf_quantizer", None)
+    if quantizer is not None and not quantizer.is_serializable():
+        method = getattr(quantizer.quantization_config, "quant_method", "?")
+        raise ValueError(f"{pre.source} was loaded quantized ({getattr(method, 'value', method)}), which "
+                         "save_pretrained cannot write, so the merged model could not be saved: pass a "
+                         "float model, or leave out --merged")
+
+
+def save_merged(model, tokenizer, folder: Path, probe: torch.Tensor, expected: torch.Tensor, key: str) -> None:
+    """``save_pretrained`` the merged ``model`` (and ``tokenizer``) to ``folder``, through
+    ``folder.tmp`` renamed once written and reloaded to the outputs ``expected`` on ``probe``."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    with torch.no_grad():
+        got = type(model).from_pretrained(tmp).eval()(input_ids=probe)[key]
+    # a merged weight rounds differently from its two thin factors: on SmolLM2 (30 layers) the
+    # logits differ by ~1e-5 of their largest magnitude, so the bound is relative to that
+    error = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+    if error > 1e-4:
+        raise ValueError(f"{tmp} does not reload to the converted model (largest difference {error:.1e} of "
+                         "the largest output): report this as a bug")
+    if folder.is_dir() and not folder.is_symlink():
+        shutil.rmtree(folder)
+    elif folder.exists() or folder.is_symlink():
+        folder.unlink()
+    tmp.rename(folder)
+
+
 def convert_model(source: str, out: str | Path, settings: ConvertSettings, merged: bool = False,
                   eval_tokens: int = 0, up: UptrainSettings | None = None, uptrain_tokens: int = 131072,
                   resume: bool = True, progress=print) -> dict:
@@ -141,8 +190,11 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
     if up is not None:
         up.check()
     out = Path(out)
+    check_out(out)
     start = time.perf_counter()
     pre = load_pretrained(source)
+    if merged:
+        check_serializable(pre)
     causal = pre.kind == CAUSAL
     if up is not None and not causal:
         raise ValueError(f"{source} is an encoder: uptraining distils next-token predictions, so it needs a causal LM")
@@ -167,7 +219,8 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
                           steps=up_summary.get("steps"), run_dir=str(out / "uptrain"))
         if held_out is not None:
             quality["uptrained"] = perplexity(pre.model, held_out)
-    out.mkdir(parents=True, exist_ok=True)
+    marker = out / "conversion.json"
+    marker.unlink(missing_ok=True)  # from here on DIR holds this run's files, unfinished until the marker is back
     path = lors.save(pre.model, out / "model.safetensors")
     lors.load(original, path)  # the file alone re-creates the converted model on the plain copy
     probe = torch.randint(0, min(1000, getattr(pre.model.config, "vocab_size", 1000)), (1, 32))
@@ -185,9 +238,9 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
         summary["uptrain"] = up_summary
     if merged:
         lors.merge(original)
-        original.save_pretrained(out / "merged")
-        if pre.tokenizer is not None:
-            pre.tokenizer.save_pretrained(out / "merged")
+        save_merged(original, pre.tokenizer, out / "merged", probe, a[key], key)
         summary["merged"] = str(out / "merged")
-    (out / "conversion.json").write_text(json.dumps(summary, indent=2))
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(marker)
     return summary | {"table": conversion.table()}
