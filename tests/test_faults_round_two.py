@@ -89,3 +89,98 @@ def test_a_run_read_by_the_wrong_command_names_the_command_it_belongs_to(tmp_pat
     assert main(["detect", "eval", "--checkpoint", str(lm_run)]) == 2
     assert "holds a run of `lors lm train`, not of `lors detect train`: read it with lors lm eval" in \
         capsys.readouterr().err
+
+
+# ---- lors convert ----
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    from test_convert_cli import TEXT, _llama, _tokenizer
+    folder = tmp_path / "tiny"
+    _llama(64).save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    (tmp_path / "calib.txt").write_text(TEXT)
+    return folder
+
+
+def _convert(model, out, *extra):
+    return main(["convert", str(model), "--out", str(out), "--calib-tokens", "64", "--seq-len", "16", *extra])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: (d / "c.bin").write_bytes(b"abc\x00\x01" * 100) and d / "c.bin", "looks binary"),
+    (lambda d: (d / "c.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50) and d / "c.txt", "is not UTF-8"),
+    (lambda d: (d / "texts").mkdir() or d / "texts", "is a folder, not a text file"),
+    (lambda d: d / "missing.txt", "does not exist"),
+])
+def test_a_bad_calibration_text_is_named(tiny_llama, tmp_path, capsys, make, message):
+    assert _convert(tiny_llama, tmp_path / "out", "--calibration", str(make(tmp_path))) == 2
+    err = capsys.readouterr().err
+    assert "calibration text" in err and message in err
+
+
+def test_rank_0_is_refused_instead_of_keeping_nothing(tiny_llama, tmp_path, capsys):
+    assert _convert(tiny_llama, tmp_path / "out", "--rank", "0") == 2
+    assert "keeps nothing of the layers" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_finished_uptrained_conversion_is_not_overwritten_by_another_run(tiny_llama, tmp_path, capsys):
+    out, calib = tmp_path / "out", ["--calibration", str(tmp_path / "calib.txt")]
+    assert _convert(tiny_llama, out, *calib, "--uptrain-steps", "2", "--uptrain-batch", "2") == 0
+    before = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert _convert(tiny_llama, out, *calib) == 2  # the same conversion without the uptraining
+    err = capsys.readouterr().err
+    assert "holds a finished conversion with other settings (uptraining:" in err and "another --out" in err
+    assert (out / "model.safetensors").read_bytes() == before
+    assert _convert(tiny_llama, out, *calib, "--uptrain-steps", "2", "--uptrain-batch", "2") == 0  # same run: fine
+
+
+def test_the_uptraining_refusal_names_convert_flags(tiny_llama, tmp_path, capsys):
+    import shutil
+    out, calib = tmp_path / "out", ["--calibration", str(tmp_path / "calib.txt")]
+    assert _convert(tiny_llama, out, *calib, "--uptrain-steps", "2", "--uptrain-batch", "2") == 0
+    (out / "conversion.json").unlink()  # as if it had stopped during the uptraining
+    capsys.readouterr()
+    assert _convert(tiny_llama, out, *calib, "--uptrain-steps", "2", "--uptrain-batch", "2", "--uptrain-lr", "1e-3") == 2
+    err = capsys.readouterr().err
+    assert "--uptrain-lr 0.0001 -> 0.001" in err and "another --out" in err and "--run-dir" not in err
+    assert _convert(tiny_llama, out, *calib) == 2  # no uptraining: it would leave the unfinished one stale
+    assert "holds an unfinished uptraining" in capsys.readouterr().err
+    shutil.rmtree(out)
+
+
+def test_a_malformed_config_json_is_named(tiny_llama, tmp_path, capsys):
+    (tiny_llama / "config.json").write_text("{not json")
+    assert _convert(tiny_llama, tmp_path / "out") == 2
+    assert f"{tiny_llama / 'config.json'} is not valid JSON" in capsys.readouterr().err
+
+
+def test_a_folder_without_a_tokenizer_converts_without_text_and_says_why_text_needs_one(tiny_llama, tmp_path, capsys):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tiny_llama / name).unlink(missing_ok=True)
+    assert _convert(tiny_llama, tmp_path / "out") == 2
+    assert "has no tokenizer that transformers can load" in capsys.readouterr().err
+    assert _convert(tiny_llama, tmp_path / "out", "--calib-tokens", "0") == 0  # weight-space SVD: no text
+
+
+def test_eval_tokens_on_an_encoder_is_refused_not_ignored(tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+    from test_convert_cli import _tokenizer
+    folder = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    assert _convert(folder, tmp_path / "out", "--calib-tokens", "0", "--eval-tokens", "64") == 2
+    assert "is an encoder: --eval-tokens measures next-token perplexity" in capsys.readouterr().err
+
+
+def test_an_image_model_is_refused_with_what_to_do(tmp_path, capsys):
+    from transformers import ViTConfig, ViTModel
+    folder = tmp_path / "vit"
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       image_size=32, patch_size=8)).save_pretrained(folder)
+    assert _convert(folder, tmp_path / "out", "--calib-tokens", "0") == 2
+    err = capsys.readouterr().err
+    assert "reads pixel_values" in err and "lors.convert_layers" in err

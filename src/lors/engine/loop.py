@@ -131,6 +131,9 @@ class RunSettings:
     stop_after: int | None = None
     progress: bool = True
     fail_hint: str = "lower the learning rate or check the data, then resume"
+    dir_flag: str = "--run-dir"  # the command's flag for the run's folder, for the messages
+    can_extend: bool = True      # whether the command has --extend
+    key_names: Mapping[str, str] = field(default_factory=dict)  # config key -> the flag that sets it
     parallel: str = "ddp"  # under torchrun: "ddp" (a replica per process) or "fsdp" (FSDP2, sharded)
 
 
@@ -142,23 +145,29 @@ def _dotted(config: Mapping[str, Any], key: str) -> Any:
 
 
 def check_resumable(stored: Mapping[str, Any], requested: Mapping[str, Any], ckpt: Path,
-                    free: Sequence[str] = (), extend: bool = False, length_key: str = "train.epochs") -> None:
+                    free: Sequence[str] = (), extend: bool = False, length_key: str = "train.epochs",
+                    dir_flag: str = "--run-dir", can_extend: bool = True,
+                    key_names: Mapping[str, str] | None = None) -> None:
     """Refuse to resume the run of checkpoint ``ckpt`` (config ``stored``) with the
     ``requested`` config if a setting that shapes the weights differs (keys in ``free`` may),
-    or if the schedule's length (``length_key``) changes unasked."""
+    or if the schedule's length (``length_key``) changes unasked. The messages name the
+    command's own flags (``dir_flag``, ``--extend`` where ``can_extend``, ``key_names``)."""
     run_dir = ckpt.parent
     requested = json.loads(json.dumps(requested))
     diffs = config_differences(stored, requested, (*free, length_key))
     if diffs:
-        raise ValueError(f"{run_dir} holds a run with other settings ({describe(diffs)}): rerun with "
-                         "the run's settings to resume it, pass --no-resume to replace it, or train "
-                         "into another --run-dir")
+        raise ValueError(f"{run_dir} holds a run with other settings ({describe(diffs, key_names)}): rerun "
+                         "with the run's settings to resume it, pass --no-resume to replace it, or train "
+                         f"into another {dir_flag}")
     before, now = _dotted(stored, length_key), _dotted(requested, length_key)
     if before != now and not (extend and before is not None and now > before):
-        hint = (f"pass --extend to continue it to {now}" if before is not None and now > before
-                else f"a run cannot be shortened: use {length_key}={before}")
-        raise ValueError(f"{run_dir} holds a run of {length_key}={before}, not {now}: {hint}, "
-                         "--no-resume to replace it, or another --run-dir")
+        shown = (key_names or {}).get(length_key, length_key)
+        if before is not None and now > before:
+            hint = f"pass --extend to continue it to {now}, " if can_extend else ""
+        else:
+            hint = f"a run cannot be shortened: use {shown}={before}, "
+        raise ValueError(f"{run_dir} holds a run of {shown}={before}, not {now}: {hint}"
+                         f"--no-resume to replace it, or another {dir_flag}")
 
 
 def resume_from(run_dir: Path, settings: RunSettings, model: nn.Module,
@@ -178,7 +187,8 @@ def resume_from(run_dir: Path, settings: RunSettings, model: nn.Module,
             print(f"warning: {err}; trying an earlier checkpoint", flush=True)
             continue
         check_resumable(state.get("config", {}), settings.config, ckpt, settings.resume_free,
-                        settings.extend, settings.length_key)
+                        settings.extend, settings.length_key, settings.dir_flag, settings.can_extend,
+                        settings.key_names)
         try:
             state = load_checkpoint(ckpt, model, optimizer, restore_rng=True)
             if scaler is not None and scaler.is_enabled() and state.get(SCALER):

@@ -101,9 +101,11 @@ def config_differences(stored: Mapping[str, Any], requested: Mapping[str, Any],
             if not skip(k) and a.get(k) != b.get(k)]
 
 
-def describe(differences: list[tuple[str, Any, Any]]) -> str:
-    """``"train.lr 0.0004 -> 0.001, train.seed 0 -> 5"``."""
-    return ", ".join(f"{k} {json.dumps(old)} -> {json.dumps(new)}" for k, old, new in differences)
+def describe(differences: list[tuple[str, Any, Any]], names: Mapping[str, str] | None = None) -> str:
+    """``"train.lr 0.0004 -> 0.001, train.seed 0 -> 5"``; ``names`` shows a key as the flag a
+    user sets it with (``{"uptrain.lr": "--uptrain-lr"}``)."""
+    names = names or {}
+    return ", ".join(f"{names.get(k, k)} {json.dumps(old)} -> {json.dumps(new)}" for k, old, new in differences)
 
 
 def run_files(run_dir: Path) -> list[Path]:

@@ -42,9 +42,10 @@ class Pretrained:
     came from."""
 
     model: nn.Module
-    tokenizer: object
+    tokenizer: object  # None when the folder has none that transformers can load
     kind: str
     source: str
+    tokenizer_error: str = ""  # why there is no tokenizer
 
 
 def _transformers():
@@ -137,8 +138,19 @@ def load_pretrained(source: str | Path, dtype: torch.dtype = torch.float32) -> P
         raise ValueError(f"{path} has no config.json, so it is not a HuggingFace model folder: pass the "
                          "folder save_pretrained wrote, or a .gguf file")
     tf = _transformers()
-    architectures = json.loads(config.read_text()).get("architectures") or []
+    try:
+        meta = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config} is not valid JSON ({err}): restore the file save_pretrained wrote") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{config} holds a {type(meta).__name__}, not a JSON object: restore the file "
+                         "save_pretrained wrote")
+    architectures = meta.get("architectures") or []
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
     auto = tf.AutoModelForCausalLM if causal else tf.AutoModel
-    return Pretrained(auto.from_pretrained(str(path), dtype=dtype).eval(),
-                      tf.AutoTokenizer.from_pretrained(str(path)), CAUSAL if causal else ENCODER, str(path))
+    model = auto.from_pretrained(str(path), dtype=dtype).eval()
+    try:
+        tokenizer, why = tf.AutoTokenizer.from_pretrained(str(path)), ""
+    except (OSError, ValueError, ImportError, TypeError, KeyError) as err:  # no tokenizer files, an image model
+        tokenizer, why = None, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    return Pretrained(model, tokenizer, CAUSAL if causal else ENCODER, str(path), why)

@@ -26,8 +26,9 @@ import torch
 import lors
 from lors.core.convert import Conversion, check_options, convert_layers, convert_targets
 from lors.core.share import find_layers
-from lors.data.corpus import decode, load_corpus
+from lors.data.corpus import decode, load_corpus, read_text_file
 from lors.experiments.convert.evaluate import batches, perplexity, record_moments, token_windows
+from lors.engine.checkpoint import find_checkpoint
 from lors.experiments.convert.uptrain import UptrainSettings, uptrain
 from lors.models.pretrained import CAUSAL, Pretrained, load_pretrained
 
@@ -61,6 +62,9 @@ class ConvertSettings:
                              f"{self.writer_groups!r}")
         if self.calib_tokens < 0 or self.seq_len < 2 or self.batch_size < 1:
             raise ValueError("calib_tokens must be >= 0, seq_len >= 2 and batch_size >= 1")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"--rank {self.rank!r} keeps nothing of the layers (every relative error would be "
+                             "1.0): give a rank >= 1, or --budget for a fraction of the parameters")
         return self
 
 
@@ -75,10 +79,10 @@ def calibration_text(path: str | None) -> str:
     """The calibration text: a UTF-8 file, or the fortunes corpus's train part."""
     if path is None:
         return fortunes_texts()[0]
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ValueError(f"calibration text {p} does not exist: pass a UTF-8 text file")
-    return p.read_text(encoding="utf-8", errors="replace")
+    try:
+        return read_text_file(path)  # the corpus loader's checks: a folder, binary, not UTF-8
+    except ValueError as err:
+        raise ValueError(f"calibration text: {err}") from None
 
 
 def calibration_inputs(pre: Pretrained, text: str, tokens: int, seq_len: int, batch_size: int) -> list[dict]:
@@ -146,6 +150,40 @@ def check_out(out: Path) -> None:
                          "folder as --out") from None
 
 
+def check_earlier(out: Path, source: str, settings: ConvertSettings, up: UptrainSettings | None) -> None:
+    """Refuse to overwrite what an earlier run left in ``out`` unless it is this same run: a
+    finished conversion of other settings (an uptrained model would be replaced by a plain one),
+    or an unfinished uptraining that this run would not continue."""
+    marker = out / "conversion.json"
+    if marker.is_file():
+        try:
+            done = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            done = {}
+        before = (done.get("source"), done.get("settings"), (done.get("uptrain") or {}).get("settings"))
+        now = (source, json.loads(json.dumps(asdict(settings))), None if up is None else asdict(up))
+        if before != now:
+            raise ValueError(f"{out} holds a finished conversion with other settings ({_changes(before, now)}): "
+                             "pass another --out, or delete the folder to convert again")
+    elif up is None and find_checkpoint(out / "uptrain") is not None:
+        raise ValueError(f"{out / 'uptrain'} holds an unfinished uptraining: rerun with its --uptrain-* flags "
+                         "to resume it, or pass another --out")
+
+
+def _changes(before: tuple, now: tuple) -> str:
+    names = ("model", "conversion settings", "uptraining")
+    parts = []
+    for name, a, b in zip(names, before, now):
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            parts += [f"{name}: {k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+        else:
+            parts.append(f"{name}: {a!r} -> {b!r}")
+    return "; ".join(parts)
+
+
 def check_serializable(pre: Pretrained) -> None:
     """Fail before any work if ``save_pretrained`` would refuse the model, as it does a quantized one."""
     quantizer = getattr(pre.model, "hf_quantizer", None)
@@ -171,7 +209,7 @@ def save_merged(model, tokenizer, folder: Path, probe: torch.Tensor, expected: t
     # logits differ by ~1e-5 of their largest magnitude, so the bound is relative to that
     error = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
     if error > 1e-4:
-        raise ValueError(f"{tmp} does not reload to the converted model (largest difference {error:.1e} of "
+        raise RuntimeError(f"{tmp} does not reload to the converted model (largest difference {error:.1e} of "
                          "the largest output): report this as a bug")
     if folder.is_dir() and not folder.is_symlink():
         shutil.rmtree(folder)
@@ -191,13 +229,26 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
         up.check()
     out = Path(out)
     check_out(out)
+    check_earlier(out, source, settings, up)
     start = time.perf_counter()
     pre = load_pretrained(source)
+    if getattr(pre.model, "main_input_name", "input_ids") != "input_ids":
+        raise ValueError(f"{source} is a {type(pre.model).__name__}, which reads {pre.model.main_input_name}: "
+                         "lors convert handles language models (token ids); convert its layers from Python "
+                         "with lors.convert_layers (docs/convert.md)")
     if merged:
         check_serializable(pre)
     causal = pre.kind == CAUSAL
     if up is not None and not causal:
         raise ValueError(f"{source} is an encoder: uptraining distils next-token predictions, so it needs a causal LM")
+    if eval_tokens and not causal:
+        raise ValueError(f"{source} is an encoder: --eval-tokens measures next-token perplexity, which it does not "
+                         "predict; drop --eval-tokens (lors convert compare --model minilm measures encoders)")
+    needs_text = settings.calib_tokens or eval_tokens or up is not None
+    if needs_text and pre.tokenizer is None:
+        raise ValueError(f"{source} has no tokenizer that transformers can load ({pre.tokenizer_error}), and "
+                         "calibration, --eval-tokens and uptraining read text: add the tokenizer's files to the "
+                         "folder, or pass --calib-tokens 0 (weight-space SVD, no text) without --eval-tokens")
     total_before = lors.count_parameters(pre.model).total
     progress(f"loaded {source}: {total_before:,} parameters ({time.perf_counter() - start:.0f} s)")
     held_out = held_out_windows(pre, eval_tokens, settings.seq_len) if eval_tokens and causal else None
@@ -228,7 +279,7 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
         a, b = pre.model.eval()(input_ids=probe), original(input_ids=probe)
     key = "logits" if pre.kind == CAUSAL else "last_hidden_state"
     if not torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-4):
-        raise ValueError(f"{path} does not load back to the converted model: report this as a bug")
+        raise RuntimeError(f"{path} does not load back to the converted model: report this as a bug")
     summary = dict(source=source, settings=asdict(settings), total_params_before=total_before,
                    total_params_after=total_after, seconds=round(seconds, 1), checkpoint=str(path),
                    **conversion.summary())

@@ -69,6 +69,13 @@ def distill_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, lm_w
     return kl + lm_weight * lm, {"kl": kl.item(), "lm": lm.item()}
 
 
+# the config keys of an uptraining run as the `lors convert` flags that set them, for its messages
+FLAGS = {"uptrain.steps": "--uptrain-steps", "uptrain.lr": "--uptrain-lr", "uptrain.batch_size": "--uptrain-batch",
+         **{f"convert.{k}": f"--{k.replace('_', '-')}" for k in ("budget", "rank", "form", "side", "groups",
+                                                                "writer_groups", "allocation", "damping", "targets",
+                                                                "calibration", "calib_tokens", "seq_len")}}
+
+
 def uptrain(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, settings: UptrainSettings,
             run_dir: str | Path, config: dict, resume: bool = True, progress: bool = True) -> dict:
     """Distil ``teacher`` into the converted ``student`` (in place) on token ``windows`` (N, T).
@@ -95,7 +102,8 @@ def uptrain(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, setti
     run = RunSettings(run_dir=Path(run_dir), config={"convert": config, "uptrain": asdict(settings)},
                       length_key="uptrain.steps", log_terms=("kl", "lm"), checkpoint_every=settings.checkpoint_every,
                       log_every=settings.log_every, clip_grad=1.0, amp="fp32", resume=resume, progress=progress,
-                      fail_hint="lower --uptrain-lr, then rerun to resume")
+                      fail_hint="rerun with a lower --uptrain-lr and --no-resume (a resumed run keeps its settings)",
+                      dir_flag="--out", can_extend=False, key_names=FLAGS)
     try:
         return fit(student, lambda m, ids: distill_loss(m, teacher, ids, settings.lm_weight), epoch_batches,
                    settings.steps, optimizer, schedule, run)
