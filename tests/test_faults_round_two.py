@@ -184,3 +184,38 @@ def test_an_image_model_is_refused_with_what_to_do(tmp_path, capsys):
     assert _convert(folder, tmp_path / "out", "--calib-tokens", "0") == 2
     err = capsys.readouterr().err
     assert "reads pixel_values" in err and "lors.convert_layers" in err
+
+
+# ---- ViT data ----
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: f.write_bytes(b"not gzip at all"), "is not a readable gzip file"),
+    (lambda f: f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2]), "is not a readable gzip file"),
+    ("short", "the file is truncated or damaged"),
+])
+def test_a_damaged_fashion_mnist_file_is_named(tmp_path, damage, message):
+    import gzip
+
+    from lors.data.fashion import load_fashion_mnist
+    from test_vit import write_fashion
+    root = write_fashion(tmp_path)
+    f = root / "train-images-idx3-ubyte.gz"
+    if damage == "short":  # a valid gzip of a cut idx file
+        data = gzip.decompress(f.read_bytes())
+        f.write_bytes(gzip.compress(data[:-100]))
+    else:
+        damage(f)
+    with pytest.raises(ValueError, match=f"{f}.*{message}"):
+        load_fashion_mnist("train", root)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.num_classes=5", "set model.num_classes=10"),
+    ("model.in_chans=3", "set model.in_chans=1"),
+])
+def test_vit_settings_that_do_not_fit_the_data_are_named_before_the_run_starts(tmp_path, capsys, override, message):
+    from test_vit import TINY, write_fashion
+    run = tmp_path / "run"
+    assert main(["vit", "train", "--run-dir", str(run), *TINY, f"data.root={write_fashion(tmp_path)}", override]) == 2
+    assert message in capsys.readouterr().err
+    assert not run.exists()  # no config.yaml, log.csv or tb/ left behind

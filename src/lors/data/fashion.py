@@ -16,14 +16,23 @@ FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
+REINSTALL = "reinstall dataset-fashion-mnist (apt-get install --reinstall dataset-fashion-mnist) or fix data.root"
+
+
 def _idx(path: Path, magic: int) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError, OSError) as err:  # not gzip, or cut short
+        raise ValueError(f"{path} is not a readable gzip file ({err}): {REINSTALL}") from None
     found = int.from_bytes(data[:4], "big")
     if found != magic:
-        raise ValueError(f"{path} is not an idx file (magic {found:#x}, expected {magic:#x}): reinstall "
-                         "dataset-fashion-mnist")
+        raise ValueError(f"{path} is not an idx file (magic {found:#x}, expected {magic:#x}): {REINSTALL}")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(magic & 0xFF)]
+    expected = 4 + 4 * len(dims) + int(np.prod(dims))
+    if len(data) != expected:
+        raise ValueError(f"{path} holds {len(data):,} bytes where its header promises {expected:,} "
+                         f"({' x '.join(map(str, dims))}): the file is truncated or damaged; {REINSTALL}")
     return np.frombuffer(data, np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
 
 

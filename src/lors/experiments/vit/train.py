@@ -46,6 +46,20 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, devic
     return {"val_acc": 100.0 * correct / len(images), "val_loss": loss / len(images)}
 
 
+def check_data(cfg: VitConfig, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """A ValueError naming the config key when the images or labels do not fit the model."""
+    m = cfg.model
+    if labels.numel() and int(labels.max()) >= m.num_classes:
+        raise ValueError(f"the labels go up to {int(labels.max())}, but config key 'model.num_classes' is "
+                         f"{m.num_classes}: set model.num_classes={int(labels.max()) + 1} (Fashion-MNIST has 10)")
+    if m.in_chans != 1:
+        raise ValueError(f"Fashion-MNIST images are grey (1 channel), but config key 'model.in_chans' is "
+                         f"{m.in_chans}: set model.in_chans=1")
+    if tuple(images.shape[1:]) != (m.img_size, m.img_size):
+        raise ValueError(f"the images are {images.shape[1]} x {images.shape[2]}, but config key 'model.img_size' "
+                         f"is {m.img_size}: set model.img_size={images.shape[1]}")
+
+
 def train(cfg: VitConfig, run_dir: str | Path | None = None, resume: bool = True, stop_after: int | None = None,
           device: str | None = None, progress: bool = True, evaluate_at_end: bool = True,
           extend: bool = False) -> dict:
@@ -58,6 +72,7 @@ def train(cfg: VitConfig, run_dir: str | Path | None = None, resume: bool = True
     images, labels = images[:cfg.data.train_images], labels[:cfg.data.train_images]
     test_x, test_y = load_fashion_mnist("test", cfg.data.root)
     test_x, test_y = test_x[:cfg.data.test_images], test_y[:cfg.data.test_images]
+    check_data(cfg, images, torch.cat([labels, test_y]))  # before the run directory is touched
     torch.manual_seed(t.seed)
     model = build_vit(cfg).to(dev)
     optimizer = adamw(model, t.lr, t.weight_decay)
