@@ -3,7 +3,8 @@
     cfg = load_config(DetectorConfig, "adamixer_lors_r50_1x", ["decoder.num_queries=300"],
                       kind="detect")
 
-- A name without a slash or suffix resolves to ``configs/KIND/NAME.yaml`` (see
+- A name without a slash or suffix resolves to ``KIND/NAME.yaml`` in ``$LORS_CONFIG_DIR`` (your
+  own presets), else in the presets shipped inside the package, ``lors/configs/KIND/`` (see
   ``resolve_config``); a path is read as given.
 - A YAML file may start from another with a top-level ``base: NAME_OR_PATH``: a preset name of
   the same kind, or a path relative to the file's own folder. The base is loaded (with its own
@@ -29,6 +30,7 @@ import numbers
 import os
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
 
@@ -262,18 +264,19 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
     return _finish(type(cfg), to_dict(cfg), overrides)
 
 
-def repo_root() -> Path:
-    """The checkout that holds this package: ``src/lors/config.py`` -> the repository root."""
-    return Path(__file__).resolve().parents[2]
+def packaged_configs() -> Path:
+    """The folder of the presets shipped with the package (``lors/configs``, package data found
+    through ``importlib.resources``, so a wheel install has them as a checkout does)."""
+    return Path(str(resources.files("lors") / "configs"))  # installed packages are unzipped folders
 
 
 def config_dirs(kind: str) -> list[Path]:
-    """Where presets of ``kind`` are looked for: ``$LORS_CONFIG_DIR/KIND``, then the
-    repository's ``configs/KIND``."""
+    """Where presets of ``kind`` are looked for: ``$LORS_CONFIG_DIR/KIND``, then the package's
+    ``lors/configs/KIND``."""
     dirs = []
     if os.environ.get(CONFIG_DIR_ENV):
         dirs.append(Path(os.environ[CONFIG_DIR_ENV]).expanduser() / kind)
-    dirs.append(repo_root() / "configs" / kind)
+    dirs.append(packaged_configs() / kind)
     return dirs
 
 
@@ -298,9 +301,8 @@ def _find_preset(name: str, kind: str) -> Path:
     where = " or ".join(str(d) for d in config_dirs(kind))
     if names:
         raise ValueError(f"no {kind} config named {name!r} in {where}; presets: {', '.join(names)}")
-    raise ValueError(f"no {kind} config named {name!r}: no presets found in {where} (an installed "
-                     f"package has no configs/ folder); pass a YAML file's path, or set "
-                     f"{CONFIG_DIR_ENV} to a folder holding {kind}/{name}.yaml")
+    raise ValueError(f"no {kind} config named {name!r}: no presets found in {where}; pass a YAML "
+                     f"file's path, or set {CONFIG_DIR_ENV} to a folder holding {kind}/{name}.yaml")
 
 
 def resolve_config(name_or_path: str | Path, kind: str) -> Path:

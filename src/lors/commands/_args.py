@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 
 
 def positive_int(text: str) -> int:
@@ -15,13 +17,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def json_only(args: argparse.Namespace):
+    """With --json, stdout carries the JSON alone: what the work prints (COCOeval's table, a
+    run's progress notes) goes to stderr."""
+    return contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+
+
 def add_compare_parser(cmds, family: str, what: str, metric: str, dense: str, lors: str, tied: str, out: str,
                        func) -> argparse.ArgumentParser:
     """The `compare` sub-command of a model family (`lors lm compare`, `lors vit compare`)."""
     p = cmds.add_parser("compare", help=f"dense vs LORS vs tied vs dense-small {what}, same budget and seeds",
                         description=f"Train the four models for every seed on the same budget and write a table "
                                     f"({metric}), summary.json and two plots to --out (see docs/lm.md).")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], metavar="S")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], metavar="S", help="training seeds (default 0 1)")
     p.add_argument("--out", default=out, help=f"output folder (default {out})")
     p.add_argument("--dense", default=dense, help=f"the dense config (default {dense})")
     p.add_argument("--lors", default=lors, help=f"the LORS config (default {lors})")

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
-import sys
 from pathlib import Path
 
-from lors.commands._args import positive_int
+from lors.commands._args import json_only, positive_int
 from lors.commands.detect_data import add_data_parser
 from lors.experiments.detection.bench import LORS, PRETRAIN_STEPS, VANILLA, SweepOptions
 
@@ -35,10 +33,12 @@ def _image_out(text: str) -> str:
     return text
 
 
-def _json_only(args: argparse.Namespace):
-    """With --json, stdout carries the JSON alone: what the work prints (COCOeval's table) goes
-    to stderr."""
-    return contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+def _json_out(text: str) -> str:
+    """argparse type of predict --json: a path ending in .json."""
+    if Path(text).suffix.lower() != ".json":
+        raise argparse.ArgumentTypeError(f"{text!r} does not end in .json: name the COCO results file "
+                                         f"with .json, e.g. {Path(text).with_suffix('.json')}")
+    return text
 
 
 def _config(args: argparse.Namespace):
@@ -66,7 +66,7 @@ def run_ablate(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from lors.experiments.detection.train import train
     cfg = _config(args)
-    with _json_only(args):
+    with json_only(args):
         summary = train(cfg, run_dir=args.run_dir, resume=not args.no_resume, device=args.device,
                         evaluate_at_end=not args.no_eval, extend=args.extend)
     if args.json:
@@ -76,7 +76,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from lors.experiments.detection.evaluate import evaluate_run
-    with _json_only(args):
+    with json_only(args):
         metrics = evaluate_run(args.checkpoint, args.overrides, args.config, args.device, verbose=not args.json)
     print(json.dumps(metrics, indent=2) if args.json else
           "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
@@ -85,8 +85,14 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     from lors.experiments.detection.predict import predict_image
-    found = predict_image(args.checkpoint, args.image, args.out, args.score_threshold, args.overrides)
-    print(f"{found} detections with score >= {args.score_threshold} drawn to {args.out}")
+    if args.out is None and args.json_path is None:
+        raise ValueError("nothing to write: pass --out IMAGE.png (the detections drawn) and/or "
+                         "--json DETS.json (COCO results)")
+    found = predict_image(args.checkpoint, args.image, args.out, args.score_threshold, args.overrides,
+                          json_out=args.json_path, image_id=args.image_id)
+    where = [f"drawn to {args.out}"] if args.out else []
+    where += [f"written to {args.json_path} (COCO results)"] if args.json_path else []
+    print(f"{found} detections with score >= {args.score_threshold} {' and '.join(where)}")
     return 0
 
 
@@ -105,7 +111,7 @@ def register(sub) -> None:
     cmds = parser.add_subparsers(dest="detect_command", required=True, metavar="COMMAND")
 
     p = cmds.add_parser("train", help="train a detector on COCO-format data")
-    p.add_argument("--config", required=True, help="preset name (configs/detect/NAME.yaml) or YAML path")
+    p.add_argument("--config", required=True, help="preset name (lors/configs/detect/NAME.yaml) or YAML path")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
     p.add_argument("--run-dir", help="checkpoints and logs (default: train.output_dir)")
     p.add_argument("--no-resume", action="store_true",
@@ -137,11 +143,20 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.set_defaults(func=run_merge)
 
-    p = cmds.add_parser("predict", help="draw a checkpoint's detections on an image")
+    p = cmds.add_parser("predict", help="a checkpoint's detections on an image: drawn on it and/or as COCO results")
     p.add_argument("--checkpoint", required=True, help="a run directory or a ckpt_* folder")
-    p.add_argument("--image", required=True)
-    p.add_argument("--out", required=True, type=_image_out, help="output image: a .png, .jpg or .jpeg path")
-    p.add_argument("--score-threshold", type=float, default=0.3)
+    p.add_argument("--image", required=True, help="the image file (PNG, JPEG, ...)")
+    p.add_argument("--out", type=_image_out,
+                   help="output image with the detections drawn: a .png, .jpg or .jpeg path")
+    p.add_argument("--json", dest="json_path", type=_json_out, metavar="DETS.json",
+                   help="write the detections as COCO results: a list of {image_id, category_id, "
+                        "bbox [x, y, w, h] in pixels, score}")
+    p.add_argument("--image-id", type=int, default=0,
+                   help="the image_id of those results (default %(default)s; the id of the image in "
+                        "your COCO annotations, to score them against it)")
+    p.add_argument("--score-threshold", type=float, default=0.3,
+                   help="keep detections scoring at least this, in the picture and the JSON "
+                        "(default %(default)s; 0 keeps all test.max_detections)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
     p.set_defaults(func=run_predict)
 
@@ -191,7 +206,7 @@ def add_bench_parsers(subparsers: argparse._SubParsersAction) -> None:
         description="Train each variant of a suite (overrides of the LORS bench config) and write "
                     "ablation_SUITE.md, .json and .png to --out-dir.")
     p.add_argument("--suite", required=True,
-                   help="a suite in configs/ablate (table4 ... table8) or the path of a suite YAML file")
+                   help="a suite in lors/configs/ablate (table4 ... table8) or the path of a suite YAML file")
     p.add_argument("--config", default=None, help="the config the rows override (default: the suite's, "
                                                   f"{LORS} for the paper's tables)")
     p.add_argument("--out-dir", default="runs/ablate",

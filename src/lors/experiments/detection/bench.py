@@ -4,7 +4,7 @@
 `compare` builds the benchmark (cached), pretrains the backbone (cached), trains the two bench
 configs with the same schedule and seeds, scores them with COCOeval and writes a table,
 ``summary.json``, a plot of AP against decoder parameters and a picture of predictions.
-`ablate` trains the rows of a suite, ``configs/ablate/SUITE.yaml`` (a title, the config the rows
+`ablate` trains the rows of a suite, ``lors/configs/ablate/SUITE.yaml`` (a title, the config the rows
 override and, per row, a label and its ``key=value`` overrides), and writes a markdown table,
 its JSON and a plot. Runs go through `lors.experiments.runner` (each in its own process, so its
 peak memory is its own; two at a time on a 2-core machine).
@@ -40,7 +40,7 @@ class Variant:
 
 @dataclass
 class Suite:
-    """An ablation table (``configs/ablate/NAME.yaml``)."""
+    """An ablation table (``lors/configs/ablate/NAME.yaml``)."""
     title: str
     config: str = LORS
     variants: list[Variant] = field(default_factory=list)
@@ -55,7 +55,7 @@ def suite_names() -> list[str]:
 
 
 def load_suite(name: str) -> Suite:
-    """The suite ``configs/ablate/NAME.yaml`` (or a YAML path); ValueError for an unknown one."""
+    """The suite ``lors/configs/ablate/NAME.yaml`` (or a YAML path); ValueError for an unknown one."""
     if name not in suite_names() and not Path(name).is_file():
         raise ValueError(f"unknown ablation suite {name!r}: choose one of {', '.join(suite_names())}, "
                          "or pass the path of a suite YAML file")

@@ -2,7 +2,7 @@
 
     results = run_sweep("minilm_fortunes", ["ranks=[4,8]"], seeds=[0, 1], report="r.md")
 
-The sweep is a config (``configs/finetune/NAME.yaml`` + ``key=value`` overrides, `FinetuneSweep`);
+The sweep is a config (``lors/configs/finetune/NAME.yaml`` + ``key=value`` overrides, `FinetuneSweep`);
 every run goes through `lors.experiments.runner` in a fresh process, so its time and peak
 memory are its own.
 """
@@ -66,7 +66,7 @@ class FinetuneSweep:
 
 
 def load_sweep(config: str | Path = PRESET, overrides: Sequence[str] = ()) -> FinetuneSweep:
-    """A sweep from a preset (configs/finetune/NAME.yaml) or YAML path and key=value overrides,
+    """A sweep from a preset (lors/configs/finetune/NAME.yaml) or YAML path and key=value overrides,
     validated (ValueError) before anything is loaded or trained."""
     return load_config(FinetuneSweep, str(config), list(overrides), kind="finetune")
 

@@ -1,7 +1,7 @@
 """Configuration of AdaMixer (+ LORS) detection: model, loss, training and data.
 
 Defaults are the paper's 1x setting with ResNet-50 and plain AdaMixer (and ``lors.init`` the
-core's ``DEFAULT_INIT``); each YAML preset in ``configs/detect/`` states what differs from them
+core's ``DEFAULT_INIT``); each YAML preset in ``lors/configs/detect/`` states what differs from them
 or from the preset it names as its ``base``. Load one with
 ``load_detector_config("adamixer_lors_r50_1x", ["decoder.num_queries=300"])``.
 
@@ -257,7 +257,7 @@ class DetectorConfig:
 
 
 def load_detector_config(name_or_path: str | Path | None = None, overrides: Sequence[str] = ()) -> DetectorConfig:
-    """A preset name (``configs/detect/NAME.yaml``), a YAML path, or ``None`` for the defaults,
+    """A preset name (``lors/configs/detect/NAME.yaml``), a YAML path, or ``None`` for the defaults,
     with ``key=value`` overrides."""
     return load_config(DetectorConfig, name_or_path, overrides, kind="detect")
 

@@ -1,6 +1,6 @@
 """Configuration of a GPT language model (+ LORS or tied layers) and its training.
 
-Load one with ``load_lm_config("gpt_small_lors", ["lors.rank=16"])`` (``configs/lm/NAME.yaml``).
+Load one with ``load_lm_config("gpt_small_lors", ["lors.rank=16"])`` (``lors/configs/lm/NAME.yaml``).
 """
 from __future__ import annotations
 
@@ -82,5 +82,5 @@ class LMConfig:
 
 
 def load_lm_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> LMConfig:
-    """A preset in configs/lm (or a YAML path), with ``key=value`` overrides, validated."""
+    """A preset in lors/configs/lm (or a YAML path), with ``key=value`` overrides, validated."""
     return load_config(LMConfig, name_or_path, overrides, kind="lm")

@@ -2,7 +2,7 @@
 blocks name their Linears ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``, as the GPT's do),
 with its blocks dense, LORS or tied (`lors.models.sharing`), and its config.
 
-Load a config with ``load_vit_config("vit_small_lors", ["lors.rank=16"])`` (``configs/vit/``).
+Load a config with ``load_vit_config("vit_small_lors", ["lors.rank=16"])`` (``lors/configs/vit/``).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class VitConfig:
 
 
 def load_vit_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> VitConfig:
-    """A preset in configs/vit (or a YAML path), with ``key=value`` overrides, validated."""
+    """A preset in lors/configs/vit (or a YAML path), with ``key=value`` overrides, validated."""
     return load_config(VitConfig, name_or_path, overrides, kind="vit")
 
 
