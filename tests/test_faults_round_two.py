@@ -219,3 +219,47 @@ def test_vit_settings_that_do_not_fit_the_data_are_named_before_the_run_starts(t
     assert main(["vit", "train", "--run-dir", str(run), *TINY, f"data.root={write_fashion(tmp_path)}", override]) == 2
     assert message in capsys.readouterr().err
     assert not run.exists()  # no config.yaml, log.csv or tb/ left behind
+
+
+# ---- Serial LoRA and PEFT ----
+
+def _bert():
+    transformers = pytest.importorskip("transformers")
+    import torch
+    torch.manual_seed(0)
+    return transformers.BertModel(transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                          num_attention_heads=4, intermediate_size=64))
+
+
+def test_get_peft_model_on_a_model_adapted_by_inject_names_the_cause():
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    from lors.adapters import serial_lora as sl
+    from lors.adapters.peft import SerialLoraConfig
+    model = _bert()
+    sl.inject(model, rank=4, alpha=8.0)
+    with pytest.raises(ValueError, match="already has Serial LoRA adapters .*adapt a fresh base model"):
+        get_peft_model(model, SerialLoraConfig(r=4))
+
+
+def test_inject_on_a_lors_shared_model_names_the_shared_projections():
+    import lors
+    from lors.adapters import serial_lora as sl
+    model = _bert()
+    lors.share_layers(model.encoder.layer, targets=["attention.self.query", "attention.self.key",
+                                                    "attention.self.value"], rank=4)
+    with pytest.raises(ValueError, match="projections are LORS-shared .*LorsLinear.*lors.merge\\(model\\)"):
+        sl.inject(model, rank=4, alpha=8.0)
+
+
+def test_a_saved_peft_adapter_says_what_to_import(tmp_path):
+    pytest.importorskip("peft")
+    import json
+
+    from peft import get_peft_model
+
+    from lors.adapters.peft import SerialLoraConfig
+    get_peft_model(_bert(), SerialLoraConfig(r=4)).save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "SERIAL_LORA" and "import lors.adapters.peft" in config["load_with"]

@@ -41,6 +41,7 @@ from lors.adapters.serial_lora import (
     SerialLoraPair,
     _io_features,
     find_attention_blocks,
+    no_blocks_error,
     lora_plus_param_groups,
 )
 
@@ -126,6 +127,9 @@ class SerialLoraConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = None
     adapt_out: bool = False
     modules_to_save: Optional[list[str]] = None
+    # written into adapter_config.json, where a reader of the folder sees it: PEFT itself only
+    # knows the method once this module is imported (without it: KeyError 'SERIAL_LORA')
+    load_with: str = "import lors.adapters.peft before PeftModel.from_pretrained (pip install lors)"
 
     def __post_init__(self):
         super().__post_init__()
@@ -244,9 +248,7 @@ def _plan(model: nn.Module, config: SerialLoraConfig) -> tuple[SerialLoraConfig,
     """
     blocks = find_attention_blocks(model)
     if not blocks:
-        raise ValueError(f"no attention block found in {type(model).__name__}: Serial LoRA needs a module "
-                         f"with separate q/k/v projections named {QKV_NAMES} or a fused one named "
-                         f"{FUSED_NAMES} (nn.Linear or Conv1D)")
+        raise no_blocks_error(model)
     roles = {}  # projection name -> (block name, "in" | "out")
     for block in blocks:
         roles.update({name: (block.name, "in") for name in block.in_projs})

@@ -96,6 +96,23 @@ def find_attention_blocks(model: nn.Module) -> list[AttentionBlock]:
     return blocks
 
 
+def no_blocks_error(model: nn.Module) -> ValueError:
+    """Why ``find_attention_blocks`` found nothing in ``model``, as the ValueError to raise."""
+    kind = type(model).__name__
+    names = {n for group in QKV_NAMES for n in group} | set(FUSED_NAMES)
+    if any(isinstance(m, SerialLoraLinear) for m in model.modules()):
+        return ValueError(f"{kind} already has Serial LoRA adapters (its q/k/v projections are SerialLoraLinear, "
+                          "from lors.adapters.serial_lora.inject or a PEFT model): adapt a fresh base model, or "
+                          "load_adapter into one")
+    shared = [n for n, m in model.named_modules() if n.rpartition(".")[2] in names and type(m).__name__ == "LorsLinear"]
+    if shared:
+        return ValueError(f"{kind}'s attention projections are LORS-shared ('{shared[0]}' is a LorsLinear, from "
+                          "lors.share_layers or convert_layers): Serial LoRA adapts plain frozen projections; "
+                          "call lors.merge(model) first to make them nn.Linears again")
+    return ValueError(f"no attention block found in {kind}: Serial LoRA needs a module with separate q/k/v "
+                      f"projections named {QKV_NAMES} or a fused one named {FUSED_NAMES} (nn.Linear or Conv1D)")
+
+
 class SerialLoraPair(nn.Module):
     """The map x -> x + s B A x that is put in front of frozen projections (eq. 1).
 
@@ -207,9 +224,7 @@ def inject(model: nn.Module, rank: int, alpha: float, *, adapt_out: bool = False
                          "(load_adapter into a fresh base model instead)")
     blocks = find_attention_blocks(model)
     if not blocks:
-        raise ValueError(f"no attention block found in {type(model).__name__}: Serial LoRA needs a module "
-                         f"with separate q/k/v projections named {QKV_NAMES} or a fused one named "
-                         f"{FUSED_NAMES} (nn.Linear or Conv1D)")
+        raise no_blocks_error(model)
     if adapt_out and any(b.out_proj is None for b in blocks):
         missing = next(b.name for b in blocks if b.out_proj is None)
         raise ValueError(f"attention block '{missing}' has no output projection named {OUT_NAMES} "
