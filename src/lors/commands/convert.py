@@ -107,7 +107,9 @@ def register(sub) -> None:
     both.add_argument("--eval-tokens", type=int, help="held-out tokens for perplexity (convert: default 0, none; compare: 8192)")
     cmp_ = p.add_argument_group("compare")
     cmp_.add_argument("--model", dest="compare_model", default="smollm2", help="model to benchmark (default smollm2)")
-    cmp_.add_argument("--budgets", type=_fraction, nargs="+", default=[0.75, 0.5], metavar="F")
+    cmp_.add_argument("--budgets", type=_fraction, nargs="+", default=[0.75, 0.5], metavar="F",
+                      help="fractions of the blocks' Linear parameters to keep, one table column each "
+                           "(default 0.75 0.5)")
     cmp_.add_argument("--rows", nargs="+", metavar="ROW", help="rows to run (default: all, see docs/results/convert.md)")
 
     cmp_.add_argument("--quiet", action="store_true", help="no progress bar")

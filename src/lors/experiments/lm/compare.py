@@ -6,11 +6,7 @@ from typing import Sequence
 
 from lors.experiments.compare import Task, compare
 from lors.experiments.lm.train import RESUME_FREE, train
-from lors.models.gpt import build_gpt, load_lm_config
-
-
-def _embedding(model) -> int:
-    return model.wte.weight.numel() + (model.wpe.weight.numel() if model.wpe is not None else 0)
+from lors.models.gpt import build_gpt, embedding_parameters, load_lm_config
 
 
 def _train(cfg, run_dir: str, progress: bool) -> dict:
@@ -21,7 +17,7 @@ def _tokens(cfg) -> int:
     return cfg.train.batch_size * cfg.model.block_size
 
 
-GPT_TASK = Task(title="byte-level GPT", load=load_lm_config, build=build_gpt, embedding=_embedding, train=_train,
+GPT_TASK = Task(title="byte-level GPT", load=load_lm_config, build=build_gpt, embedding=embedding_parameters, train=_train,
                 depth_key="model.n_layer", width_key="model.n_embd", heads_key="model.n_head", metric="val_bpb",
                 metric_label="val bits per byte", lower_is_better=True, unit="tokens", units_per_step=_tokens,
                 resume_free=RESUME_FREE)

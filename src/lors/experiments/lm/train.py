@@ -26,7 +26,7 @@ from lors.engine.checkpoint import find_checkpoint, load_checkpoint, read_state
 from lors.engine.loop import RETRY_HINT, RunSettings, adamw, fit
 from lors.engine.schedule import Schedule
 from lors.experiments.families import check_family
-from lors.models.gpt import LMConfig, build_gpt
+from lors.models.gpt import LMConfig, build_gpt, embedding_parameters
 
 RESUME_FREE = ("train.output_dir", "train.log_every", "train.checkpoint_every", "train.eval_every",
                "train.eval_batches")
@@ -138,8 +138,7 @@ def parameter_counts(cfg: LMConfig) -> dict[str, int]:
     layer shares, and learned positions are the embedding."""
     model = build_gpt(cfg, device="meta")
     total = count_parameters(model).total
-    embedding = model.wte.weight.numel() + (model.wpe.weight.numel() if model.wpe is not None else 0)
-    return {"total": total, "non_embedding": total - embedding}
+    return {"total": total, "non_embedding": total - embedding_parameters(model)}
 
 
 def load_lm(path: str | Path, overrides: Sequence[str] = (), device: torch.device | str = "cpu"):

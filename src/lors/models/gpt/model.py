@@ -143,3 +143,9 @@ def build_gpt(cfg: LMConfig, device: torch.device | str | None = None) -> GPT:
     # LORS's shared part starts as the dense GPT's Linears do (N(0, 0.02), residual projections scaled)
     apply_sharing(model.blocks, m.sharing, cfg.lors, std=0.02, residual_std=0.02 / math.sqrt(2 * m.n_layer))
     return model
+
+
+def embedding_parameters(model: GPT) -> int:
+    """The token embedding (which the output layer shares) and learned positions: what every
+    variant of a comparison has in full, left out of its non-embedding count."""
+    return model.wte.weight.numel() + (model.wpe.weight.numel() if model.wpe is not None else 0)
