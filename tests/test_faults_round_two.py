@@ -263,3 +263,10 @@ def test_a_saved_peft_adapter_says_what_to_import(tmp_path):
     get_peft_model(_bert(), SerialLoraConfig(r=4)).save_pretrained(tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "SERIAL_LORA" and "import lors.adapters.peft" in config["load_with"]
+
+
+def test_a_binary_config_file_is_named(tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_bytes(b"\x00\x01\xff\xfe binary")
+    assert main(["lm", "train", "--config", str(bad)]) == 2
+    assert f"config {bad} is not a UTF-8 text file" in capsys.readouterr().err

@@ -318,7 +318,10 @@ def resolve_config(name_or_path: str | Path, kind: str) -> Path:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in one YAML file, as written (a ``base`` key included)."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config {path} is not a UTF-8 text file (byte {err.start} does not decode): pass a "
+                         "YAML file") from None
     except (OSError, yaml.YAMLError) as err:
         raise ValueError(f"cannot read config {path}: {err}") from err
     if data is None:
