@@ -60,6 +60,7 @@ def worker(rank: int, port: int, kind: str, corpus: str, out: str) -> None:
     state, _ = distributed.full_state(model, opt)
     if rank == 0:
         torch.save({"grads": grads, "state": state}, out)
+    torch.distributed.barrier()  # neither process tears the group down while the other still uses it
     torch.distributed.destroy_process_group()
 
 

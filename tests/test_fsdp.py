@@ -57,6 +57,7 @@ def _step_worker(rank, world, port, kind, tmp_path, out):
     state, optim = distributed.full_state(model, opt)
     if rank == 0:
         torch.save({"grads": grads, "state": state, "optim": optim}, out)
+    torch.distributed.barrier()  # neither process tears the group down while the other still uses it
     torch.distributed.destroy_process_group()
 
 

@@ -60,9 +60,14 @@ def _untie(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dic
 
 
 def write_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` with the file's mode set as the umask asks (safetensors
-    creates it 0600, unlike every other file a run writes)."""
+    """``safetensors.torch.save_file``, then `umask_mode`."""
     save_file(tensors, str(path), metadata=metadata)
+    umask_mode(path)
+
+
+def umask_mode(path: str | Path) -> None:
+    """Give ``path`` the mode the umask asks for new files (safetensors creates its files 0600,
+    unlike every other file a run writes)."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lors.serialization import SaveError, write_tensors
+from lors.serialization import SaveError, umask_mode
 from lors.serialization import load as load_model
 from lors.serialization import save as save_model
 
@@ -78,7 +78,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
             for key, value in pstate.items():
                 tensors[f"state.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
         rng_tensors, rng = _rng_state()
-        write_tensors({**tensors, **rng_tensors}, tmp / "optimizer.safetensors")
+        save_file({**tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
+        umask_mode(tmp / "optimizer.safetensors")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups,
                                                     "rng": rng}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
