@@ -260,7 +260,9 @@ def test_recorded_moments_passed_as_a_plain_dict_are_refused_not_read_as_activat
     model, run, x = _build("gpt")
     layers = list(find_layers(model)[1])
     moments = input_moments(layers, ["mlp.fc1"], lambda: run(model, x))
+    with pytest.raises(TypeError, match="not iterable"):
+        dict(moments)  # a type of its own, not a dict subclass
     with pytest.raises(ValueError, match="an input moment rather than activations: pass the InputMoments"):
-        convert_layers(model, targets="mlp.fc1", rank=4, calibration=dict(moments))
+        convert_layers(model, targets="mlp.fc1", rank=4, calibration=dict(moments.by_target))
     assert not any(isinstance(m, lors.LorsLinear) for m in model.modules())
     convert_layers(model, targets="mlp.fc1", rank=4, calibration=moments)  # the object itself works

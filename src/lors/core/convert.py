@@ -45,13 +45,14 @@ class Conversion:
     (``basis``); ``errors[t][i]`` is ``‖(W_i − Ŵ_i) Sᵢ‖ / ‖W_i Sᵢ‖`` with ``Sᵢ Sᵢᵀ`` the
     calibration input moment (the relative output error on the calibration data), or the
     relative Frobenius error without calibration. ``stacks[t]`` holds one StaticLors or
-    SharedBasis per group. Parameter counts cover the targets' weights and biases only.
+    SharedBasis per group of ``groups[t]``. Parameter counts cover the targets' weights and
+    biases only.
     """
 
     form: str
-    side: str | dict[str, str] | None
+    side: dict[str, str] | None  # per target, for the basis form
     targets: list[str]
-    groups: list[list[int]] | dict[str, list[list[int]]]  # per target when they differ
+    groups: dict[str, list[list[int]]]  # per target: its groups of layer indices
     ranks: dict[str, list[int]]
     errors: dict[str, list[float]]
     params_before: int
@@ -84,10 +85,25 @@ class Conversion:
         return "\n".join([f"{what} / relative {kind}", fmt(head)] + [fmt(r) for r in rows])
 
 
-class InputMoments(dict):
-    """``{target: [XᵢᵀXᵢ / rows for each layer i]}``, (in, in) float64: what ``input_moments``
-    records. ``convert_layers(calibration=moments)`` reuses it, so several conversions of one
-    model pay for one calibration run."""
+@dataclass(frozen=True)
+class InputMoments:
+    """What ``input_moments`` records: per target, each layer's input moment ``XᵢᵀXᵢ / rows``,
+    (in, in) float64 (``moments[target][i]``). ``convert_layers(calibration=moments)`` reuses
+    it, so several conversions of one model pay for one calibration run. A type of its own, not
+    a dict, so that it is never mistaken for ``{target: [activations]}``."""
+
+    by_target: dict[str, list[torch.Tensor]]
+    __iter__ = None  # not iterable: dict(moments) is a TypeError, not a dict of odd activations
+
+    def __getitem__(self, target: str) -> list[torch.Tensor]:
+        return self.by_target[target]
+
+    def __contains__(self, target: str) -> bool:
+        return target in self.by_target
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.by_target)
 
 
 def input_moments(layers: Sequence[nn.Module], targets: Sequence[str],
@@ -127,7 +143,7 @@ def input_moments(layers: Sequence[nn.Module], targets: Sequence[str],
         for h in handles:
             h.remove()
         last.clear()
-    out = InputMoments()
+    out: dict[str, list[torch.Tensor]] = {}
     for t in targets:
         out[t] = []
         for i in range(n):
@@ -139,7 +155,7 @@ def input_moments(layers: Sequence[nn.Module], targets: Sequence[str],
                 out[t].append(out[f][i])  # one tensor for Linears that always read the same input
             else:
                 out[t].append(sums[t][i] / rows[t][i])
-    return out
+    return InputMoments(out)
 
 
 def _moments_from_activations(calibration: Mapping, targets: Sequence[str], n: int,
@@ -213,6 +229,17 @@ def _groups(groups, n: int) -> list[list[int]]:
         raise ValueError(f"groups {groups!r} must name every layer 0..{n - 1} exactly once")
     raise ValueError(f"groups must be None (all {n} layers), a group size, or a list of lists of "
                      f"layer indices, got {groups!r}")
+
+
+def _per_target(value, targets: list[str], what: str, default=None) -> dict:
+    """``value`` for every target: one value for all, or a dict ``{target: value}`` (targets it
+    does not name get ``default``); a ValueError for a dict that names other targets."""
+    if not isinstance(value, Mapping):
+        return {t: value for t in targets}
+    unknown = sorted(set(value) - set(targets))
+    if unknown:
+        raise ValueError(f"{what} names targets {unknown} that are not converted; the targets are {targets}")
+    return {t: value.get(t, default) for t in targets}
 
 
 def convert_targets(layer: nn.Module, targets=None) -> list[str]:
@@ -303,12 +330,18 @@ def _useful(gains: list[float]) -> int:
 
 def _allocate(plans: dict[str, _Plan], budget: float, allocation: str) -> dict[str, list[int]]:
     """Ranks per unit that keep ``budget`` of the parameters, to within one rank step."""
+    # uniform: every target keeps its own share, so each must fit; greedy: the total must
+    checked = plans.items() if allocation == "uniform" else [("", _Plan(0, 0, False, [], [], [], [],
+                                                                        sum(p.fixed for p in plans.values()),
+                                                                        sum(p.before for p in plans.values())))]
+    for t, p in checked:
+        if p.fixed > budget * p.before:
+            raise ValueError(f"budget {budget} keeps {int(budget * p.before):,} of {p.before:,} parameters"
+                             f"{f' of target {t!r}' if t else ''}, but the shared weights and biases alone "
+                             f"take {p.fixed:,}: use a larger budget, larger groups (form='lors'), or "
+                             "form='basis'")
     fixed = sum(p.fixed for p in plans.values())
     before = sum(p.before for p in plans.values())
-    if fixed > budget * before:
-        raise ValueError(f"budget {budget} keeps {int(budget * before):,} of {before:,} parameters, but "
-                         f"the shared weights and biases alone take {fixed:,}: use a larger budget, "
-                         "larger groups (form='lors'), or form='basis'")
     if allocation == "uniform":  # one rank per target, the largest that fits its own share
         return {t: [min(max(0, int((budget * p.before - p.fixed) // sum(p.step))), _useful(gs))
                     for gs in p.gains] for t, p in plans.items()}
@@ -328,10 +361,11 @@ def _allocate(plans: dict[str, _Plan], budget: float, allocation: str) -> dict[s
     return ranks
 
 
-def _plans(linears, targets, moments, parts, form, sides, damping, n):
-    """Per target: its factorisation (``_Plan``) and its weights in float64."""
+def _plans(linears, targets, moments, groups, form, sides, damping, n):
+    """Per target: its factorisation (``_Plan``) over its ``groups[t]`` and its weights in float64."""
     plans, weights, cache = {}, {}, {}
     for t in targets:
+        parts = groups[t]
         ws = [lin.weight.detach().to(torch.float64) for lin in linears[t]]
         out, inp = ws[0].shape
         has_bias = linears[t][0].bias is not None
@@ -378,8 +412,10 @@ def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None
             chosen by ``allocation``. Give ``budget`` or ``rank``, not both.
         rank: an int, a list (one per layer for ``lors``, one per group for ``basis``), a dict
             ``{target: int or list}``, or ``"full"``, which reproduces the layers exactly.
-        groups: None (all N layers share), a group size (adjacent layers), or a list of lists
-            of layer indices.
+        groups: None (all N layers share), a group size (adjacent layers), a list of lists of
+            layer indices, or a dict ``{target: any of these}`` (targets not named: all N
+            layers), so that the Linears that read the residual stream and those that write it
+            can be grouped differently in one call.
         calibration: None (weight-space SVD), a callable that runs the model on calibration
             inputs (hooks record each target's inputs), ``{target: [N tensors (..., in)]}``, or
             the ``InputMoments`` that ``input_moments`` recorded.
@@ -393,8 +429,41 @@ def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None
     Every argument is checked before the stack changes; bad input is a ValueError that names it.
     Returns a ``Conversion`` (ranks, errors, parameter counts, the new modules).
     """
+    stack, targets, groups, sides = _check_arguments(module, targets, form, budget, rank, groups, side,
+                                                     allocation, damping)
+    layers = list(stack)
+    n = len(layers)
+    linears = {t: [layer.get_submodule(t) for layer in layers] for t in targets}
+    moments = _calibration_moments(calibration, layers, targets, {t: linears[t][0].in_features for t in targets})
+    plans, weights = _plans(linears, targets, moments, groups, form, sides, damping, n)
+    if budget is not None:
+        unit_ranks = _allocate(plans, float(budget), allocation)
+    else:
+        what = "layer" if form == "lors" else "group"
+        unit_ranks = {t: list(p.limit) if r == "full" else _check_rank(r, len(p.units), what, p.limit, t)
+                      for t, p in plans.items() for r in [rank[t] if isinstance(rank, Mapping) else rank]}
+    stacks, errors = {}, {}
+    for t, p in plans.items():
+        build = _build_lors if form == "lors" else _build_basis
+        stacks[t], fitted = build(p, groups[t], unit_ranks[t], linears[t], weights[t], sides[t],
+                                  None if moments is None else moments[t], damping, n, name=f"target '{t}'")
+        errors[t] = [_relative_error(weights[t][i], fitted[i], None if moments is None else moments[t][i])
+                     for i in range(n)]
+    for t, built in stacks.items():  # every check passed: change the stack
+        for mod, g in zip(built, groups[t]):
+            attach(stack, t, mod, g)
+    ranks = {t: list(unit_ranks[t]) if form == "lors" else  # lors: one unit per layer; basis: per group
+             [r for i in range(n) for r, g in zip(unit_ranks[t], groups[t]) if i in g] for t in targets}
+    after = sum(sum(q.numel() for q in mod.parameters()) for built in stacks.values() for mod in built)
+    return Conversion(form=form, side=sides if form == "basis" else None, targets=targets, groups=groups,
+                      ranks=ranks, errors=errors, params_before=sum(p.before for p in plans.values()),
+                      params_after=after, activation_aware=moments is not None, budget=budget, stacks=stacks)
+
+
+def _check_arguments(module, targets, form, budget, rank, groups, side, allocation, damping):
+    """Everything ``convert_layers`` checks before any work: (the stack, the targets, their
+    groups and sides)."""
     check_options(form, side, allocation)
-    sides_given = dict(side) if isinstance(side, Mapping) else None
     if (budget is None) == (rank is None):
         raise ValueError("give either budget (a fraction of the parameters to keep) or rank, not "
                          + ("both" if budget is not None else "neither"))
@@ -405,31 +474,9 @@ def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None
         raise ValueError(f"damping must be >= 0, got {damping!r}")
     _, stack = find_layers(module)
     layers = list(stack)
-    try:
-        check_identical(layers)
-    except ValueError as err:
-        raise ValueError(str(err).replace("share_layers", "convert_layers")) from None
+    check_identical(layers, caller="convert_layers")
     targets = convert_targets(layers[0], targets)
     check_owner(stack)
-    n, parts = len(layers), _groups(groups, len(layers))
-    linears = {t: [layer.get_submodule(t) for layer in layers] for t in targets}
-    widths = {t: linears[t][0].in_features for t in targets}
-
-    if calibration is None:
-        moments = None
-    elif isinstance(calibration, InputMoments):
-        missing = [t for t in targets if t not in calibration or len(calibration[t]) != n]
-        if missing:
-            raise ValueError(f"the recorded moments hold no {n} layers of targets {missing}: record them "
-                             "with input_moments on this stack and these targets")
-        moments = calibration
-    elif callable(calibration):
-        moments = input_moments(layers, targets, calibration)
-    elif isinstance(calibration, Mapping):
-        moments = _moments_from_activations(calibration, targets, n, widths)
-    else:
-        raise ValueError(f"calibration must be None, a callable that runs the model, or a dict "
-                         f"{{target: [input tensors]}}, got a {type(calibration).__name__}")
     if isinstance(rank, Mapping):
         unknown = sorted(set(rank) - set(targets))
         missing = [t for t in targets if t not in rank]
@@ -438,78 +485,72 @@ def convert_layers(module: nn.Module, targets: str | Iterable[str] | None = None
                              f"{'; ' if unknown and missing else ''}"
                              f"{'no rank for targets ' + str(missing) if missing else ''}; "
                              f"the targets are {targets}")
+    groups = {t: _groups(g, len(layers)) for t, g in _per_target(groups, targets, "groups").items()}
+    sides = _per_target(side, targets, "side", default="in")
+    return stack, targets, groups, sides
 
-    if sides_given is not None and set(sides_given) - set(targets):
-        raise ValueError(f"side names targets {sorted(set(sides_given) - set(targets))} that are not "
-                         f"converted; the targets are {targets}")
-    sides = {t: (sides_given.get(t, "in") if sides_given is not None else side) for t in targets}
-    plans, weights = _plans(linears, targets, moments, parts, form, sides, damping, n)
-    before = sum(p.before for p in plans.values())
 
-    if budget is not None:
-        unit_ranks = _allocate(plans, float(budget), allocation)
-    else:
-        what = "layer" if form == "lors" else "group"
-        unit_ranks = {}
-        for t, p in plans.items():
-            given = rank[t] if isinstance(rank, Mapping) else rank
-            unit_ranks[t] = list(p.limit) if given == "full" else _check_rank(given, len(p.units), what, p.limit, t)
+def _calibration_moments(calibration, layers, targets, widths) -> InputMoments | None:
+    """Each target's input moment per layer, from whatever ``calibration`` is (None: none)."""
+    n = len(layers)
+    if calibration is None:
+        return None
+    if isinstance(calibration, InputMoments):
+        missing = [t for t in targets if t not in calibration or len(calibration[t]) != n]
+        if missing:
+            raise ValueError(f"the recorded moments hold no {n} layers of targets {missing}: record them "
+                             "with input_moments on this stack and these targets")
+        return calibration
+    if callable(calibration):
+        return input_moments(layers, targets, calibration)
+    if isinstance(calibration, Mapping):
+        return InputMoments(_moments_from_activations(calibration, targets, n, widths))
+    raise ValueError(f"calibration must be None, a callable that runs the model, or a dict "
+                     f"{{target: [input tensors]}}, got a {type(calibration).__name__}")
 
-    stacks, ranks, errors = {}, {}, {}
-    for t, p in plans.items():
-        ref = linears[t][0].weight
-        kw = dict(device=ref.device, dtype=ref.dtype)
-        built, fitted = [], [None] * n
-        if form == "lors":
-            for gi, g in enumerate(parts):
-                rs = [unit_ranks[t][i] for i in g]
-                lors = StaticLors(len(g), p.inp, p.out, rank=rs, groups=1, bias=p.has_bias,
-                                  full_range=True, name=f"target '{t}' group {gi}", **kw)
-                with torch.no_grad():
-                    lors.shared_weight.copy_(p.units[g[0]][0])
-                    for j, i in enumerate(g):
-                        mean, u, sig, right = p.units[i]
-                        r, root = rs[j], sig[: rs[j]].sqrt()
-                        lors.B[j].copy_((u[:, :r] * root)[None])
-                        lors.A[j].copy_((root[:, None] * right[:r])[None])
-                        fitted[i] = mean + (u[:, :r] * sig[:r]) @ right[:r]
-                        if p.has_bias:
-                            lors.bias[j].copy_(linears[t][i].bias.detach())
-                built.append(lors)
-        else:
-            side = sides[t]
-            for gi, (g, basis) in enumerate(p.units):
-                k = unit_ranks[t][gi]
-                shared = basis[:k] if side == "in" else basis[:, :k]
-                sb = SharedBasis(len(g), p.inp, p.out, rank=k, side=side, bias=p.has_bias,
-                                 name=f"target '{t}' group {gi}", **kw)
-                with torch.no_grad():
-                    sb.basis.copy_(shared)
-                    for j, i in enumerate(g):
-                        coeff = _coefficients(weights[t][i], shared, side,
-                                              None if moments is None else moments[t][i], damping)
-                        sb.coeffs[j].copy_(coeff)
-                        fitted[i] = coeff @ shared if side == "in" else shared @ coeff
-                        if p.has_bias:
-                            sb.bias[j].copy_(linears[t][i].bias.detach())
-                built.append(sb)
-        stacks[t] = built
-        if form == "lors":  # one unit per layer
-            ranks[t] = list(unit_ranks[t])
-        else:  # one unit per group
-            order = {i: unit_ranks[t][gi] for gi, g in enumerate(parts) for i in g}
-            ranks[t] = [order[i] for i in range(n)]
-        errors[t] = [_relative_error(weights[t][i], fitted[i],
-                                     None if moments is None else moments[t][i]) for i in range(n)]
 
-    for t, built in stacks.items():  # every check passed: change the stack
-        for mod, g in zip(built, parts):
-            attach(stack, t, mod, g)
-    after = sum(sum(q.numel() for q in mod.parameters()) for built in stacks.values() for mod in built)
-    shown_side = (side if sides_given is None else sides) if form == "basis" else None
-    return Conversion(form=form, side=shown_side, targets=targets, groups=parts,
-                      ranks=ranks, errors=errors, params_before=before, params_after=after,
-                      activation_aware=moments is not None, budget=budget, stacks=stacks)
+def _build_lors(p: _Plan, parts, ranks, linears, ws, side, moments, damping, n, name):
+    """One StaticLors per group (its mean and each layer's truncated residual SVD), and each
+    layer's fitted weight."""
+    built, fitted = [], [None] * n
+    kw = dict(device=linears[0].weight.device, dtype=linears[0].weight.dtype)
+    for gi, g in enumerate(parts):
+        rs = [ranks[i] for i in g]
+        lors = StaticLors(len(g), p.inp, p.out, rank=rs, groups=1, bias=p.has_bias, full_range=True,
+                          name=f"{name} group {gi}", **kw)
+        with torch.no_grad():
+            lors.shared_weight.copy_(p.units[g[0]][0])
+            for j, i in enumerate(g):
+                mean, u, sig, right = p.units[i]
+                r, root = rs[j], sig[: rs[j]].sqrt()
+                lors.B[j].copy_((u[:, :r] * root)[None])
+                lors.A[j].copy_((root[:, None] * right[:r])[None])
+                fitted[i] = mean + (u[:, :r] * sig[:r]) @ right[:r]
+                if p.has_bias:
+                    lors.bias[j].copy_(linears[i].bias.detach())
+        built.append(lors)
+    return built, fitted
+
+
+def _build_basis(p: _Plan, parts, ranks, linears, ws, side, moments, damping, n, name):
+    """One SharedBasis per group (its basis cut to the group's rank, each layer's best
+    coefficients for it), and each layer's fitted weight."""
+    built, fitted = [], [None] * n
+    kw = dict(device=linears[0].weight.device, dtype=linears[0].weight.dtype)
+    for gi, (g, basis) in enumerate(p.units):
+        k = ranks[gi]
+        shared = basis[:k] if side == "in" else basis[:, :k]
+        sb = SharedBasis(len(g), p.inp, p.out, rank=k, side=side, bias=p.has_bias, name=f"{name} group {gi}", **kw)
+        with torch.no_grad():
+            sb.basis.copy_(shared)
+            for j, i in enumerate(g):
+                coeff = _coefficients(ws[i], shared, side, None if moments is None else moments[i], damping)
+                sb.coeffs[j].copy_(coeff)
+                fitted[i] = coeff @ shared if side == "in" else shared @ coeff
+                if p.has_bias:
+                    sb.bias[j].copy_(linears[i].bias.detach())
+        built.append(sb)
+    return built, fitted
 
 
 def _coefficients(w, basis, side, moment, damping):

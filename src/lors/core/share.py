@@ -114,22 +114,23 @@ def _signature(module: nn.Module, prefix: str = "") -> list[tuple[str, str, tupl
     return sig
 
 
-def check_identical(layers: Sequence[nn.Module]) -> None:
-    """Raise a ValueError naming the first difference between layer 0 and another layer."""
+def check_identical(layers: Sequence[nn.Module], caller: str = "share_layers") -> None:
+    """Raise a ValueError naming the first difference between layer 0 and another layer
+    (``caller``, the function that needs them identical, ends the message)."""
     ref = _signature(layers[0])
     for i, layer in enumerate(layers[1:], start=1):
         sig = _signature(layer)
         for (n0, t0, p0), (n1, t1, p1) in zip(ref, sig):
             if (n0, t0) != (n1, t1):
                 raise ValueError(f"layer {i} of {len(layers)} has {t1} '{n1}' where layer 0 has "
-                                 f"{t0} '{n0}': share_layers needs identical layers")
+                                 f"{t0} '{n0}': {caller} needs identical layers")
             if p0 != p1:
                 raise ValueError(f"layer {i} of {len(layers)} has {t1} '{n1}' with parameters "
-                                 f"{_shapes(p1)}; layer 0 has {_shapes(p0)}: share_layers needs "
+                                 f"{_shapes(p1)}; layer 0 has {_shapes(p0)}: {caller} needs "
                                  "identical layers")
         if len(sig) != len(ref):
             raise ValueError(f"layer {i} of {len(layers)} has {len(sig)} submodules, layer 0 has "
-                             f"{len(ref)}: share_layers needs identical layers")
+                             f"{len(ref)}: {caller} needs identical layers")
 
 
 def _shapes(params: tuple) -> str:

@@ -66,7 +66,7 @@ ROWS = (
 ROW_NAMES = tuple(r.name for r in ROWS)
 
 
-def sides(row: Row, targets) -> str | dict[str, str]:
+def sides(row: Row, targets: Sequence[str]) -> str | dict[str, str]:
     """``row.side``, with "mixed" spelled out per target."""
     if row.side != "mixed":
         return row.side
@@ -128,7 +128,7 @@ def compare_conversion(model: str = "smollm2", budgets: Sequence[float] = (0.75,
                 drop_layers(m, dropped)
                 kept, ranks = (n_layers - count) / n_layers, {"dropped": dropped}
             else:
-                settings = ConvertSettings(budget=budget, form=row.form, side=sides(row, moments), groups=row.groups,
+                settings = ConvertSettings(budget=budget, form=row.form, side=sides(row, moments.targets), groups=row.groups,
                                            writer_groups=row.writer_groups, allocation=row.allocation,
                                            calib_tokens=calib_tokens if row.calibrated else 0)
                 conv = convert_pretrained(Pretrained(m, pre.tokenizer, pre.kind, pre.source), settings,

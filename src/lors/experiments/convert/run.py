@@ -112,27 +112,11 @@ def convert_pretrained(pre: Pretrained, settings: ConvertSettings, moments=None)
                                     settings.seq_len, settings.batch_size)
         moments = record_moments(pre.model, settings.targets, inputs)
     targets = convert_targets(find_layers(pre.model)[1][0], settings.targets)
-    split = [] if settings.writer_groups == "same" else [
-        (ts, g) for ts, g in (([t for t in targets if not is_writer(t)], settings.groups),
-                              ([t for t in targets if is_writer(t)], settings.writer_groups)) if ts]
-    parts = [(targets, settings.groups)] if len(split) < 2 else split
-    done = [convert_layers(pre.model, targets=ts, form=settings.form, budget=settings.budget, rank=settings.rank,
-                           groups=g, calibration=moments, side=settings.side, allocation=settings.allocation,
-                           damping=settings.damping) for ts, g in parts]
-    return done[0] if len(done) == 1 else combine(done)
-
-
-def combine(parts: list[Conversion]) -> Conversion:
-    """One report of several conversions of one stack (different targets, e.g. other groups)."""
-    first = parts[0]
-    return Conversion(
-        form=first.form, side=first.side, targets=[t for c in parts for t in c.targets],
-        groups={t: c.groups for c in parts for t in c.targets},
-        ranks={t: r for c in parts for t, r in c.ranks.items()},
-        errors={t: e for c in parts for t, e in c.errors.items()},
-        params_before=sum(c.params_before for c in parts), params_after=sum(c.params_after for c in parts),
-        activation_aware=all(c.activation_aware for c in parts), budget=first.budget,
-        stacks={t: s for c in parts for t, s in c.stacks.items()})
+    writers = settings.groups if settings.writer_groups == "same" else settings.writer_groups
+    groups = {t: writers if is_writer(t) else settings.groups for t in targets}
+    return convert_layers(pre.model, targets=targets, form=settings.form, budget=settings.budget,
+                          rank=settings.rank, groups=groups, calibration=moments, side=settings.side,
+                          allocation=settings.allocation, damping=settings.damping)
 
 
 def held_out_windows(pre: Pretrained, tokens: int, seq_len: int) -> torch.Tensor:
