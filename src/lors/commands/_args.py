@@ -23,6 +23,24 @@ def json_only(args: argparse.Namespace):
     return contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
 
 
+DEVICE_HELP = "cpu, cuda, cuda:N (default: this process's GPU, else CPU)"
+
+
+def add_train_parser(cmds, kind: str, what: str, default: str, func, json_help: str) -> argparse.ArgumentParser:
+    """The `train` sub-command of a model family (`lors lm train`, `lors vit train`): a preset,
+    overrides, the run directory, resume and extend, the device and --json."""
+    p = cmds.add_parser("train", help=f"train {what}")
+    p.add_argument("--config", default=default, help=f"preset name (lors/configs/{kind}/NAME.yaml) or YAML path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
+    p.add_argument("--run-dir", help="checkpoints and logs (default: train.output_dir)")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if run-dir has a checkpoint")
+    p.add_argument("--extend", action="store_true", help="let a larger train.steps continue a shorter run")
+    p.add_argument("--device", help=DEVICE_HELP)
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.set_defaults(func=func)
+    return p
+
+
 def add_compare_parser(cmds, family: str, what: str, metric: str, dense: str, lors: str, tied: str, out: str,
                        func) -> argparse.ArgumentParser:
     """The `compare` sub-command of a model family (`lors lm compare`, `lors vit compare`)."""

@@ -47,7 +47,7 @@ def run_convert(args: argparse.Namespace) -> int:
                                damping=args.damping, targets=args.targets, calibration=args.calibration,
                                calib_tokens=args.calib_tokens, seq_len=args.seq_len)
     summary = convert_model(args.model, args.out, settings, merged=args.merged, eval_tokens=args.eval_tokens or 0,
-                            up=up, resume=not args.no_resume, progress=(lambda *_: None) if args.json else print)
+                            up=up, resume=not args.no_resume, quiet=args.json)
     table = summary.pop("table")
     if args.json:
         print(json.dumps(summary, indent=2))

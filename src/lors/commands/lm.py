@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lors.commands._args import add_compare_parser, json_only, positive_int
+from lors.commands._args import DEVICE_HELP, add_compare_parser, add_train_parser, json_only, positive_int
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -47,25 +47,17 @@ def register(sub) -> None:
     parser = sub.add_parser("lm", help="train, evaluate and sample byte-level GPT language models")
     cmds = parser.add_subparsers(dest="lm_command", required=True, metavar="COMMAND")
 
-    p = cmds.add_parser("train", help="train a GPT (lors/configs/lm) on a byte-level corpus")
-    p.add_argument("--config", default="gpt_small", help="preset name (lors/configs/lm/NAME.yaml) or YAML path")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
-    p.add_argument("--run-dir", help="checkpoints and logs (default: train.output_dir)")
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if run-dir has a checkpoint")
-    p.add_argument("--extend", action="store_true", help="let a larger train.steps continue a shorter run")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: this process's GPU, else CPU)")
+    p = add_train_parser(cmds, "lm", "a GPT (lors/configs/lm) on a byte-level corpus", "gpt_small", run_train,
+                         "print the run summary as JSON (with parameters: total and non_embedding), alone on "
+                         "stdout (other output goes to stderr)")
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                    help="under torchrun: ddp (a full replica per process, the default) or fsdp (FSDP2: "
                         "each process holds 1/N of every weight, for models that do not fit one device)")
-    p.add_argument("--json", action="store_true",
-                   help="print the run summary as JSON (with parameters: total and non_embedding), alone on "
-                        "stdout (other output goes to stderr)")
-    p.set_defaults(func=run_train)
 
     p = cmds.add_parser("eval", help="val bits per byte and perplexity of a trained run")
     p.add_argument("--checkpoint", required=True, help="a run directory or a ckpt_* folder")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (data.*)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: this process's GPU, else CPU)")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=run_eval)
 

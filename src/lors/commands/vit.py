@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lors.commands._args import add_compare_parser
+from lors.commands._args import add_compare_parser, add_train_parser
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -29,15 +29,8 @@ def register(sub) -> None:
     parser = sub.add_parser("vit", help="a small ViT on Fashion-MNIST: dense, LORS or tied blocks")
     cmds = parser.add_subparsers(dest="vit_command", required=True, metavar="COMMAND")
 
-    p = cmds.add_parser("train", help="train a ViT (lors/configs/vit) on Fashion-MNIST")
-    p.add_argument("--config", default="vit_small", help="preset name (lors/configs/vit/NAME.yaml) or YAML path")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
-    p.add_argument("--run-dir", help="checkpoints and logs (default: train.output_dir)")
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if run-dir has a checkpoint")
-    p.add_argument("--extend", action="store_true", help="let a larger train.steps continue a shorter run")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: this process's GPU, else CPU)")
-    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
-    p.set_defaults(func=run_train)
+    add_train_parser(cmds, "vit", "a ViT (lors/configs/vit) on Fashion-MNIST", "vit_small", run_train,
+                     "print the run summary as JSON")
 
     add_compare_parser(cmds, "ViT", "ViTs", "test accuracy", "vit_small", "vit_small_lors", "vit_small_tied",
                        "runs/vit_compare", run_compare)

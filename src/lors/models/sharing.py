@@ -19,7 +19,15 @@ from lors.core import share_layers
 
 SHARINGS = ("none", "lors", "tied")
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # nanoGPT's and timm's names
-RESIDUAL = ("attn.proj", "mlp.fc2")  # the Linears that write back into the residual stream
+# The Linears that write a block's output back into the residual stream (Llama, BERT, nanoGPT
+# and timm names). The others (q, k, v, gate, up) read the stream, a space adjacent layers share;
+# a writer reads its own layer's attention or MLP output, a space of that layer alone.
+RESIDUAL_WRITERS = ("o_proj", "down_proj", "attention.output.dense", "output.dense", "attn.proj", "mlp.fc2")
+
+
+def writes_residual(target: str) -> bool:
+    """Whether the Linear at ``target`` (a name within a block) writes the residual stream."""
+    return target.endswith(RESIDUAL_WRITERS)
 
 
 def tie_blocks(blocks: nn.ModuleList, targets: Sequence[str] = BLOCK_LINEARS) -> None:
@@ -49,11 +57,11 @@ def apply_sharing(blocks: nn.ModuleList, sharing: str, lors: "LorsSection",
                                        init=lors.init))
         if std is not None:
             with torch.no_grad():
-                for target, lors in stacks.items():
-                    out_std = residual_std if residual_std is not None and target in RESIDUAL else std
-                    lors.shared_weight.normal_(0.0, out_std)
-                    if lors.bias is not None:
-                        lors.bias.zero_()
+                for target, stack in stacks.items():
+                    out_std = residual_std if residual_std is not None and writes_residual(target) else std
+                    stack.shared_weight.normal_(0.0, out_std)
+                    if stack.bias is not None:
+                        stack.bias.zero_()
     elif sharing == "tied":
         tie_blocks(blocks, BLOCK_LINEARS)
 

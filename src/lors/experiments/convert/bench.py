@@ -23,10 +23,10 @@ from lors.core.share import find_layers
 from lors.data.corpus import ENTRY_SEPARATOR
 from lors.experiments.convert.evaluate import (drop_layers, layer_similarity, perplexity, record_moments,
                                                sentence_embeddings, token_windows)
-from lors.experiments.convert.run import (ConvertSettings, calibration_inputs, convert_pretrained, fortunes_texts,
-                                          is_writer)
+from lors.experiments.convert.run import ConvertSettings, calibration_inputs, convert_pretrained, fortunes_texts
 from lors.experiments.report import Column, Series, markdown_table, plot_points
 from lors.models.pretrained import CAUSAL, Pretrained, load_pretrained
+from lors.models.sharing import writes_residual
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def sides(row: Row, targets: Sequence[str]) -> str | dict[str, str]:
     """``row.side``, with "mixed" spelled out per target."""
     if row.side != "mixed":
         return row.side
-    return {t: "out" if is_writer(t) else "in" for t in targets}
+    return {t: "out" if writes_residual(t) else "in" for t in targets}
 
 
 def _texts() -> tuple[str, list[str]]:

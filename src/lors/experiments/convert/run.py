@@ -31,6 +31,7 @@ from lors.experiments.convert.evaluate import batches, perplexity, record_moment
 from lors.engine.checkpoint import find_checkpoint
 from lors.experiments.convert.uptrain import UptrainSettings, uptrain
 from lors.models.pretrained import CAUSAL, Pretrained, load_pretrained
+from lors.models.sharing import writes_residual
 
 
 @dataclass
@@ -93,16 +94,6 @@ def calibration_inputs(pre: Pretrained, text: str, tokens: int, seq_len: int, ba
     return [dict(input_ids=b, attention_mask=torch.ones_like(b)) for b in batches(ids, batch_size)]
 
 
-# The Linears that write a block's output back into the residual stream (Llama, BERT, GPT-style
-# and timm names). The others (q, k, v, gate, up) read the stream, a space adjacent layers share;
-# a writer reads its own layer's attention or MLP output, a space of that layer alone.
-WRITERS = ("o_proj", "down_proj", "attention.output.dense", "output.dense", "attn.proj", "mlp.fc2")
-
-
-def is_writer(target: str) -> bool:
-    return target.endswith(WRITERS)
-
-
 def convert_pretrained(pre: Pretrained, settings: ConvertSettings, moments=None) -> Conversion:
     """Convert ``pre.model`` in place (``moments``: reuse an earlier calibration run). Readers of
     the residual stream get ``settings.groups``, writers ``settings.writer_groups``."""
@@ -113,7 +104,7 @@ def convert_pretrained(pre: Pretrained, settings: ConvertSettings, moments=None)
         moments = record_moments(pre.model, settings.targets, inputs)
     targets = convert_targets(find_layers(pre.model)[1][0], settings.targets)
     writers = settings.groups if settings.writer_groups == "same" else settings.writer_groups
-    groups = {t: writers if is_writer(t) else settings.groups for t in targets}
+    groups = {t: writers if writes_residual(t) else settings.groups for t in targets}
     return convert_layers(pre.model, targets=targets, form=settings.form, budget=settings.budget,
                           rank=settings.rank, groups=groups, calibration=moments, side=settings.side,
                           allocation=settings.allocation, damping=settings.damping)
@@ -204,10 +195,11 @@ def save_merged(model, tokenizer, folder: Path, probe: torch.Tensor, expected: t
 
 def convert_model(source: str, out: str | Path, settings: ConvertSettings, merged: bool = False,
                   eval_tokens: int = 0, up: UptrainSettings | None = None, uptrain_tokens: int = 131072,
-                  resume: bool = True, progress=print) -> dict:
+                  resume: bool = True, quiet: bool = False) -> dict:
     """Load, convert, verify, save (see the module docstring); with ``eval_tokens``, the held-out
     perplexity of a causal LM before and after; with ``up``, uptrain by distillation from the
-    original (in ``DIR/uptrain``, resumable) before saving. Returns the summary it writes."""
+    original (in ``DIR/uptrain``, resumable) before saving. ``quiet``: no progress lines or bars.
+    Returns the summary it writes."""
     settings.check()
     if up is not None:
         up.check()
@@ -234,7 +226,8 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
                          "calibration, --eval-tokens and uptraining read text: add the tokenizer's files to the "
                          "folder, or pass --calib-tokens 0 (weight-space SVD, no text) without --eval-tokens")
     total_before = lors.count_parameters(pre.model).total
-    progress(f"loaded {source}: {total_before:,} parameters ({time.perf_counter() - start:.0f} s)")
+    if not quiet:
+        print(f"loaded {source}: {total_before:,} parameters ({time.perf_counter() - start:.0f} s)")
     held_out = held_out_windows(pre, eval_tokens, settings.seq_len) if eval_tokens and causal else None
     quality = {}
     if held_out is not None:
@@ -249,7 +242,7 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
     if up is not None:
         windows = token_windows(pre.tokenizer, calibration_text(settings.calibration), uptrain_tokens, settings.seq_len)
         up_summary = uptrain(pre.model, original, windows, up, out / "uptrain", asdict(settings), resume=resume,
-                             progress=progress is print)
+                             progress=not quiet)
         up_summary = dict(settings=asdict(up), tokens=up.steps * up.batch_size * settings.seq_len,
                           steps=up_summary.get("steps"), run_dir=str(out / "uptrain"))
         if held_out is not None:
