@@ -248,3 +248,22 @@ def test_check_types_converts_like_the_loader_and_names_class_field_and_fix():
         Toy(sizes=[1, "x"])
     with pytest.raises(ValueError, match="Toy.lr must be a number, got True"):
         Toy(lr=True)
+
+
+def test_a_sequence_field_is_checked_like_a_list():
+    from dataclasses import dataclass, field
+    from typing import Sequence
+
+    from lors.config import load_config
+
+    @dataclass
+    class Section:
+        sizes: Sequence[int] = field(default_factory=lambda: [1])
+
+    @dataclass
+    class Cfg:
+        s: Section = field(default_factory=Section)
+
+    assert load_config(Cfg, {"s": {"sizes": [2, 3]}}).s.sizes == [2, 3]
+    with pytest.raises(ValueError, match=r"'s.sizes\[1\]' must be an integer"):
+        load_config(Cfg, {"s": {"sizes": [2, "x"]}})

@@ -24,6 +24,7 @@
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 import numbers
@@ -73,10 +74,27 @@ def positive(key: str, value: float, why: str = "") -> None:
     require(math.isfinite(value) and value > 0, key, value, f"> 0{rule_note(why)}")
 
 
+def within(key: str, value: float, low: float, high: float, interval: str, why: str = "") -> None:
+    """ValueError unless ``low`` ... ``high`` holds ``value``; ``interval`` is "[]", "[)", "(]" or
+    "()" (which ends are allowed; NaN never is)."""
+    ok = ((low <= value if interval[0] == "[" else low < value)
+          and (value <= high if interval[1] == "]" else value < high))
+    require(ok, key, value, f"in {interval[0]}{low}, {high}{interval[1]}{rule_note(why)}")
+
+
+def multiple_of(key: str, value: int, of_key: str, of: int) -> None:
+    """ValueError unless ``value`` (config key ``key``) is a multiple of ``of`` (``of_key``)."""
+    require(value % of == 0, key, value, f"a multiple of {of_key} ({of})")
+
+
 def _type_name(tp: Any) -> str:
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "")
+
+
+# what typing.get_origin gives for list[int], tuple[int, ...] and Sequence[int] (collections.abc's)
+LIST_ORIGINS = (list, tuple, collections.abc.Sequence)
 
 
 def _check(value: Any, tp: Any, key: str) -> Any:
@@ -105,7 +123,7 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ConfigTypeError(key, f"one of {list(args)}", value)
         return value
-    if origin in (list, tuple, Sequence):
+    if origin in LIST_ORIGINS:
         if not isinstance(value, (list, tuple)):
             raise ConfigTypeError(key, f"a list ({_type_name(tp)})", value)
         item = args[0] if args else Any
@@ -165,7 +183,7 @@ def _build(cls: type[T], data: Mapping[str, Any]) -> T:
         if dataclasses.is_dataclass(tp):
             return _build(tp, v)
         args = typing.get_args(tp)
-        if typing.get_origin(tp) in (list, tuple, Sequence) and args and dataclasses.is_dataclass(args[0]):
+        if typing.get_origin(tp) in LIST_ORIGINS and args and dataclasses.is_dataclass(args[0]):
             return [_build(args[0], item) for item in v]
         return v
     return cls(**{k: value(fields[k], v) for k, v in data.items()})

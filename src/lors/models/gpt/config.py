@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
-from lors.config import at_least, load_config
+from lors.config import at_least, load_config, multiple_of, within
 
 from lors.models.sharing import LorsSection
-from lors.models.training import StepTrainConfig
+from lors.models.training import StepTrainConfig, validate_sections
 
 
 @dataclass
@@ -29,14 +29,11 @@ class ModelConfig:
     def validate(self) -> None:
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
             at_least(f"model.{key}", getattr(self, key), 1)  # first: n_embd % n_head needs n_head >= 1
-        if self.n_embd % self.n_head:
-            raise ValueError(f"config key 'model.n_embd' ({self.n_embd}) must be a multiple of model.n_head "
-                             f"({self.n_head})")
+        multiple_of("model.n_embd", self.n_embd, "model.n_head", self.n_head)
         if self.positions == "rotary" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rotary positions need an even head width, got n_embd / n_head = "
                              f"{self.n_embd // self.n_head}: change model.n_embd or model.n_head")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"config key 'model.dropout' must be in [0, 1), got {self.dropout}")
+        within("model.dropout", self.dropout, 0, 1, "[)")
 
 
 @dataclass
@@ -57,8 +54,7 @@ class DataSection:
                                                   # on the train split with HF tokenizers
 
     def validate(self) -> None:
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"config key 'data.val_fraction' must be in (0, 1), got {self.val_fraction}")
+        within("data.val_fraction", self.val_fraction, 0, 1, "()")
 
 
 @dataclass
@@ -69,10 +65,7 @@ class LMConfig:
     data: DataSection = field(default_factory=DataSection)
 
     def validate(self) -> None:
-        self.model.validate()
-        self.lors.validate(self.model.n_layer)
-        self.train.validate()
-        self.data.validate()
+        validate_sections(self, lors=self.model.n_layer)
         if self.data.tokenizer == "bytes" and self.model.vocab_size != 256:
             raise ValueError(f"config key 'model.vocab_size' is {self.model.vocab_size}, but byte tokens need 256: "
                              "set model.vocab_size=256, or data.tokenizer=bpe to train a BPE of that size")

@@ -12,9 +12,9 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from lors.config import at_least, load_config, positive
+from lors.config import at_least, load_config, multiple_of, positive, within
 from lors.models.sharing import LorsSection, apply_sharing
-from lors.models.training import StepTrainConfig
+from lors.models.training import StepTrainConfig, validate_sections
 
 
 @dataclass
@@ -33,12 +33,8 @@ class VitModelConfig:
         for key in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads"):
             at_least(f"model.{key}", getattr(self, key), 1)  # first: the divisions below need them >= 1
         positive("model.mlp_ratio", self.mlp_ratio)
-        if self.img_size % self.patch_size:
-            raise ValueError(f"config key 'model.img_size' ({self.img_size}) must be a multiple of model.patch_size "
-                             f"({self.patch_size})")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"config key 'model.embed_dim' ({self.embed_dim}) must be a multiple of "
-                             f"model.num_heads ({self.num_heads})")
+        multiple_of("model.img_size", self.img_size, "model.patch_size", self.patch_size)
+        multiple_of("model.embed_dim", self.embed_dim, "model.num_heads", self.num_heads)
 
 
 @dataclass
@@ -59,9 +55,8 @@ class VitDataConfig:
     test_images: int = 10000
 
     def validate(self) -> None:
-        if not 1 <= self.train_images <= 60000 or not 1 <= self.test_images <= 10000:
-            raise ValueError("config keys 'data.train_images' and 'data.test_images' must be in 1..60000 and "
-                             f"1..10000, got {self.train_images} and {self.test_images}")
+        within("data.train_images", self.train_images, 1, 60000, "[]", "the train split's size")
+        within("data.test_images", self.test_images, 1, 10000, "[]", "the test split's size")
 
 
 @dataclass
@@ -72,10 +67,7 @@ class VitConfig:
     data: VitDataConfig = field(default_factory=VitDataConfig)
 
     def validate(self) -> None:
-        self.model.validate()
-        self.lors.validate(self.model.depth)
-        self.train.validate()
-        self.data.validate()
+        validate_sections(self, lors=self.model.depth)
 
 
 def load_vit_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> VitConfig:
