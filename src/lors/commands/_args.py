@@ -42,8 +42,9 @@ def add_train_parser(cmds, kind: str, what: str, default: str, func, json_help: 
 
 
 def add_compare_parser(cmds, family: str, what: str, metric: str, dense: str, lors: str, tied: str, out: str,
-                       func) -> argparse.ArgumentParser:
-    """The `compare` sub-command of a model family (`lors lm compare`, `lors vit compare`)."""
+                       compare) -> argparse.ArgumentParser:
+    """The `compare` sub-command of a model family (`lors lm compare`, `lors vit compare`);
+    ``compare()`` returns the family's compare function (imported when the command runs)."""
     p = cmds.add_parser("compare", help=f"dense vs LORS vs tied vs dense-small {what}, same budget and seeds",
                         description=f"Train the four models for every seed on the same budget and write a table "
                                     f"({metric}), summary.json and two plots to --out (see docs/lm.md).")
@@ -55,5 +56,10 @@ def add_compare_parser(cmds, family: str, what: str, metric: str, dense: str, lo
     p.add_argument("--jobs", type=positive_int, default=None, help="runs at a time (default: cores, at most 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"{family} config overrides for all four models")
-    p.set_defaults(func=func)
+
+    def run(args: argparse.Namespace) -> int:
+        compare()(args.seeds, args.out, args.dense, args.lors, args.tied, args.overrides, args.jobs, args.quiet)
+        return 0
+
+    p.set_defaults(func=run)
     return p

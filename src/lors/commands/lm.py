@@ -37,10 +37,9 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_compare(args: argparse.Namespace) -> int:
+def _compare():
     from lors.experiments.lm.compare import compare_lm
-    compare_lm(args.seeds, args.out, args.dense, args.lors, args.tied, args.overrides, args.jobs, args.quiet)
-    return 0
+    return compare_lm
 
 
 def register(sub) -> None:
@@ -74,4 +73,4 @@ def register(sub) -> None:
     p.set_defaults(func=run_sample)
 
     add_compare_parser(cmds, "GPT", "byte-level GPTs", "val bits per byte", "gpt_small", "gpt_small_lors",
-                       "gpt_small_tied", "runs/lm_compare", run_compare)
+                       "gpt_small_tied", "runs/lm_compare", _compare)

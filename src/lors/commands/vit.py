@@ -19,10 +19,9 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_compare(args: argparse.Namespace) -> int:
+def _compare():
     from lors.experiments.vit.compare import compare_vit
-    compare_vit(args.seeds, args.out, args.dense, args.lors, args.tied, args.overrides, args.jobs, args.quiet)
-    return 0
+    return compare_vit
 
 
 def register(sub) -> None:
@@ -33,4 +32,4 @@ def register(sub) -> None:
                      "print the run summary as JSON")
 
     add_compare_parser(cmds, "ViT", "ViTs", "test accuracy", "vit_small", "vit_small_lors", "vit_small_tied",
-                       "runs/vit_compare", run_compare)
+                       "runs/vit_compare", _compare)
