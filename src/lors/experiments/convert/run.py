@@ -56,7 +56,7 @@ class ConvertSettings:
     seq_len: int = 512
     batch_size: int = 4
 
-    def check(self) -> "ConvertSettings":
+    def validate(self) -> "ConvertSettings":
         check_options(self.form, self.side, self.allocation)
         if not (self.writer_groups in (None, "same") or (isinstance(self.writer_groups, int) and self.writer_groups >= 1)):
             raise ValueError(f"writer_groups must be a group size >= 1, None (all layers) or 'same', got "
@@ -97,7 +97,7 @@ def calibration_inputs(pre: Pretrained, text: str, tokens: int, seq_len: int, ba
 def convert_pretrained(pre: Pretrained, settings: ConvertSettings, moments=None) -> Conversion:
     """Convert ``pre.model`` in place (``moments``: reuse an earlier calibration run). Readers of
     the residual stream get ``settings.groups``, writers ``settings.writer_groups``."""
-    settings.check()
+    settings.validate()
     if moments is None and settings.calib_tokens:
         inputs = calibration_inputs(pre, calibration_text(settings.calibration), settings.calib_tokens,
                                     settings.seq_len, settings.batch_size)
@@ -200,9 +200,9 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
     perplexity of a causal LM before and after; with ``up``, uptrain by distillation from the
     original (in ``DIR/uptrain``, resumable) before saving. ``quiet``: no progress lines or bars.
     Returns the summary it writes."""
-    settings.check()
+    settings.validate()
     if up is not None:
-        up.check()
+        up.validate()
     out = Path(out)
     check_out(out)
     check_earlier(out, source, settings, up)

@@ -34,7 +34,7 @@ class UptrainSettings:
     checkpoint_every: int = 50
     log_every: int = 10
 
-    def check(self) -> "UptrainSettings":
+    def validate(self) -> "UptrainSettings":
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.checkpoint_every < 1:
             raise ValueError("uptraining needs steps >= 1, batch_size >= 1, lr > 0 and checkpoint_every >= 1")
         return self
@@ -83,7 +83,7 @@ def uptrain(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, setti
     ``config`` (the conversion's settings) is stored with every checkpoint and must match on
     resume, with the uptraining settings. Returns `fit`'s summary.
     """
-    settings.check()
+    settings.validate()
     params = converted_parameters(student)
     if not params:
         raise ValueError("the model holds no converted layers: convert it before uptraining")

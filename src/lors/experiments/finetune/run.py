@@ -54,14 +54,27 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method '{self.method}': use one of {METHODS}")
-        for name in ("rank", "steps", "batch_size", "max_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
-        for name in ("alpha", "lr", "head_lr", "lora_plus_ratio"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} {getattr(self, name)} must be positive")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup {self.warmup} is a fraction of the steps: use 0 <= warmup < 1, e.g. 0.1")
+        check_training_fields(self, ("rank", "steps", "batch_size", "max_len"))
+
+
+COUNTS = ("steps", "batch_size", "max_len")           # >= 1, in a run and in a sweep
+RATES = ("alpha", "lr", "head_lr", "lora_plus_ratio")  # > 0 (a sweep may leave alpha and lr null)
+
+
+def check_training_fields(cfg, counts=COUNTS) -> None:
+    """The checks a run (``FinetuneConfig``) and a sweep (``FinetuneSweep``) share: ``counts``
+    at least 1, the rates positive (None: the default), the warm-up a fraction."""
+    for name in counts:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} {getattr(cfg, name)} must be at least 1")
+    for name in RATES:
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} {value} must be positive" + (" (or null for the default)"
+                                                                   if name in ("alpha", "lr") else ""))
+    warmup = getattr(cfg, "warmup", 0.0)
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"warmup {warmup} is a fraction of the steps: use 0 <= warmup < 1, e.g. 0.1")
 
 
 class TextClassifier(nn.Module):
@@ -170,13 +183,15 @@ def length_grouped_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Ge
 @torch.no_grad()
 def evaluate(model: TextClassifier, data: dict[str, torch.Tensor], device: torch.device,
              batch_size: int = 64) -> float:
-    """Accuracy in percent."""
+    """Accuracy in percent; the model's train/eval mode is left as it was."""
+    was_training = model.training
     model.eval()
     correct = 0
     by_length = data["attention_mask"].sum(1).argsort()  # less padding; the order does not change accuracy
     for idx in by_length.split(batch_size):
         b = _batch(data, idx, device)
         correct += int((model(b["input_ids"], b["attention_mask"]).argmax(-1) == b["labels"]).sum())
+    model.train(was_training)
     return 100.0 * correct / len(data["labels"])
 
 

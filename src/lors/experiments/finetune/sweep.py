@@ -21,7 +21,7 @@ import torch
 from lors.config import load_config, to_dict
 from lors.data.text import CATEGORIES, FORTUNES_DIR, load_fortunes
 from lors.experiments.finetune.report import _write, comparison, summarize, table, write_plot, write_report
-from lors.experiments.finetune.run import METHODS, PRESET, FinetuneConfig, finetune, load_minilm
+from lors.experiments.finetune.run import COUNTS, METHODS, PRESET, FinetuneConfig, check_training_fields, finetune, load_minilm
 from lors.experiments.runner import Job, run_jobs
 
 @dataclass
@@ -55,14 +55,7 @@ class FinetuneSweep:
                              f"e.g. ranks=[4,8,16,32]")
         if len(set(self.methods)) < len(self.methods) or len(set(self.ranks)) < len(self.ranks):
             raise ValueError(f"methods {self.methods} and ranks {self.ranks} must not repeat an entry")
-        for name in ("steps", "batch_size", "max_len", "train_per_class", "test_per_class"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
-        for name in ("alpha", "lr", "head_lr", "lora_plus_ratio"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} {value} must be positive" + (" (or null for the default)"
-                                                                       if name in ("alpha", "lr") else ""))
+        check_training_fields(self, (*COUNTS, "train_per_class", "test_per_class"))
 
 
 def load_sweep(config: str | Path = PRESET, overrides: Sequence[str] = ()) -> FinetuneSweep:
