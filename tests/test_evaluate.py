@@ -116,3 +116,17 @@ def test_postprocess_maps_boxes_back_through_the_resize():
     det = PostProcess(2)(outputs, resized["size"][None], torch.tensor([[150, 200]]))[0]
     back = det["boxes"][det["boxes"][:, 0].argsort()]
     assert torch.allclose(back, boxes, atol=1e-4)
+
+
+def test_predict_leaves_the_model_in_the_mode_it_was_in():
+    import torch
+
+    from lors.experiments.detection.evaluate import predict
+    from lors.models.adamixer import build_detector, load_detector_config
+    torch.manual_seed(0)
+    model = build_detector(load_detector_config("tiny", ["decoder.num_classes=3"]))
+    images, sizes = torch.rand(1, 3, 64, 64), torch.tensor([[64, 64]])
+    for mode in (True, False):
+        model.train(mode)
+        predict(model, images, sizes, sizes, max_detections=5)
+        assert model.training is mode

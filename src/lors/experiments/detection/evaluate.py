@@ -33,8 +33,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from lors.data.coco import CocoDetection, collate_fn, fill_eval_defaults
-from lors.engine.checkpoint import find_checkpoint, load_checkpoint, read_state
-from lors.experiments.families import check_family
+from lors.engine.checkpoint import load_checkpoint
+from lors.experiments import families
 from lors.engine.loop import autocast_dtype
 from lors.experiments.detection.data import build_datasets, to_device
 from lors.models.adamixer import DetectorConfig, PostProcess, build_detector
@@ -129,14 +129,7 @@ def coco_evaluate(
 def run_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, DetectorConfig, dict]:
     """The checkpoint folder of ``path`` (a run directory or a ckpt_* folder), the
     DetectorConfig stored with it (plus ``overrides``) and its state.json."""
-    from lors.config import load_config
-    ckpt = find_checkpoint(path)
-    if ckpt is None:
-        raise ValueError(f"{path} holds no checkpoint (no state.json or last.json): pass a run "
-                         "directory written by `lors detect train` or one of its ckpt_* folders")
-    state = read_state(ckpt)
-    check_family(state.get("config", {}), "detect", ckpt)
-    return ckpt, load_config(DetectorConfig, state["config"], overrides), state
+    return families.run_config(path, "detect", DetectorConfig, overrides)
 
 
 def load_detector(path: str | Path, overrides: Sequence[str] = (), cfg: DetectorConfig | None = None,
@@ -165,10 +158,12 @@ def predict(model: nn.Module, images: torch.Tensor, sizes: torch.Tensor, orig_si
         one dict per image: ``boxes`` (n, 4) absolute xyxy, ``labels`` (n,), ``scores`` (n,),
         sorted by score, as float32 CPU tensors (labels int64).
     """
+    was_training = model.training
     model.eval()
     device = images.device
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         outputs = model(images, sizes)
+    model.train(was_training)  # the caller's mode, as the LM and ViT evaluations leave it
     dets = PostProcess(max_detections)(outputs, sizes, orig_sizes.to(device))
     return [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in d.items()} for d in dets]
 

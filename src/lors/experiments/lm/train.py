@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lors.config import load_config, to_dict
+from lors.config import to_dict
 from lors.core import count_parameters
 from lors.data.corpus import Tokens, codec, digest, load_corpus, tokenize
 from lors.engine import distributed
 from lors.engine.checkpoint import find_checkpoint, load_checkpoint, read_state
 from lors.engine.loop import RETRY_HINT, RunSettings, adamw, fit
 from lors.engine.schedule import Schedule
-from lors.experiments.families import check_family
+from lors.experiments.families import run_config
 from lors.models.gpt import LMConfig, build_gpt, embedding_parameters
 
 RESUME_FREE = ("train.output_dir", "train.log_every", "train.checkpoint_every", "train.eval_every",
@@ -144,12 +144,7 @@ def parameter_counts(cfg: LMConfig) -> dict[str, int]:
 def load_lm(path: str | Path, overrides: Sequence[str] = (), device: torch.device | str = "cpu"):
     """The trained GPT of a run directory or ckpt_* folder (eval mode), its config and its
     tokenizer's JSON (None for bytes)."""
-    ckpt = find_checkpoint(path)
-    if ckpt is None:
-        raise ValueError(f"{path} holds no checkpoint: pass a run directory written by `lors lm train`")
-    state = read_state(ckpt)
-    check_family(state.get("config", {}), "lm", ckpt)
-    cfg = load_config(LMConfig, state["config"], overrides)
+    ckpt, cfg, state = run_config(path, "lm", LMConfig, overrides)
     model = build_gpt(cfg).to(device)
     load_checkpoint(ckpt, model)
     return model.eval(), cfg, state.get("tokenizer")
