@@ -33,12 +33,12 @@ def test_cosine_decay_halves_at_midpoint():
     assert s(0) == 2.0 and s(50) == pytest.approx(1.0) and s(100) == pytest.approx(0.0)
 
 
-def test_apply_keeps_each_groups_ratio_and_rejects_unknown_decays():
+def test_scale_groups_keeps_each_groups_ratio_and_rejects_unknown_decays():
     a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [a], "lr": 1e-3}, {"params": [b], "lr": 1e-2}])
     s = Schedule(lr=1e-3, total_steps=10, decay="cosine")
     for step in (0, 3, 7):
-        s.apply(opt, step)
+        s.scale_groups(opt, step)
         assert opt.param_groups[1]["lr"] == pytest.approx(10 * opt.param_groups[0]["lr"])
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.7)))
     with pytest.raises(ValueError, match="unknown learning-rate decay 'exp'"):

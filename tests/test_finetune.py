@@ -173,7 +173,7 @@ def test_schedule_keeps_each_groups_own_rate():
     cfg = FinetuneConfig(method="lora", steps=10, lr=1e-3, head_lr=1e-2)
     opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": cfg.lr},
                              {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": cfg.head_lr}])
-    lr_schedule(cfg).apply(opt, 5)
+    lr_schedule(cfg).scale_groups(opt, 5)
     assert opt.param_groups[1]["lr"] == pytest.approx(10 * opt.param_groups[0]["lr"])
 
 

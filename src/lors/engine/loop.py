@@ -90,7 +90,7 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, batches: Iterable, optimi
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     for batch in batches:
         tic = time.perf_counter()
-        lr = schedule.apply(optimizer, step)
+        lr = schedule.scale_groups(optimizer, step)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss, terms = loss_fn(model, batch)
         if not torch.isfinite(loss):

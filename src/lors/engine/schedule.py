@@ -58,10 +58,12 @@ class Schedule:
             return 0.5 * (1 + math.cos(math.pi * step / self.total_steps))
         return 1.0
 
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        """Set each parameter group's rate for ``step`` from its own base rate (the ``lr`` it was
-        built with, kept as ``group["base_lr"]`` and saved with the optimiser), so groups with
-        other rates (a head, LoRA+'s B) keep their ratios; returns the first group's rate."""
+    def scale_groups(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set each parameter group's rate for ``step``: its *own* base rate (the ``lr`` it was
+        built with, kept as ``group["base_lr"]`` and saved with the optimiser) times the
+        schedule's warm-up and decay, so groups with other rates (a head, LoRA+'s B) keep their
+        ratios. ``self.lr`` is not used here; it is the base of ``schedule(step)``. Returns the
+        first group's rate."""
         for group in optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
             group["lr"] = self(step, group["base_lr"])

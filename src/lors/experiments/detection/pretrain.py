@@ -169,7 +169,7 @@ def train_digit_backbone(cfg: PretrainConfig = PretrainConfig(), progress: bool 
                disable=not progress, dynamic_ncols=True)
     schedule = lr_schedule(cfg)
     for step in range(cfg.steps):
-        schedule.apply(opt, step)
+        schedule.scale_groups(opt, step)
         x, y = make_batch(alphas, labels, bank, cfg.batch_size, cfg.image_size, gen)
         x, y = x.to(device), y.to(device)
         logits = net(x)

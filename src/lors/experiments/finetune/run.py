@@ -225,7 +225,7 @@ def finetune(cfg: FinetuneConfig, train: TextSplit, test: TextSplit, device: str
             loss = F.cross_entropy(model(b["input_ids"], b["attention_mask"]), b["labels"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            schedule.apply(opt, step)  # every group from its own rate: the head and LoRA+'s B keep theirs
+            schedule.scale_groups(opt, step)  # every group from its own rate: the head and LoRA+'s B keep theirs
             opt.step()
             losses.append(loss.item())
         if dev.type == "cuda":
