@@ -98,26 +98,11 @@ def test_unreadable_or_missing_checkpoint(tmp_path):
 
 def test_two_checkpoints_with_one_stem_keep_their_own_layouts(tmp_path):
     lors.save(shared_gpt(rank=4), tmp_path / "enc.v1")
-    lors.save(shared_gpt(rank=2), tmp_path / "enc.v2")  # used to overwrite enc.lors.json
+    lors.save(shared_gpt(rank=2), tmp_path / "enc.v2")  # one stem, two files
     for name, rank in [("enc.v1", 4), ("enc.v2", 2)]:
         plain = GPT(n_layer=4)
         lors.load(plain, tmp_path / name)
         assert plain.h[1].attn.qkv.lors.ranks == [rank] * 4, name
-    assert not (tmp_path / "enc.lors.json").exists()
-
-
-def test_checkpoint_with_an_old_sidecar_still_loads(tmp_path):
-    model = shared_gpt()
-    path = tmp_path / "old.safetensors"
-    lors.save(model, path)
-    with safe_open(str(path), "pt") as f:
-        layout = f.metadata()["lors"]
-    save_file(load_file(str(path)), str(path))  # no metadata, as a file with a side-car may be
-    (tmp_path / "old.lors.json").write_text(layout)
-    plain = GPT(n_layer=4)
-    lors.load(plain, path)
-    idx = torch.randint(0, 50, (2, 5))
-    assert torch.equal(model(idx), plain(idx))
 
 
 def test_removing_layer_0_keeps_the_shared_tensors_in_the_checkpoint(tmp_path):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lors.cli import main
-from lors.experiments.detection.bench import LORS, VANILLA, load_suite, suite_names, suite_variants
+from lors.experiments.detection.bench import LORS, VANILLA, load_suite, suite_names
 from lors.experiments.detection.report import KEYS
 from lors.config import to_dict
 from lors.engine.checkpoint import find_checkpoint
@@ -28,6 +28,11 @@ def _flatten(d, prefix=""):
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def suite_variants(name):
+    """(label, overrides) of each row of an ablation suite."""
+    return [(v.label, list(v.overrides)) for v in load_suite(name).variants]
 
 
 def test_compare_on_a_tiny_benchmark_writes_summary_table_and_pngs(tmp_path):

@@ -6,9 +6,7 @@ and two checkpoints in one folder never share anything. ``load(model, path)`` ac
 a model that already has the same LORS layout or the plain model the layout was made from:
 it re-creates the layout's ``share_layers``/``convert_layers`` stacks first. Layout version 1
 (before each stack owned its shared modules, which were stored under the first layer that
-read them, ``<layers>.0.<target>.lors.*``) loads through a key map; checkpoints written before
-the layout moved into the file may rely on a ``<stem>.lors.json`` side-car, read when the
-file's metadata holds no layout.
+read them, ``<layers>.0.<target>.lors.*``) loads through a key map.
 """
 from __future__ import annotations
 
@@ -96,12 +94,6 @@ class SaveError(OSError, ValueError):
 
     def __str__(self) -> str:  # the message, not OSError's "[Errno N] strerror"
         return str(self.args[0])
-
-
-def sidecar_path(path: str | Path) -> Path:
-    """Where checkpoints from before the layout moved into the file kept it."""
-    path = Path(path)
-    return path.with_name(path.stem + ".lors.json")
 
 
 def _placements(model: nn.Module) -> dict[int, list[tuple[str, int]]]:
@@ -216,21 +208,16 @@ def _check_layout(layout, source: str) -> dict:
 
 
 def read_layout(path: str | Path) -> dict | None:
-    """The layout of checkpoint ``path``: its ``"lors"`` metadata entry or, for a file without
-    one, an old ``<stem>.lors.json`` side-car beside it; None when there is neither."""
+    """The layout of checkpoint ``path``: its ``"lors"`` metadata entry; None without one."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"checkpoint {path} is not a readable safetensors file ({err})") from None
-    if LAYOUT_KEY in meta:
-        text, source = meta[LAYOUT_KEY], f"the '{LAYOUT_KEY}' metadata of {path}"
-    else:
-        side = sidecar_path(path)
-        if not side.is_file():
-            return None
-        text, source = side.read_text(), str(side)
+    if LAYOUT_KEY not in meta:
+        return None
+    text, source = meta[LAYOUT_KEY], f"the '{LAYOUT_KEY}' metadata of {path}"
     try:
         layout = json.loads(text)
     except json.JSONDecodeError as err:
@@ -351,8 +338,8 @@ def load(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
             tensors[alias] = tensors[stored]
     layout = read_layout(path)
     if layout is None:
-        raise ValueError(f"checkpoint {path} has no LORS layout (no '{LAYOUT_KEY}' metadata, no "
-                         f"{sidecar_path(path).name} beside it), so lors.save did not write it: "
+        raise ValueError(f"checkpoint {path} has no LORS layout (no '{LAYOUT_KEY}' metadata), so "
+                         "lors.save did not write it: "
                          "load a plain safetensors file with model.load_state_dict("
                          "safetensors.torch.load_file(path)), and write checkpoints with lors.save")
     if layout.get("version", 1) > FORMAT_VERSION:

@@ -28,7 +28,6 @@ from lors.experiments.runner import Job, check_width, default_width, logged_step
 
 VANILLA, LORS = "bench_adamixer", "bench_adamixer_lors"
 PRETRAIN_STEPS = PretrainConfig.steps
-LEGACY_PRETRAINED = "resnet18_digits.pth"  # the wall-clock-budgeted cache of earlier versions: never used
 
 
 @dataclass
@@ -60,11 +59,6 @@ def load_suite(name: str) -> Suite:
         raise ValueError(f"unknown ablation suite {name!r}: choose one of {', '.join(suite_names())}, "
                          "or pass the path of a suite YAML file")
     return load_config(Suite, name, kind="ablate")
-
-
-def suite_variants(name: str) -> list[tuple[str, list[str]]]:
-    """(label, overrides) of each row of an ablation suite."""
-    return [(v.label, list(v.overrides)) for v in load_suite(name).variants]
 
 
 @dataclass
@@ -193,9 +187,6 @@ def pretrained_backbone(opts: SweepOptions, data_dir: Path, runs: Sequence[Run])
         return None
     levels = max(run.load(data_dir).backbone.num_levels for run in runs)
     from lors.experiments.detection.pretrain import cached_digit_backbone
-    if (data_dir / LEGACY_PRETRAINED).exists():
-        print(f"note: {data_dir / LEGACY_PRETRAINED} was pretrained for a wall-clock budget by an "
-              "earlier version and is not used; delete it to free the space", flush=True)
     cfg = PretrainConfig(steps=opts.pretrain_steps, levels=levels)
     path = cached_digit_backbone(data_dir, cfg, progress=not opts.quiet)
     print(f"backbone: {path} (ResNet-18 pretrained on the train split's digits, {cfg.steps} steps)",

@@ -196,13 +196,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def cache_path(cache_dir: str | Path, cfg: PretrainConfig = PretrainConfig(),
-               device: str | torch.device = "cpu") -> Path:
-    """Where `cached_digit_backbone` keeps the weights of ``cfg``: ``resnet18_digits-<key>.pth``
-    in ``cache_dir``, with the key a hash of `PretrainConfig.key`."""
-    return _cache_path(cache_dir, cfg.key(device))
-
-
 def _cache_path(cache_dir: str | Path, key: dict) -> Path:
     text = json.dumps(key, sort_keys=True)
     return Path(cache_dir) / f"resnet18_digits-{hashlib.sha256(text.encode()).hexdigest()[:12]}.pth"
