@@ -26,6 +26,12 @@ def json_only(args: argparse.Namespace):
 DEVICE_HELP = "cpu, cuda, cuda:N (default: this process's GPU, else CPU)"
 
 
+def family_parser(sub, name: str, help: str):
+    """The sub-parsers of a model family's command (`lors lm`, `lors vit`)."""
+    parser = sub.add_parser(name, help=help)
+    return parser.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+
+
 def add_train_parser(cmds, kind: str, what: str, default: str, func, json_help: str) -> argparse.ArgumentParser:
     """The `train` sub-command of a model family (`lors lm train`, `lors vit train`): a preset,
     overrides, the run directory, resume and extend, the device and --json."""

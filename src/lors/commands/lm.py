@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lors.commands._args import DEVICE_HELP, add_compare_parser, add_train_parser, json_only, positive_int
+from lors.commands._args import DEVICE_HELP, add_compare_parser, add_train_parser, family_parser, json_only, positive_int
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -43,8 +43,7 @@ def _compare():
 
 
 def register(sub) -> None:
-    parser = sub.add_parser("lm", help="train, evaluate and sample byte-level GPT language models")
-    cmds = parser.add_subparsers(dest="lm_command", required=True, metavar="COMMAND")
+    cmds = family_parser(sub, "lm", "train, evaluate and sample byte-level GPT language models")
 
     p = add_train_parser(cmds, "lm", "a GPT (lors/configs/lm) on a byte-level corpus", "gpt_small", run_train,
                          "print the run summary as JSON (with parameters: total and non_embedding), alone on "

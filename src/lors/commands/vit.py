@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lors.commands._args import add_compare_parser, add_train_parser
+from lors.commands._args import add_compare_parser, add_train_parser, family_parser
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -25,8 +25,7 @@ def _compare():
 
 
 def register(sub) -> None:
-    parser = sub.add_parser("vit", help="a small ViT on Fashion-MNIST: dense, LORS or tied blocks")
-    cmds = parser.add_subparsers(dest="vit_command", required=True, metavar="COMMAND")
+    cmds = family_parser(sub, "vit", "a small ViT on Fashion-MNIST: dense, LORS or tied blocks")
 
     add_train_parser(cmds, "vit", "a ViT (lors/configs/vit) on Fashion-MNIST", "vit_small", run_train,
                      "print the run summary as JSON")

@@ -30,7 +30,7 @@ from lors.config import to_dict
 from lors.core import count_parameters
 from lors.engine.checkpoint import find_checkpoint, read_state
 from lors.engine.rundir import config_differences, describe
-from lors.experiments.report import Column, Series, markdown_table, mean_and_spread, plot_points
+from lors.experiments.report import Column, Series, markdown_table, mean_and_spread, plot_points, write_summary
 from lors.experiments.runner import Job, default_width, logged_step, run_jobs
 
 MODELS = ("dense", "LORS", "tied", "dense-small")
@@ -179,8 +179,7 @@ def compare(task: Task, seeds: Sequence[int], out: str | Path, dense: str, lors:
                            "dense-small": f"{dense} {task.width_key}={_get(cfgs['dense-small'], task.width_key)}"},
                f"{task.unit}_per_run": cfgs["dense"].train.steps * units, "rows": rows,
                "wall_seconds": time.perf_counter() - tic}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "table.md").write_text(table + "\n")
+    written = write_summary(out, summary, table)
     print(f"\n{task.title}: {summary[f'{task.unit}_per_run']:,} training {task.unit} per run, seeds {list(seeds)} "
           f"({task.metric_label}, mean ± sample std):\n")
     print(table)
@@ -188,6 +187,6 @@ def compare(task: Task, seeds: Sequence[int], out: str | Path, dense: str, lors:
           f"{task.metric_label}: LORS - dense = {verdict['lors_vs_dense']:+.4f} ({_percent(verdict['lors_vs_dense_relative'])}); "
           f"LORS {'beats' if verdict['lors_beats_tied'] else 'does not beat'} tied and "
           f"{'beats' if verdict['lors_beats_dense_small'] else 'does not beat'} dense-small")
-    print(f"\nwall time {summary['wall_seconds'] / 60:.1f} min; wrote {out / 'summary.json'}, {out / 'table.md'}, "
+    print(f"\nwall time {summary['wall_seconds'] / 60:.1f} min; wrote {', '.join(map(str, written))}, "
           f"{out / 'metric_vs_params.png'}, {out / 'val_curves.png'}")
     return summary

@@ -5,6 +5,7 @@ Each experiment says *what* to show (its rows, columns and series); how it is wr
 """
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,16 @@ class Column:
 
     header: str
     cell: Callable[[Mapping[str, Any]], str]
+
+
+def write_summary(out: str | Path, summary: Mapping[str, Any], table: str) -> tuple[Path, Path]:
+    """A comparison's ``summary.json`` and ``table.md`` in ``out``; returns both paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / "summary.json", out / "table.md"
+    paths[0].write_text(json.dumps(summary, indent=2))
+    paths[1].write_text(table + "\n")
+    return paths
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:

@@ -24,6 +24,7 @@ from lors.engine.checkpoint import find_checkpoint
 from lors.engine.sampler import EpochSampler
 from lors.experiments.detection.pretrain import PretrainConfig
 from lors.experiments.detection.report import KEYS, SHOWN_METRICS, aggregate, draw_predictions, plot_ap, results_table
+from lors.experiments.report import write_summary
 from lors.experiments.runner import Job, check_width, default_width, logged_step, run_jobs
 
 VANILLA, LORS = "bench_adamixer", "bench_adamixer_lors"
@@ -202,12 +203,13 @@ def compare(opts: SweepOptions, out: str | Path = "runs/compare", vanilla: str =
     out = Path(out)
     data_dir = build_or_reuse(opts.data_dir, opts.data_set, progress=not opts.quiet)
     models = {"AdaMixer": vanilla, "AdaMixer + LORS": lors}
+    folders = {"AdaMixer": "vanilla", "AdaMixer + LORS": "lors"}  # run folders: <folder>_seed<S>
     pretrained = pretrained_backbone(opts, data_dir, [Run(label, config, opts.overrides, opts.seeds[0])
                                                       for label, config in models.items()])
     overrides = [*([f"backbone.weights={pretrained}"] if pretrained else []), *opts.overrides]
 
     def run_dir(label: str, seed: int) -> Path:
-        return out / f"{'lors' if 'LORS' in label else 'vanilla'}_seed{seed}"
+        return out / f"{folders[label]}_seed{seed}"
 
     runs = [(f"{label} ({config}), seed {seed}", Run(label, config, overrides, seed), run_dir(label, seed))
             for seed in opts.seeds for label, config in models.items()]
@@ -226,14 +228,13 @@ def compare(opts: SweepOptions, out: str | Path = "runs/compare", vanilla: str =
                "overrides": overrides, "pretrained_backbone": str(pretrained) if pretrained else None,
                "wall_seconds": time.perf_counter() - tic}
     summary["decoder_params_ratio"] = (rows["AdaMixer + LORS"]["decoder_params"] / rows["AdaMixer"]["decoder_params"])
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "table.md").write_text(table + "\n")
+    written = write_summary(out, summary, table)
     print(f"\nAdaMixer vs AdaMixer + LORS, seeds {list(opts.seeds)} "
           f"(AP in %, mean ± sample std over seeds; CPU time per training step):\n")
     print(table)
     print(f"\nLORS decoder / vanilla decoder = {summary['decoder_params_ratio']:.1%}; "
           f"wall time {summary['wall_seconds'] / 60:.1f} min")
-    print(f"wrote {out / 'summary.json'}, {out / 'table.md'}, {plot}, {preds}")
+    print(f"wrote {', '.join(map(str, written))}, {plot}, {preds}")
     return summary
 
 
