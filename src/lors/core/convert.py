@@ -31,7 +31,7 @@ from torch import nn
 from lors.core.basis import SIDES, SharedBasis
 from lors.core.share import attach, check_identical, find_layers, pick_targets
 from lors.core.stack import check_owner
-from lors.core.static import StaticLors
+from lors.core.static import StaticLors, per_layer
 
 FORMS = ("lors", "basis")
 ALLOCATIONS = ("greedy", "uniform")
@@ -304,14 +304,7 @@ def _plan_basis(ws, moments, groups, damping, side, cache):
 
 
 def _check_rank(value, count: int, what: str, limits: list[int], t: str) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        values = [value] * count
-    elif isinstance(value, (list, tuple)) and len(value) == count and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
-        values = list(value)
-    else:
-        raise ValueError(f"rank for target '{t}' must be an int, a list of {count} ints (one per "
-                         f"{what}) or 'full', got {value!r}")
+    values = per_layer(value, count, f"rank for target '{t}' (or 'full')", unit=what)
     for j, (v, lim) in enumerate(zip(values, limits)):
         if not 0 <= v <= lim:
             raise ValueError(f"rank {v} for {what} {j} of target '{t}' is out of range; use 0 <= rank "

@@ -9,7 +9,6 @@ once.
 """
 from __future__ import annotations
 
-import math
 from typing import Iterable, Sequence
 
 import torch
@@ -141,17 +140,6 @@ def linear_names(layer: nn.Module) -> list[str]:
     return [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
 
 
-def _check_per_layer(value, num_layers: int, what: str) -> list[int]:
-    """rank or groups: an int, or a list of one int per layer."""
-    if isinstance(value, (bool, str)) or not isinstance(value, (int, Sequence)):
-        hint = ""
-        if isinstance(value, float) and math.isfinite(value):
-            hint = f"; use {what}={max(1, round(value))}"
-        raise ValueError(f"{what} must be an int or a list of {num_layers} ints (one per layer), "
-                         f"got {value!r}{hint}")
-    return per_layer(value, num_layers, what)
-
-
 CONV1D_HINT = ("GPT-2's transposed Linear: replace each Conv1D by an nn.Linear holding weight.T "
                "first (the weights of GPT-2-family models)")
 
@@ -212,8 +200,8 @@ def share_layers(module: nn.Module, targets: str | Iterable[str] | None = None,
     _, stack = find_layers(module)
     layers = list(stack)
     check_identical(layers)
-    rank = _check_per_layer(rank, len(layers), "rank")
-    groups = _check_per_layer(groups, len(layers), "groups")
+    rank = per_layer(rank, len(layers), "rank")
+    groups = per_layer(groups, len(layers), "groups")
     targets = pick_targets(layers[0], targets)
     check_owner(stack)
     stacks = {}

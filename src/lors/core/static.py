@@ -20,15 +20,31 @@ INITS = ("paper", "official")
 DEFAULT_INIT = "paper"  # the one default everywhere: section 4.1, what the paper reports
 
 
-def per_layer(value: int | Sequence[int], num_layers: int, what: str) -> list[int]:
-    """Expand an int to one value per layer, or check a per-layer list's length."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value] * num_layers
-    values = list(value)
-    if len(values) != num_layers or not all(isinstance(v, int) for v in values):
-        raise ValueError(
-            f"{what} must be an int or a list of {num_layers} ints (one per layer), got {value!r}")
-    return values
+def per_layer(value, count: int, what: str, unit: str = "layer", count_key: str | None = None,
+              minimum: int | None = None) -> list[int]:
+    """"An int or one per layer", checked once for every caller: ``value`` (an int, or a list of
+    ``count`` ints) as one int per layer (or stage, ``unit``). A ValueError names ``what`` (a
+    name such as ``rank``, or ``config key 'lors.rank'``) and the fix: a float (with the int to
+    use), a bool or string, a list of the wrong length (against ``count_key`` where given), a
+    value below ``minimum``."""
+    listed = isinstance(value, (list, tuple))
+    ints = (isinstance(v, int) and not isinstance(v, bool) for v in (value if listed else [value]))
+    if not (listed or isinstance(value, int)) or not all(ints):
+        hint = ""
+        if isinstance(value, float) and math.isfinite(value) and what.isidentifier():
+            hint = f"; use {what}={max(1, round(value))}"
+        raise ValueError(f"{what} must be an int or a list of {count} ints (one per {unit}), got {value!r}{hint}")
+    if minimum is not None:
+        for i, v in enumerate(value if listed else [value]):
+            if v < minimum:
+                raise ValueError(f"{what[:-1]}[{i}]' must be >= {minimum}, got {v}" if listed and what.endswith("'")
+                                 else f"{what}{f'[{i}]' if listed else ''} must be >= {minimum}, got {v}")
+    if listed and len(value) != count:
+        if count_key:
+            raise ValueError(f"{what} has {len(value)} values {list(value)} but {count_key} is {count}: give "
+                             f"one value per {unit} or a single int")
+        raise ValueError(f"{what} must be an int or a list of {count} ints (one per {unit}), got {value!r}")
+    return list(value) if listed else [value] * count
 
 
 def check_ranks(ranks: list[int], groups: list[int], d: int, h: int, name: str,

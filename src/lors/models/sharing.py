@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lors.core import share_layers
+from lors.core.static import per_layer
 
 SHARINGS = ("none", "lors", "tied")
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # nanoGPT's and timm's names
@@ -86,12 +87,6 @@ class LorsSection:
         if unknown or not self.targets:
             raise ValueError(f"config key 'lors.targets' has {unknown or 'no targets'}: choose from {list(BLOCK_LINEARS)}")
         for key in ("rank", "groups", "attn_rank", "mlp_rank"):
-            value = getattr(self, key)
-            if value is None:
-                continue
-            values = value if isinstance(value, list) else [value]
-            if isinstance(value, list) and len(value) != n_layer:
-                raise ValueError(f"config key 'lors.{key}' has {len(value)} values but model.n_layer is {n_layer}: "
-                                 "give one per layer or a single int")
-            if any(v < 1 for v in values):
-                raise ValueError(f"config key 'lors.{key}' must be >= 1, got {value}")
+            if getattr(self, key) is not None:
+                per_layer(getattr(self, key), n_layer, f"config key 'lors.{key}'", count_key="model.n_layer",
+                          minimum=1)

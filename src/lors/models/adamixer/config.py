@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from lors.config import at_least as _at_least
+from lors.core.static import per_layer
 from lors.config import load_config
 from lors.config import positive as _positive
 from lors.config import require as _require
@@ -34,11 +35,8 @@ def _within(key: str, value: float, low: float, high: float, interval: str, why:
 
 def _per_stage(key: str, value: int | list[int], num_stages: int, enabled: bool) -> None:
     """A LORS rank or group count: one int >= 1, or (when used) one per decoder stage."""
-    for i, v in enumerate(value if isinstance(value, list) else [value]):
-        _at_least(f"{key}[{i}]" if isinstance(value, list) else key, v, 1)
-    if enabled and isinstance(value, list) and len(value) != num_stages:
-        raise ValueError(f"config key '{key}' has {len(value)} values {value} but decoder.num_stages is "
-                         f"{num_stages}: give one value per stage or a single int")
+    count = num_stages if enabled or not isinstance(value, list) else len(value)
+    per_layer(value, count, f"config key '{key}'", unit="stage", count_key="decoder.num_stages", minimum=1)
 
 
 @dataclass
