@@ -7,6 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lors
+import lors.hf
 from lors.hf import MARKER_KEY, WEIGHTS_NAME
 
 transformers = pytest.importorskip("transformers")
@@ -209,7 +210,8 @@ def _train(out, model, resume=None):
                              per_device_train_batch_size=4, report_to=[], use_cpu=True, seed=0,
                              dataloader_num_workers=0, disable_tqdm=True)
     losses = _Losses()
-    trainer = Trainer(model=model, args=args, train_dataset=_Dataset(), callbacks=[losses])
+    trainer = Trainer(model=model, args=args, train_dataset=_Dataset(),
+                      callbacks=[losses, lors.hf.checkpoint_callback()])
     trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     return losses.losses, trainer.model
 
@@ -244,3 +246,10 @@ def test_trainer_checkpoint_is_not_a_lors_folder(trainer_runs):
     out = trainer_runs[0]
     with pytest.raises(ValueError, match="Trainer checkpoint of a LORS model, resume it"):
         lors.from_pretrained(out / "whole" / "checkpoint-3")
+
+
+def test_a_marked_trainer_checkpoint_is_refused_by_a_plain_from_pretrained(trainer_runs):
+    from transformers import LlamaForCausalLM
+    out = trainer_runs[0]
+    with pytest.raises(ValueError, match="load it with lors.from_pretrained"):
+        LlamaForCausalLM.from_pretrained(out / "whole" / "checkpoint-3")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import shutil
 import uuid
@@ -215,3 +216,28 @@ def from_pretrained(directory: str | Path, model_class=None, **kw) -> nn.Module:
         model.generation_config = transformers.GenerationConfig.from_pretrained(str(directory))
     model.config.name_or_path = str(directory)
     return model.eval()
+
+
+def checkpoint_callback():
+    """A ``transformers.TrainerCallback`` for training a LORS model with ``Trainer``: after each
+    checkpoint is saved it adds the refusal marker to the checkpoint's ``config.json``, so a
+    plain ``from_pretrained`` of the checkpoint folder fails naming ``lors.from_pretrained``
+    instead of returning random weights where the shared ones were. Resuming
+    (``resume_from_checkpoint``) is unchanged: it reads ``model.safetensors`` itself.
+
+        trainer = Trainer(model, args, callbacks=[lors.hf.checkpoint_callback()])
+    """
+    transformers = _transformers("checkpoint_callback")
+
+    class LorsCheckpoints(transformers.TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            config = Path(args.output_dir) / f"checkpoint-{state.global_step}" / CONFIG_NAME
+            if args.should_save and config.is_file():
+                data = json.loads(config.read_text())
+                data[MARKER_KEY] = MARKER
+                tmp = config.with_name(config.name + ".tmp")
+                tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+                tmp.replace(config)
+            return control
+
+    return LorsCheckpoints()
