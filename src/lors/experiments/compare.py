@@ -128,6 +128,18 @@ def compare(task: Task, seeds: Sequence[int], out: str | Path, dense: str, lors:
     tic = time.perf_counter()
     out = Path(out)
     cfgs = model_configs(task, dense, lors, tied, overrides)
+    results = train_runs(task, cfgs, seeds, out, jobs, quiet)
+    rows = aggregate(task, cfgs, results)
+    configs = {"dense": dense, "LORS": lors, "tied": tied,
+               "dense-small": f"{dense} {task.width_key}={_get(cfgs['dense-small'], task.width_key)}"}
+    return report(task, rows, seeds, out, configs, overrides, task.units_per_step(cfgs["dense"]),
+                  cfgs["dense"].train.steps, time.perf_counter() - tic)
+
+
+def train_runs(task: Task, cfgs: dict[str, Any], seeds: Sequence[int], out: Path, jobs: int | None,
+               quiet: bool) -> dict[str, list[tuple[Path, dict]]]:
+    """Train (or reuse, or resume) every model for every seed in ``out/<model>_seed<S>``;
+    {model: [(run folder, the run's summary)] in seed order}."""
     width = max(1, jobs or default_width())
     runs, job_list = [], []
     for seed in seeds:
@@ -141,10 +153,19 @@ def compare(task: Task, seeds: Sequence[int], out: str | Path, dense: str, lors:
             job_list.append(Job(f"{name}, seed {seed}", task.train, (run_cfg, str(run_dir), not quiet and width == 1),
                                 steps=cfg.train.steps, done=lambda d=run_dir: logged_step(d)))
     results = run_jobs(job_list, width=width, quiet=quiet)
+    per_model: dict[str, list[tuple[Path, dict]]] = {name: [] for name in cfgs}
+    for (name, run_dir), result in zip(runs, results):
+        per_model[name].append((run_dir, result))
+    return per_model
+
+
+def aggregate(task: Task, cfgs: dict[str, Any], results: dict[str, list[tuple[Path, dict]]]) -> list[dict]:
+    """One row per model: its shape, parameter counts, the metric per seed, its mean and
+    spread, throughput, memory and the val curve (mean over seeds)."""
     rows = []
     for name, cfg in cfgs.items():
-        per_seed = [r for (n, _), r in zip(runs, results) if n == name]
-        curves = [val_curve(d, task.metric) for n, d in runs if n == name]
+        per_seed = [r for _, r in results[name]]
+        curves = [val_curve(d, task.metric) for d, _ in results[name]]
         ne, total = non_embedding_params(task, cfg)
         units = task.units_per_step(cfg)
         values = [r["metrics"][task.metric] for r in per_seed]
@@ -155,7 +176,15 @@ def compare(task: Task, seeds: Sequence[int], out: str | Path, dense: str, lors:
                                          "peak_memory_mb": r["peak_memory_mb"]} for v, r in zip(values, per_seed)],
                                        (task.metric, "units_per_s", "peak_memory_mb"), (task.metric,)),
                      "curve": [(s, statistics.fmean(c[i][1] for c in curves)) for i, (s, _) in enumerate(curves[0])]})
-    dense_ne, m = rows[0]["non_embedding_params"], task.metric
+    return rows
+
+
+def report(task: Task, rows: list[dict], seeds: Sequence[int], out: Path, configs: dict[str, str],
+           overrides: Sequence[str], units: int, steps: int, wall_seconds: float) -> dict:
+    """The table, both plots, ``summary.json`` and the printed verdict, from the rows (``units``
+    trained per step, ``steps`` per run); returns the summary."""
+    by_name = {r["model"]: r for r in rows}
+    dense_ne, m = by_name["dense"]["non_embedding_params"], task.metric
     columns = [Column("Model", lambda r: r["model"]),
                Column("Depth x width", lambda r: r["depth_x_width"]),
                Column("Non-embedding params", lambda r: f"{r['non_embedding_params']:,} "
@@ -165,7 +194,6 @@ def compare(task: Task, seeds: Sequence[int], out: str | Path, dense: str, lors:
                Column(f"{task.unit.capitalize()}/s", lambda r: f"{r['units_per_s']:,.0f}"),
                Column("Peak mem (MB)", lambda r: f"{r['peak_memory_mb']:.0f}")]
     table = markdown_table(rows, columns)
-    units = task.units_per_step(cfgs["dense"])
     plot_points([Series(r["model"], [r["non_embedding_params"] / 1e6], [r[m]], [r[m + "_std"]], notes=[r["model"]])
                  for r in rows], out / "metric_vs_params.png", "non-embedding parameters (M)", task.metric_label,
                 f"{task.title}, seeds {list(seeds)}")
@@ -173,12 +201,10 @@ def compare(task: Task, seeds: Sequence[int], out: str | Path, dense: str, lors:
                  for r in rows], out / "val_curves.png", f"training {task.unit} (M)", task.metric_label,
                 f"{task.metric_label} during training, mean of seeds {list(seeds)}")
     verdict = compare_rows({r["model"]: r[m] for r in rows}, task.lower_is_better)
-    verdict["lors_non_embedding_share"] = next(r for r in rows if r["model"] == "LORS")["non_embedding_params"] / dense_ne
+    verdict["lors_non_embedding_share"] = by_name["LORS"]["non_embedding_params"] / dense_ne
     summary = {"task": task.title, "verdict": verdict, "seeds": list(seeds), "overrides": list(overrides),
-               "configs": {"dense": dense, "LORS": lors, "tied": tied,
-                           "dense-small": f"{dense} {task.width_key}={_get(cfgs['dense-small'], task.width_key)}"},
-               f"{task.unit}_per_run": cfgs["dense"].train.steps * units, "rows": rows,
-               "wall_seconds": time.perf_counter() - tic}
+               "configs": configs, f"{task.unit}_per_run": steps * units, "rows": rows,
+               "wall_seconds": wall_seconds}
     written = write_summary(out, summary, table)
     print(f"\n{task.title}: {summary[f'{task.unit}_per_run']:,} training {task.unit} per run, seeds {list(seeds)} "
           f"({task.metric_label}, mean ± sample std):\n")
