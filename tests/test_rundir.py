@@ -135,18 +135,18 @@ def test_a_failed_checkpoint_write_leaves_no_partial_folder_and_keeps_the_previo
 def test_ctrl_c_leaves_a_resumable_run_and_releases_the_lock(tmp_path, monkeypatch, capsys):
     cfg = tiny_config(tmp_path, "tiny")
     run = tmp_path / "run"
-    real = Schedule.apply
+    real = Schedule.scale_groups
 
     def interrupt_at_3(self, optimizer, step):
         if step == 3:
             raise KeyboardInterrupt
         return real(self, optimizer, step)
 
-    monkeypatch.setattr(Schedule, "apply", interrupt_at_3)
+    monkeypatch.setattr(Schedule, "scale_groups", interrupt_at_3)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, run, progress=False, evaluate_at_end=False)
     assert "ckpt_00000002 is intact, rerun the same command to resume" in capsys.readouterr().err
-    monkeypatch.setattr(Schedule, "apply", real)
+    monkeypatch.setattr(Schedule, "scale_groups", real)
     assert train(cfg, run, progress=False, evaluate_at_end=False)["steps"] == 6
 
 

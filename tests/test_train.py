@@ -158,13 +158,13 @@ def test_cli_eval_and_predict_read_a_run_directory(tmp_path, capsys):
 def test_log_csv_is_flushed_every_log_every_steps_not_only_at_checkpoints(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, "tiny", "train.checkpoint_every=100", "train.log_every=2")
     run, seen = tmp_path / "run", {}
-    real = Schedule.apply
+    real = Schedule.scale_groups
 
     def watch(self, optimizer, step):  # called at the start of each step: what has a reader seen so far?
         if (run / "log.csv").exists():
             seen[step] = [s for s, _ in losses(run)]
         return real(self, optimizer, step)
 
-    monkeypatch.setattr(Schedule, "apply", watch)
+    monkeypatch.setattr(Schedule, "scale_groups", watch)
     train(cfg, run_dir=run, progress=False, evaluate_at_end=False)
     assert seen[2] == [1, 2] and seen[4] == [1, 2, 3, 4]  # before the first checkpoint (step 6)
