@@ -305,3 +305,15 @@ def test_saving_a_compiled_model_writes_what_the_plain_model_loads(tmp_path):
     again = torch.compile(GPT(n_layer=3))
     lors.load(again, path)  # into a compiled model too
     assert torch.equal(again._orig_mod(idx), model(idx))
+
+
+def test_a_target_whose_folder_has_its_own_name_is_owned_under_its_full_path():
+    stack = nn.ModuleList(nn.Sequential() for _ in range(3))
+    for layer in stack:
+        layer.out = nn.Sequential()
+        layer.out.out = nn.Linear(8, 8)
+    share_layers(stack, targets="out.out", rank=2)
+    assert [k for k in stack.state_dict() if "shared_weight" in k] == ["lors.out.out.0.shared_weight"]
+    from lors.core.stack import owned
+    assert list(owned(stack)) == ["out.out"]  # one target, not a folder taken for a second one
+    stack[2](torch.randn(2, 8)).sum().backward()

@@ -73,6 +73,7 @@ def _describe(err: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = os.environ.get(DEBUG, "") not in ("", "0")
+    python_format = warnings.formatwarning
     if not debug:
         warnings.formatwarning = _warning
     try:
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lors {args.command}: error: {_describe(err)}", file=sys.stderr)
         return 2
+    finally:  # main() called from Python leaves the caller's warning format as it was
+        warnings.formatwarning = python_format
 
 
 if __name__ == "__main__":

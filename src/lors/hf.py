@@ -234,7 +234,7 @@ def checkpoint_callback():
             config = Path(args.output_dir) / f"checkpoint-{state.global_step}" / CONFIG_NAME
             if args.should_save and config.is_file():
                 data = json.loads(config.read_text())
-                data[MARKER_KEY] = MARKER
+                data[MARKER_KEY] = MARKER  # what _write_config sets on a save_pretrained folder
                 tmp = config.with_name(config.name + ".tmp")
                 tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
                 tmp.replace(config)

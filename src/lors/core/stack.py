@@ -87,10 +87,10 @@ class _Owner(nn.Module):
         return {name: m for name, m in self.named_modules() if isinstance(m, nn.ModuleList)}
 
     def add(self, target: str, module: LayerStack) -> None:
-        node = self
-        for part in target.split("."):
-            if part not in node._modules:
-                node.add_module(part, nn.ModuleList() if part == target.split(".")[-1] else nn.Module())
+        node, parts = self, target.split(".")
+        for i, part in enumerate(parts):
+            if part not in node._modules:  # the last name holds the list, the others are folders
+                node.add_module(part, nn.ModuleList() if i == len(parts) - 1 else nn.Module())
             node = node._modules[part]
         node.append(module)
 

@@ -300,6 +300,8 @@ def fit(model: nn.Module, loss_fn: LossFn, epoch_batches: Callable[[int, int], I
 def _fit(model, loss_fn, epoch_batches, steps_per_epoch, optimizer, schedule, s: RunSettings,
          rank, world, run_dir: Path, evaluate) -> dict:
     main = rank == 0
+    if s.parallel not in distributed.PARALLELS:  # before any checkpoint is read
+        raise ValueError(f"parallel must be one of {distributed.PARALLELS}, got {s.parallel!r}")
     dev = next(model.parameters()).device
     bases = [group["lr"] for group in optimizer.param_groups]  # the rates the optimiser was built with
     dtype = autocast_dtype(s.amp, dev)
@@ -308,8 +310,6 @@ def _fit(model, loss_fn, epoch_batches, steps_per_epoch, optimizer, schedule, s:
     for group, base in zip(optimizer.param_groups, bases):  # the schedule scales these, even after a resume
         group["base_lr"] = base
     distributed.barrier()
-    if s.parallel not in distributed.PARALLELS:
-        raise ValueError(f"parallel must be one of {distributed.PARALLELS}, got {s.parallel!r}")
     sharded = world > 1 and s.parallel == "fsdp"
     if sharded:  # every process runs each forward (evaluation too) and gathers each checkpoint
         distributed.shard(model, optimizer)
