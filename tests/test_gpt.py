@@ -134,7 +134,8 @@ def test_compare_writes_the_table_summary_and_both_plots(tmp_path):
     assert list(rows) == ["dense", "LORS", "tied", "dense-small"]
     assert rows["tied"]["non_embedding_params"] < rows["LORS"]["non_embedding_params"] < rows["dense"]["non_embedding_params"]
     depth, width = rows["dense-small"]["depth_x_width"].split(" x ")
-    assert depth == "3" and int(width) < 32 and rows["dense-small"]["sharing"] == "none"
+    assert (int(depth), int(width)) != (3, 32) and int(depth) <= 3 and int(width) <= 32  # narrower or shallower
+    assert rows["dense-small"]["sharing"] == "none"
     assert all(r["val_bpb"] > 0 and [s for s, _ in r["curve"]] == [3, 6] for r in rows.values())
     for png in ("metric_vs_params.png", "val_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -235,3 +236,48 @@ def test_a_run_refuses_to_resume_on_a_corpus_that_changed_under_its_path(tmp_pat
     with pytest.raises(ValueError, match="is not the one the run in .* was trained on.*--no-resume"):
         train(cfg, tmp_path / "run", progress=False, evaluate_at_end=False)
     train(cfg, tmp_path / "run", resume=False, progress=False, evaluate_at_end=False)  # afresh: fine
+
+
+def test_sweep_puts_lors_ranks_against_the_dense_front(tmp_path):
+    from lors.experiments.lm.compare import sweep_lm
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "sweep"
+    summary = sweep_lm(seeds=[0], out=out, widths=[16, 32], ranks=[2, 4], alloc=None,
+                       overrides=[*TINY, f"data.corpus={corpus}", "train.eval_every=3"], jobs=1, quiet=True)
+    rows = {r["model"]: r for r in summary["rows"]}
+    assert list(rows) == ["dense-16", "dense-32", "LORS-r2", "LORS-r4"] and summary["base"] == "dense-32"
+    assert rows["LORS-r2"]["non_embedding_params"] < rows["LORS-r4"]["non_embedding_params"] < \
+        rows["dense-32"]["non_embedding_params"]
+    # LORS computes what the dense model of its width computes, and a little more
+    assert rows["dense-16"]["train_flops_per_unit"] < rows["dense-32"]["train_flops_per_unit"] < \
+        rows["LORS-r2"]["train_flops_per_unit"] < rows["LORS-r4"]["train_flops_per_unit"]
+    front = [(rows[d]["non_embedding_params"], rows[d]["val_bpb"]) for d in ("dense-16", "dense-32")]
+    for name in ("LORS-r2", "LORS-r4"):
+        v, r = summary["verdicts"][name], rows[name]
+        assert min(y for _, y in front) <= v["dense_front"] <= max(y for _, y in front)
+        assert v["beats_front"] == (r["val_bpb"] < v["dense_front"])
+        assert v["vs_dense"] == pytest.approx(r["val_bpb"] - rows["dense-32"]["val_bpb"])
+    for png in ("metric_vs_params.png", "metric_vs_flops.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| LORS-r4 |" in (out / "table.md").read_text()
+
+
+def test_the_dense_front_is_interpolated_in_log_parameters_and_not_extrapolated():
+    from lors.experiments.sweep import front_at
+    points = [(1000, 3.0), (10, 1.0)]
+    assert front_at(points, 100) == pytest.approx(2.0)
+    assert front_at(points, 10) == 1.0 and front_at(points, 1000) == 3.0
+    assert front_at(points, 5) is None and front_at(points, 2000) is None
+
+
+@pytest.mark.parametrize("widths, ranks, message", [
+    ([16], [2], "must include the LORS model's width"),
+    ([32, 32], [2], "distinct positive integers"),
+    ([32], [], "at least one"),
+])
+def test_a_sweep_with_bad_widths_or_ranks_is_refused_before_training(tmp_path, widths, ranks, message):
+    from lors.experiments.lm.compare import sweep_lm
+    with pytest.raises(ValueError, match=message):
+        sweep_lm(seeds=[0], out=tmp_path / "sweep", widths=widths, ranks=ranks, alloc=None,
+                 overrides=[*TINY, f"data.corpus={write_corpus(tmp_path)}"], jobs=1, quiet=True)
+    assert not (tmp_path / "sweep").exists()

@@ -101,3 +101,15 @@ def test_vit_compare_reuses_finished_runs_and_refuses_to_overwrite_other_setting
     zero = compare_rows({"dense": 0.0, "LORS": 10.0, "tied": 5.0, "dense-small": 20.0}, lower_is_better=False)
     assert zero["lors_vs_dense_relative"] is None and zero["lors_vs_dense"] == 10.0  # no ZeroDivisionError
     assert zero["lors_beats_tied"] and not zero["lors_beats_dense_small"]
+
+
+def test_dense_small_goes_shallower_when_no_width_comes_within_five_percent():
+    from lors.experiments.compare import MATCH, non_embedding_params, small_shape
+    from lors.experiments.lm.compare import GPT_TASK
+    from lors.experiments.vit.compare import VIT_TASK
+    for task, dense, lors, full_depth in ((VIT_TASK, "vit_small", "vit_small_lors", False),
+                                          (GPT_TASK, "gpt_small", "gpt_small_lors", True)):
+        target = non_embedding_params(task, task.load(lors, []))[0]
+        shape = small_shape(task, dense, [], target)
+        assert abs(non_embedding_params(task, task.load(dense, shape))[0] - target) / target <= MATCH
+        assert (not any(s.startswith(task.depth_key) for s in shape)) == full_depth

@@ -69,3 +69,36 @@ def add_compare_parser(cmds, family: str, what: str, metric: str, dense: str, lo
 
     p.set_defaults(func=run)
     return p
+
+
+def add_sweep_parser(cmds, family: str, what: str, metric: str, dense: str, lors: str, alloc: str, widths: list[int],
+                     ranks: list[int], out: str, sweep) -> argparse.ArgumentParser:
+    """The `sweep` sub-command of a model family (`lors lm sweep`, `lors vit sweep`): the
+    Pareto front of dense widths against LORS ranks; ``sweep()`` returns the family's sweep
+    function (imported when the command runs)."""
+    p = cmds.add_parser("sweep", help=f"dense {what} at several widths against LORS at several ranks: the Pareto front",
+                        description=f"Train dense models at --widths and LORS models at --ranks (and the --alloc "
+                                    f"config) for every seed on one budget; write a table ({metric} against "
+                                    f"non-embedding parameters and training FLOPs), summary.json and two plots to "
+                                    f"--out (see docs/lm.md).")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="training seeds (default 0)")
+    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+    p.add_argument("--dense", default=dense, help=f"the dense config (default {dense})")
+    p.add_argument("--lors", default=lors, help=f"the LORS config (default {lors})")
+    p.add_argument("--widths", type=positive_int, nargs="+", default=widths, metavar="W",
+                   help=f"dense widths; must include the LORS config's (default {' '.join(map(str, widths))})")
+    p.add_argument("--ranks", type=positive_int, nargs="+", default=ranks, metavar="R",
+                   help=f"LORS private ranks (default {' '.join(map(str, ranks))})")
+    p.add_argument("--alloc", default=alloc, help=f"a LORS config with ranks allocated by depth, one more row "
+                                                  f"(default {alloc}; 'none' for no such row)")
+    p.add_argument("--jobs", type=positive_int, default=None, help="runs at a time (default: cores, at most 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"{family} config overrides for every model")
+
+    def run(args: argparse.Namespace) -> int:
+        sweep()(args.seeds, args.out, args.dense, args.lors, args.widths, args.ranks,
+                None if args.alloc == "none" else args.alloc, args.overrides, args.jobs, args.quiet)
+        return 0
+
+    p.set_defaults(func=run)
+    return p

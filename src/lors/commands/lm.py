@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lors.commands._args import DEVICE_HELP, add_compare_parser, add_train_parser, family_parser, json_only, positive_int
+from lors.commands._args import DEVICE_HELP, add_compare_parser, add_sweep_parser, add_train_parser, family_parser, json_only, positive_int
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -42,6 +42,11 @@ def _compare():
     return compare_lm
 
 
+def _sweep():
+    from lors.experiments.lm.compare import sweep_lm
+    return sweep_lm
+
+
 def register(sub) -> None:
     cmds = family_parser(sub, "lm", "train, evaluate and sample byte-level GPT language models")
 
@@ -73,3 +78,5 @@ def register(sub) -> None:
 
     add_compare_parser(cmds, "GPT", "byte-level GPTs", "val bits per byte", "gpt_small", "gpt_small_lors",
                        "gpt_small_tied", "runs/lm_compare", _compare)
+    add_sweep_parser(cmds, "GPT", "GPTs", "val bits per byte", "gpt_small", "gpt_small_lors", "gpt_small_lors_alloc",
+                     [48, 64, 96, 128], [4, 8, 16, 32], "runs/lm_sweep", _sweep)

@@ -1,10 +1,11 @@
-"""`lors vit`: train a small ViT on Fashion-MNIST, or compare dense, LORS, tied and dense-small."""
+"""`lors vit`: train a small ViT on Fashion-MNIST, compare dense, LORS, tied and dense-small,
+or sweep dense widths against LORS ranks."""
 from __future__ import annotations
 
 import argparse
 import json
 
-from lors.commands._args import add_compare_parser, add_train_parser, family_parser
+from lors.commands._args import add_compare_parser, add_sweep_parser, add_train_parser, family_parser
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -24,6 +25,11 @@ def _compare():
     return compare_vit
 
 
+def _sweep():
+    from lors.experiments.vit.compare import sweep_vit
+    return sweep_vit
+
+
 def register(sub) -> None:
     cmds = family_parser(sub, "vit", "a small ViT on Fashion-MNIST: dense, LORS or tied blocks")
 
@@ -32,3 +38,5 @@ def register(sub) -> None:
 
     add_compare_parser(cmds, "ViT", "ViTs", "test accuracy", "vit_small", "vit_small_lors", "vit_small_tied",
                        "runs/vit_compare", _compare)
+    add_sweep_parser(cmds, "ViT", "ViTs", "test accuracy", "vit_small", "vit_small_lors", "vit_small_lors_alloc",
+                     [32, 40, 48, 64], [4, 8, 16, 32], "runs/vit_sweep", _sweep)

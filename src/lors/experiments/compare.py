@@ -5,8 +5,9 @@ For the same budget (steps x batch) and seeds it trains four models of one famil
   dense        the base config (``model.sharing=none``);
   LORS         LORS^T on all four block Linears (the LORS preset);
   tied         one block's weights for every block, no private part (ALBERT-style);
-  dense-small  a dense model as deep as the base but narrower: the width whose non-embedding
-               parameter count is closest to the LORS model's.
+  dense-small  a dense model of about the LORS model's non-embedding parameter count: as deep
+               as the base and narrower (the closest width) when that comes within 5 % of
+               it, else shallower too (`small_shape`).
 Runs go through `lors.experiments.runner` (each in its own process, two at a time on a 2-core
 machine) and resume: a rerun of the same command reuses finished runs and continues interrupted
 ones; a run folder that holds other settings is refused, never overwritten. Writes ``summary.json``, ``table.md``, ``metric_vs_params.png`` (the val metric
@@ -55,9 +56,12 @@ class Task:
     unit: str                                    # "tokens", "images": what a step trains on
     units_per_step: Callable[[Any], int]
     resume_free: Sequence[str] = ()              # config keys a run may differ in and still be reused
+    example_loss: Callable[[nn.Module, Any], tuple[Any, int]] | None = None  # (model, config) -> (the
+    # loss of one training batch built on the model's device, the units in it): for `training_flops`
 
 
-def _get(cfg: Any, key: str) -> Any:
+def config_value(cfg: Any, key: str) -> Any:
+    """The value at a dotted key ("model.n_embd") of a config."""
     node = cfg
     for part in key.split("."):
         node = getattr(node, part)
@@ -71,21 +75,52 @@ def non_embedding_params(task: Task, cfg: Any) -> tuple[int, int]:
     return total - task.embedding(model), total
 
 
-def small_width(task: Task, base: str, overrides: Sequence[str], target: int) -> int:
-    """The dense width (a multiple of 2 x heads) whose non-embedding count is closest to ``target``."""
+MATCH = 0.05  # dense-small is within this fraction of LORS's non-embedding count where a shape allows
+
+
+def small_shape(task: Task, base: str, overrides: Sequence[str], target: int) -> list[str]:
+    """The overrides of the dense model whose non-embedding count is closest to ``target``:
+    the base depth and the closest width (a multiple of 2 x heads) if that is within `MATCH`
+    of ``target``; otherwise the deepest smaller depth at which a width comes within `MATCH`
+    (width steps too coarse at full depth: a shallower model fills the gap), with its closest
+    width; failing both, the closest width at the base depth."""
     cfg = task.load(base, overrides)
-    step, best = 2 * _get(cfg, task.heads_key), None
-    for width in range(step, _get(cfg, task.width_key) + 1, step):
-        gap = abs(non_embedding_params(task, task.load(base, [*overrides, f"{task.width_key}={width}"]))[0] - target)
-        if best is None or gap < best[0]:
-            best = (gap, width)
-    return best[1]
+    step, depth = 2 * config_value(cfg, task.heads_key), config_value(cfg, task.depth_key)
+
+    def gap(shape: list[str]) -> float:
+        return abs(non_embedding_params(task, task.load(base, [*overrides, *shape]))[0] - target) / target
+
+    widths = range(step, config_value(cfg, task.width_key) + 1, step)
+    best = min(([f"{task.width_key}={w}"] for w in widths), key=gap)
+    if gap(best) <= MATCH:
+        return best
+    for d in range(depth - 1, 0, -1):  # the deepest shape within MATCH
+        shape = min(([f"{task.depth_key}={d}", f"{task.width_key}={w}"] for w in widths), key=gap)
+        if gap(shape) <= MATCH:
+            return shape
+    return best
+
+
+def training_flops(task: Task, cfg: Any) -> float | None:
+    """FLOPs of one training step (forward and backward of one batch) per unit (token, image),
+    counted by ``torch.utils.flop_counter`` on the meta device (matmuls and attention, 2 per
+    multiply-add; element-wise work not counted). A LORS layer pays the dense layer's matmul
+    plus its private term, which at a training batch's many rows it forms as a matrix once per
+    step. None when the task has no ``example_loss``."""
+    if task.example_loss is None:
+        return None
+    from torch.utils.flop_counter import FlopCounterMode
+    model = task.build(cfg, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        loss, units = task.example_loss(model, cfg)
+        loss.backward()
+    return counter.get_total_flops() / units
 
 
 def model_configs(task: Task, dense: str, lors: str, tied: str, overrides: Sequence[str]) -> dict[str, Any]:
     cfgs = {"dense": task.load(dense, overrides), "LORS": task.load(lors, overrides), "tied": task.load(tied, overrides)}
-    width = small_width(task, dense, overrides, non_embedding_params(task, cfgs["LORS"])[0])
-    cfgs["dense-small"] = task.load(dense, [*overrides, f"{task.width_key}={width}"])
+    shape = small_shape(task, dense, overrides, non_embedding_params(task, cfgs["LORS"])[0])
+    cfgs["dense-small"] = task.load(dense, [*overrides, *shape])
     return cfgs
 
 
@@ -130,8 +165,10 @@ def compare(task: Task, seeds: Sequence[int], out: str | Path, dense: str, lors:
     cfgs = model_configs(task, dense, lors, tied, overrides)
     results = train_runs(task, cfgs, seeds, out, jobs, quiet)
     rows = aggregate(task, cfgs, results)
+    small = cfgs["dense-small"]
     configs = {"dense": dense, "LORS": lors, "tied": tied,
-               "dense-small": f"{dense} {task.width_key}={_get(cfgs['dense-small'], task.width_key)}"}
+               "dense-small": f"{dense} {task.depth_key}={config_value(small, task.depth_key)} "
+                              f"{task.width_key}={config_value(small, task.width_key)}"}
     return report(task, rows, seeds, out, configs, overrides, task.units_per_step(cfgs["dense"]),
                   cfgs["dense"].train.steps, time.perf_counter() - tic)
 
@@ -160,8 +197,8 @@ def train_runs(task: Task, cfgs: dict[str, Any], seeds: Sequence[int], out: Path
 
 
 def aggregate(task: Task, cfgs: dict[str, Any], results: dict[str, list[tuple[Path, dict]]]) -> list[dict]:
-    """One row per model: its shape, parameter counts, the metric per seed, its mean and
-    spread, throughput, memory and the val curve (mean over seeds)."""
+    """One row per model: its shape, parameter counts, training FLOPs per unit, the metric per
+    seed, its mean and spread, throughput, memory and the val curve (mean over seeds)."""
     rows = []
     for name, cfg in cfgs.items():
         per_seed = [r for _, r in results[name]]
@@ -169,8 +206,9 @@ def aggregate(task: Task, cfgs: dict[str, Any], results: dict[str, list[tuple[Pa
         ne, total = non_embedding_params(task, cfg)
         units = task.units_per_step(cfg)
         values = [r["metrics"][task.metric] for r in per_seed]
-        rows.append({"model": name, "depth_x_width": f"{_get(cfg, task.depth_key)} x {_get(cfg, task.width_key)}",
+        rows.append({"model": name, "depth_x_width": f"{config_value(cfg, task.depth_key)} x {config_value(cfg, task.width_key)}",
                      "sharing": cfg.model.sharing, "non_embedding_params": ne, "total_params": total,
+                     "train_flops_per_unit": training_flops(task, cfg),
                      f"{task.metric}_per_seed": values,
                      **mean_and_spread([{task.metric: v, "units_per_s": units / r["seconds_per_step"],
                                          "peak_memory_mb": r["peak_memory_mb"]} for v, r in zip(values, per_seed)],

@@ -1,10 +1,15 @@
-"""`lors vit compare`: the four-way comparison (`lors.experiments.compare`) for the ViT."""
+"""`lors vit compare` and `lors vit sweep`: the four-way comparison (`lors.experiments.compare`) and
+the Pareto sweep (`lors.experiments.sweep`) for the ViT."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
+import torch
+import torch.nn.functional as F
+
 from lors.experiments.compare import Task, compare
+from lors.experiments.sweep import sweep
 from lors.experiments.vit.train import RESUME_FREE, train
 from lors.models.vit import build_vit, load_vit_config
 
@@ -23,13 +28,27 @@ def _images(cfg) -> int:
     return cfg.train.batch_size
 
 
+def _example_loss(model, cfg):
+    """One training batch (for the FLOPs per image)."""
+    m, n, device = cfg.model, cfg.train.batch_size, model.cls_token.device
+    x = torch.zeros(n, m.in_chans, m.img_size, m.img_size, device=device)
+    return F.cross_entropy(model(x), torch.zeros(n, dtype=torch.long, device=device)), n
+
+
 VIT_TASK = Task(title="ViT on Fashion-MNIST", load=load_vit_config, build=build_vit, embedding=_embedding,
                 train=_train, depth_key="model.depth", width_key="model.embed_dim", heads_key="model.num_heads",
                 metric="val_acc", metric_label="test accuracy (%)", lower_is_better=False, unit="images",
-                units_per_step=_images, resume_free=RESUME_FREE)
+                units_per_step=_images, resume_free=RESUME_FREE, example_loss=_example_loss)
 
 
 def compare_vit(seeds: Sequence[int] = (0, 1), out: str | Path = "runs/vit_compare", dense: str = "vit_small",
                 lors: str = "vit_small_lors", tied: str = "vit_small_tied", overrides: Sequence[str] = (),
                 jobs: int | None = None, quiet: bool = False) -> dict:
     return compare(VIT_TASK, seeds, out, dense, lors, tied, overrides, jobs, quiet)
+
+
+def sweep_vit(seeds: Sequence[int] = (0,), out: str | Path = "runs/vit_sweep", dense: str = "vit_small",
+              lors: str = "vit_small_lors", widths: Sequence[int] = (32, 40, 48, 64), ranks: Sequence[int] = (4, 8, 16, 32),
+              alloc: str | None = "vit_small_lors_alloc", overrides: Sequence[str] = (), jobs: int | None = None,
+              quiet: bool = False) -> dict:
+    return sweep(VIT_TASK, seeds, out, dense, lors, widths, ranks, alloc, overrides, jobs, quiet)
