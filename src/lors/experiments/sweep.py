@@ -127,7 +127,8 @@ def report_sweep(task: Task, rows: list[dict], seeds: Sequence[int], out: Path, 
                             style="o-"),
                      Series("LORS (ranks)", [r[key] / scale for r in shared], [r[m] for r in shared],
                             [r[m + "_std"] for r in shared], notes=[r["rank"] for r in shared], style="s")],
-                    out / name, xlabel, task.metric_label, title, logx=key == "non_embedding_params")
+                    out / name, xlabel, task.metric_label, title, logx=key == "non_embedding_params",
+                    xticks=[r[key] / scale for r in dense], xformat=lambda v: f"{v:.3g}")
     summary = {"task": task.title, "seeds": list(seeds), "overrides": list(overrides), "configs": configs,
                "base": base, f"{task.unit}_per_run": steps * units, "verdicts": found, "rows": rows,
                "wall_seconds": wall_seconds}
