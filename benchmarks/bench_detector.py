@@ -86,7 +86,7 @@ class Trainer:
     def __init__(self, model, cfg, device: torch.device, batch, amp: str):
         self.model, self.batch = model.train(), batch
         self.loss_fn = detection_loss(build_criterion(cfg), device)
-        self.optimizer = build_optimizer(cfg, model, device)
+        self.optimizer = build_optimizer(cfg, model)
         self.schedule, self.clip = schedule(cfg, 1), cfg.train.clip_grad
         self.dtype = autocast_dtype(amp, device)
 

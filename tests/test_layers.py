@@ -73,3 +73,18 @@ def test_core_imports_torch_and_the_standard_library_only():
 def test_tests_and_benchmarks_do_not_import_commands(folder):
     for path in (ROOT / folder).rglob("*.py"):
         assert "commands" not in _lors_imports(path), f"{path.relative_to(ROOT)} imports lors.commands"
+
+
+def _calls(path: Path, dotted: str) -> int:
+    """How many calls of ``dotted`` (e.g. "torch.optim.AdamW") ``path`` makes, read with ast."""
+    found = 0
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in (dotted, dotted.rsplit(".", 1)[1]):
+            found += 1
+    return found
+
+
+def test_adamw_is_built_in_one_place():
+    """docs/architecture.md: `lors.engine.loop.adamw` is the one AdamW builder."""
+    builders = [p.relative_to(SRC).as_posix() for p in MODULES if _calls(p, "torch.optim.AdamW")]
+    assert builders == ["engine/loop.py"]

@@ -64,19 +64,34 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999)
-          ) -> torch.optim.AdamW:
-    """AdamW over ``model``'s trainable parameters, weight decay on weights only: biases (also a
-    LORS stack's per-layer bias rows, which are 2-D) and other 1-D tensors (norms) get none. The
-    fused kernel on CPU and CUDA (one pass over all tensors)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 or name.endswith("bias") else decay).append(p)
+DECAY_RULES = ("weights", "all")
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
+          decay: str = "weights", groups: Sequence[dict] | None = None, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over ``model``'s trainable parameters: the one builder of every training here.
+
+    ``decay`` says which tensors get ``weight_decay``: "weights" (the transformers' rule) decays
+    weights only, so biases (also a LORS stack's per-layer bias rows, which are 2-D) and other
+    1-D tensors (norms) get none; "all" decays every tensor (the detector and its backbone, as
+    the AdaMixer authors' optimiser config). ``groups``: parameter groups given by the caller
+    instead (each with its own ``lr``; fine-tuning's head and LoRA+ rates), every one with
+    ``weight_decay``. ``fused``: the fused kernel on CPU and CUDA (one pass over all tensors);
+    False keeps torch's per-tensor default, with which fine-tuning's and backbone pretraining's
+    published figures were made."""
+    if decay not in DECAY_RULES:
+        raise ValueError(f"decay must be one of {DECAY_RULES}, got {decay!r}")
+    if groups is None:
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if decay == "all":
+            groups = [{"params": [p for _, p in trainable], "weight_decay": weight_decay}]
+        else:
+            skip = [p.dim() < 2 or name.endswith("bias") for name, p in trainable]
+            groups = [{"params": [p for (_, p), s in zip(trainable, skip) if not s], "weight_decay": weight_decay},
+                      {"params": [p for (_, p), s in zip(trainable, skip) if s], "weight_decay": 0.0}]
     device = next(model.parameters()).device
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas,
-                             fused=device.type in ("cpu", "cuda"))
+    return torch.optim.AdamW(list(groups), lr=lr, betas=betas, weight_decay=weight_decay,
+                             fused=device.type in ("cpu", "cuda") if fused else None)
 
 
 def train_one_epoch(model: nn.Module, loss_fn: LossFn, batches: Iterable, optimizer: torch.optim.Optimizer,

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from lors.config import check_types
 from lors.data.benchmark import DIGIT_SPLIT_SEED, TRAIN_PHOTOS, digit_split, load_digits, load_photo
 from lors.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lors.engine.loop import adamw
 from lors.engine.schedule import Schedule
 
 
@@ -162,7 +163,7 @@ def train_digit_backbone(cfg: PretrainConfig = PretrainConfig(), progress: bool 
     net = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, *stages,
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64 * 2 ** (cfg.levels - 1), 10))
     net = net.to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    opt = adamw(net, cfg.lr, 1e-4, decay="all", fused=False)
     net.train()
     correct = seen = 0
     bar = tqdm(total=cfg.steps, unit="step", desc="pretrain resnet18 on train digits",

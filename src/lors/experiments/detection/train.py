@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from lors.config import to_dict
 from lors.engine import distributed
-from lors.engine.loop import RETRY_HINT, NonFiniteLossError, RunSettings, fit
+from lors.engine.loop import RETRY_HINT, NonFiniteLossError, RunSettings, adamw, fit
 from lors.engine.sampler import EpochSampler, SeededItems
 from lors.engine.schedule import Schedule
 from lors.data.coco import collate_fn
@@ -40,11 +40,9 @@ def schedule(cfg: DetectorConfig, steps_per_epoch: int) -> Schedule:
                     milestones=tuple(e * steps_per_epoch for e in t.lr_steps))
 
 
-def build_optimizer(cfg: DetectorConfig, model: torch.nn.Module, dev: torch.device) -> torch.optim.AdamW:
-    """The paper's AdamW over the trainable parameters, the fused kernel on CPU and GPU (it
-    updates all tensors in one pass; the default loops per tensor)."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
-                             weight_decay=cfg.train.weight_decay, fused=dev.type in ("cpu", "cuda"))
+def build_optimizer(cfg: DetectorConfig, model: torch.nn.Module) -> torch.optim.AdamW:
+    """The paper's AdamW over the trainable parameters, every tensor decayed (`lors.engine.loop.adamw`)."""
+    return adamw(model, cfg.train.lr, cfg.train.weight_decay, decay="all")
 
 
 def detection_loss(criterion, dev: torch.device):
@@ -84,7 +82,7 @@ def train(cfg: DetectorConfig, run_dir=None, resume: bool = True, stop_after: in
     torch.manual_seed(t.seed)
     model = build_detector(cfg).to(dev)
     loss_fn = detection_loss(build_criterion(cfg), dev)
-    optimizer = build_optimizer(cfg, model, dev)
+    optimizer = build_optimizer(cfg, model)
     items = SeededItems(train_set, t.seed)
     sampler = EpochSampler(len(train_set), per_process, t.seed, rank, world)
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from lors.adapters import serial_lora
 from lors.data.text import TextSplit
 from lors.engine.memory import PeakMemory
+from lors.engine.loop import adamw
 from lors.engine.schedule import Schedule
 from lors.models.pretrained import load_minilm
 
@@ -208,7 +209,7 @@ def finetune(cfg: FinetuneConfig, train: TextSplit, test: TextSplit, device: str
     encoder, tokenizer = load()
     model = build_classifier(cfg, encoder, len(train.classes)).to(dev)
     train_data, test_data = tokenize(tokenizer, train, cfg.max_len), tokenize(tokenizer, test, cfg.max_len)
-    opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=0.0)
+    opt = adamw(model, cfg.lr, 0.0, groups=param_groups(model, cfg), fused=False)
     schedule = lr_schedule(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     lengths = train_data["attention_mask"].sum(1)
