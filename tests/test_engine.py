@@ -33,6 +33,13 @@ def test_cosine_decay_halves_at_midpoint():
     assert s(0) == 2.0 and s(50) == pytest.approx(1.0) and s(100) == pytest.approx(0.0)
 
 
+def test_constant_decay_after_warmup_does_not_depend_on_the_runs_length():
+    short, long = (Schedule(lr=1.0, total_steps=n, warmup_steps=4, decay="constant") for n in (10, 1000))
+    assert [short(t) for t in range(4)] == [0.0, 0.25, 0.5, 0.75]
+    assert [short(t) for t in range(10)] == [long(t) for t in range(10)]
+    assert {long(t) for t in range(4, 1000)} == {1.0}
+
+
 def test_scale_groups_keeps_each_groups_ratio_and_rejects_unknown_decays():
     a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [a], "lr": 1e-3}, {"params": [b], "lr": 1e-2}])
@@ -162,3 +169,21 @@ def test_the_log_files_are_closed_when_a_run_fails(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLossError):
         _toy_fit(tmp_path / "run", loss_fn=bad)
     assert closed == [True]
+
+
+def test_eval_steps_write_a_val_row_after_each_listed_step_and_the_end(tmp_path):
+    from lors.engine.loop import RunSettings, adamw, fit
+    model = nn.Linear(4, 1)
+    data = torch.randn(6, 2, 4, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def evaluate():
+        seen.append(float(model.weight.detach().sum()))
+        return {"score": seen[-1]}
+    settings = RunSettings(run_dir=tmp_path, config={"train": {"steps": 6}}, length_key="train.steps",
+                           checkpoint_every=3, eval_steps=(2, 5), progress=False)
+    fit(model, lambda m, x: (m(x).pow(2).mean(), {}), lambda epoch, start: (data[s] for s in range(start, 6)), 6,
+        adamw(model, 1e-2, 0.0), Schedule(lr=1e-2, total_steps=6), settings, evaluate=evaluate)
+    rows = (tmp_path / "val.csv").read_text().splitlines()
+    assert rows[0] == "step,score" and [r.split(",")[0] for r in rows[1:]] == ["2", "5", "6"]
+    assert len(set(seen)) == 3  # measured on the weights of three different steps

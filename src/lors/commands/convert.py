@@ -38,16 +38,19 @@ def run_convert(args: argparse.Namespace) -> int:
     from lors.experiments.convert.uptrain import UptrainSettings
     if args.out is None:
         raise ValueError("pass --out DIR, the folder for the converted model")
+    if not args.uptrain_steps and (args.eval_at_tokens or args.uptrain_schedule != "cosine"):
+        raise ValueError("--eval-at-tokens and --uptrain-schedule shape the uptraining: pass --uptrain-steps N too")
     up = None if not args.uptrain_steps else UptrainSettings(
         steps=args.uptrain_steps, lr=args.uptrain_lr, batch_size=args.uptrain_batch,
-        checkpoint_every=min(args.uptrain_steps, 50))
+        checkpoint_every=min(args.uptrain_steps, 50), schedule=args.uptrain_schedule,
+        text_tokens=args.uptrain_tokens, eval_at_tokens=list(args.eval_at_tokens or []))
     settings = ConvertSettings(budget=None if args.rank is not None else args.budget, rank=args.rank,
                                form=args.form, side=args.side, groups=args.groups, writer_groups=args.writer_groups,
                                allocation=args.allocation,
                                damping=args.damping, targets=args.targets, calibration=args.calibration,
                                calib_tokens=args.calib_tokens, seq_len=args.seq_len)
     summary = convert_model(args.model, args.out, settings, merged=args.merged, eval_tokens=args.eval_tokens or 0,
-                            up=up, resume=not args.no_resume, quiet=args.json)
+                            eval_text=args.eval_text, up=up, resume=not args.no_resume, quiet=args.json)
     table = summary.pop("table")
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -57,8 +60,12 @@ def run_convert(args: argparse.Namespace) -> int:
           f"({summary['kept']:.1%}); whole model: {summary['total_params_before']:,} -> "
           f"{summary['total_params_after']:,}; {summary['seconds']:.0f} s")
     if "held_out_perplexity" in summary:
+        text = summary["texts"]["evaluation"]
         print("held-out perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["held_out_perplexity"].items()
-                                                  if k != "tokens") + f" ({summary['held_out_perplexity']['tokens']:,} tokens)")
+                                                  if k != "tokens")
+              + f" ({summary['held_out_perplexity']['tokens']:,} tokens of {text['name']}, {text['part']})")
+    for point in (summary.get("uptrain") or {}).get("curve", [])[:-1]:
+        print(f"  after {point['tokens']:,} uptraining tokens (step {point['step']}): {point['perplexity']:.2f}")
     print(f"wrote {summary['checkpoint']} and {args.out}/conversion.json"
           + (f"; the merged plain model to {summary['merged']}" if args.merged else ""))
     return 0
@@ -68,7 +75,8 @@ def run_compare(args: argparse.Namespace) -> int:
     from lors.experiments.convert.bench import ROW_NAMES, compare_conversion, results_table
     summary = compare_conversion(args.compare_model, args.budgets, args.rows or ROW_NAMES,
                                  args.out or f"runs/convert_compare/{args.compare_model}", args.calib_tokens,
-                                 args.eval_tokens or 8192, args.seq_len, quiet=args.quiet)
+                                 args.eval_tokens or 8192, args.seq_len, calibration=args.calibration,
+                                 eval_text=args.eval_text, quiet=args.quiet)
     print(json.dumps(summary, indent=2) if args.json else results_table(summary))
     return 0
 
@@ -93,11 +101,19 @@ def register(sub) -> None:
     one.add_argument("--allocation", choices=["uniform", "greedy"], default="uniform", help="how the budget is spread (default uniform)")
     one.add_argument("--damping", type=float, default=0.001, help="added to each input moment, times its mean diagonal (default 0.001)")
     one.add_argument("--targets", nargs="+", metavar="NAME", help="Linear names in a layer (default: every Linear)")
-    one.add_argument("--calibration", metavar="TEXT", help="a UTF-8 text file (default: the fortunes corpus's train part)")
     one.add_argument("--merged", action="store_true", help="also write DIR/merged, a plain model (save_pretrained)")
     one.add_argument("--uptrain-steps", type=int, default=0, metavar="N", help="distil the original into the converted model for N steps (causal LMs; default 0)")
     one.add_argument("--uptrain-lr", type=float, default=1e-4, help="uptraining learning rate (default 1e-4)")
     one.add_argument("--uptrain-batch", type=positive_int, default=4, help="windows per uptraining step (default 4)")
+    one.add_argument("--uptrain-schedule", choices=["cosine", "constant", "linear"], default="cosine",
+                     help="learning rate after 10 warm-up steps: cosine to 0 (default), or constant, which "
+                          "makes intermediate points fair and lets a finished run continue to more steps")
+    one.add_argument("--uptrain-tokens", type=positive_int, default=131072, metavar="T",
+                     help="uptraining windows are drawn from the first T tokens of the calibration text, or all "
+                          "of it if shorter (default 131072)")
+    one.add_argument("--eval-at-tokens", type=positive_int, nargs="+", metavar="T",
+                     help="also measure the held-out perplexity after T uptraining tokens (multiples of "
+                          "--uptrain-batch x --seq-len), to DIR/uptrain/val.csv; needs --eval-tokens")
     one.add_argument("--no-resume", action="store_true", help="start the uptraining afresh even if DIR/uptrain has a checkpoint")
     both = p.add_argument_group("both")
     both.add_argument("--out", help="output folder")
@@ -105,6 +121,13 @@ def register(sub) -> None:
     both.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens, 0 for none (default 16384)")
     both.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default 512)")
     both.add_argument("--eval-tokens", type=int, help="held-out tokens for perplexity (convert: default 0, none; compare: 8192)")
+    both.add_argument("--calibration", metavar="TEXT",
+                      help="calibration (and uptraining) text: 'fortunes' (default: the Debian fortunes' train part), "
+                           "'pydoc' (Python's help topics' train part) or a UTF-8 text file")
+    both.add_argument("--eval-text", metavar="TEXT",
+                      help="held-out text for --eval-tokens: 'fortunes' (default: the fortunes' held-out part), "
+                           "'pydoc' (the help topics' held-out part) or a UTF-8 text file (split by paragraph "
+                           "from --calibration when it is the same file)")
     cmp_ = p.add_argument_group("compare")
     cmp_.add_argument("--model", dest="compare_model", default="smollm2", help="model to benchmark (default smollm2)")
     cmp_.add_argument("--budgets", type=_fraction, nargs="+", default=[0.75, 0.5], metavar="F",

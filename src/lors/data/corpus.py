@@ -65,6 +65,12 @@ def _read(path: Path) -> str:
                          "`iconv -t UTF-8` or leave it out") from None
 
 
+def held_out(key: str, val_fraction: float) -> bool:
+    """Whether the entry of ``key`` (its text, or a name that identifies it) goes to val: by the
+    first byte of its sha256, so the split is the same on every machine and run."""
+    return hashlib.sha256(key.encode("utf-8")).digest()[0] < 256 * val_fraction
+
+
 def _files(root: Path, fortunes: bool) -> list[Path]:
     if root.is_file():
         return [root]
@@ -93,8 +99,7 @@ def load_corpus(path: str | Path | None = None, val_fraction: float = 0.05, cont
     for f in files:
         for entry in _split_entries(_read(f), fortunes):
             entries += 1
-            digest = hashlib.sha256(entry.encode("utf-8")).digest()
-            (val if digest[0] < 256 * val_fraction else train).append(entry)
+            (val if held_out(entry, val_fraction) else train).append(entry)
     if not entries:
         raise ValueError(f"corpus {root} is empty (no text in {len(files)} file(s)): pass a corpus with text in it")
     out = {}

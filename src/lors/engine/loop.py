@@ -138,6 +138,7 @@ class RunSettings:
     checkpoint_every: int = 1000
     log_every: int = 20
     eval_every: int = 0  # with fit's ``evaluate``: also every this many steps, to val.csv (0: at the end only)
+    eval_steps: Sequence[int] = ()  # with fit's ``evaluate``: also after each of these steps, to val.csv
     clip_grad: float = 0.0
     amp: str = "auto"
     state: dict = field(default_factory=dict)  # stored with every checkpoint (class names, ...)
@@ -249,7 +250,9 @@ class RunLog:
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
 
     def val(self, step: int, metrics: Mapping[str, float]) -> None:
-        """A row of ``val.csv`` (step, then the metrics) and val/ scalars in TensorBoard."""
+        """A row of ``val.csv`` (step, then the metrics) and val/ scalars in TensorBoard; a step
+        evaluated again (a finished run rerun) replaces its row."""
+        _trim_log(self.val_path, step - 1)
         new = not self.val_path.exists()
         with self.val_path.open("a", newline="") as f:
             if new:
@@ -357,8 +360,8 @@ def _fit(model, loss_fn, epoch_batches, steps_per_epoch, optimizer, schedule, s:
             log.step(now, epoch, lr, loss, terms, seconds)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
-        if (main or sharded) and evaluate is not None and s.eval_every and now % s.eval_every == 0 \
-                and now < total:
+        if (main or sharded) and evaluate is not None and now < total \
+                and (s.eval_every and now % s.eval_every == 0 or now in s.eval_steps):
             metrics = evaluate()  # the final evaluation comes after the loop
             if main:
                 log.val(now, metrics)

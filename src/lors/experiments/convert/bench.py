@@ -2,8 +2,9 @@
 
 For a pretrained model (SmolLM2-135M: held-out perplexity; MiniLM-L6: cosine similarity of its
 sentence embeddings to the original's), every row of ``ROWS`` is converted at every budget from
-one calibration run, evaluated on disjoint held-out text, and written as ``summary.json``,
-``table.md`` and ``quality_vs_params.png`` (see docs/results/convert.md).
+one calibration run, evaluated on disjoint held-out text (by default the fortunes' train and val
+parts; any pair of `texts.resolve_text` texts, recorded in the summary), and written as
+``summary.json``, ``table.md`` and ``quality_vs_params.png`` (see docs/results/convert.md).
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from lors.core.share import find_layers
-from lors.data.corpus import ENTRY_SEPARATOR
 from lors.experiments.convert.evaluate import (drop_layers, layer_similarity, perplexity, record_moments,
-                                               sentence_embeddings, token_windows)
-from lors.experiments.convert.run import ConvertSettings, calibration_inputs, convert_pretrained, fortunes_texts
+                                               sentence_embeddings)
+from lors.experiments.convert.run import ConvertSettings, calibration_inputs, convert_pretrained
+from lors.experiments.convert.texts import resolve_text, text_windows
 from lors.experiments.report import Column, Series, markdown_table, plot_points
 from lors.models.pretrained import CAUSAL, Pretrained, load_pretrained
 from lors.models.sharing import writes_residual
@@ -73,47 +74,44 @@ def sides(row: Row, targets: Sequence[str]) -> str | dict[str, str]:
     return {t: "out" if writes_residual(t) else "in" for t in targets}
 
 
-def _texts() -> tuple[str, list[str]]:
-    """The fortunes corpus: its train part as one text (calibration), its val part's entries."""
-    train, val = fortunes_texts()
-    return train, [e for e in val.split(ENTRY_SEPARATOR) if e.strip()]
-
-
 def compare_conversion(model: str = "smollm2", budgets: Sequence[float] = (0.75, 0.5),
                        rows: Sequence[str] = ROW_NAMES, out: str | Path = "runs/convert_compare",
                        calib_tokens: int = 16384, eval_tokens: int = 8192, seq_len: int = 512,
-                       eval_texts: int = 1000, quiet: bool = False) -> dict:
-    """Convert ``model`` by each row at each budget and measure it; see the module docstring."""
+                       eval_texts: int = 1000, calibration: str | None = None, eval_text: str | None = None,
+                       quiet: bool = False) -> dict:
+    """Convert ``model`` by each row at each budget and measure it; see the module docstring.
+    ``calibration``, ``eval_text``: texts for `texts.resolve_text` (None: the fortunes)."""
     unknown = [r for r in rows if r not in ROW_NAMES]
     if unknown:
         raise ValueError(f"unknown rows {unknown}: choose from {list(ROW_NAMES)}")
     if not budgets or not all(0 < b < 1 for b in budgets):
         raise ValueError(f"budgets must be fractions with 0 < budget < 1, got {list(budgets)}")
     chosen = [r for r in ROWS if r.name in rows]
+    calib = resolve_text(calibration, "calibration", other=eval_text)
+    held = resolve_text(eval_text, "evaluation", other=calibration)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     pre = load_pretrained(model)
     causal = pre.kind == CAUSAL
-    train_text, val_entries = _texts()
     seq = seq_len if causal else min(seq_len, 128)
-    inputs = calibration_inputs(pre, train_text, calib_tokens, seq, 4)
+    inputs = calibration_inputs(pre, calib, calib_tokens, seq, 4)
     _, stack = find_layers(pre.model)
     n_layers = len(stack)
     t0 = time.perf_counter()
     moments = record_moments(pre.model, None, inputs)
     calib_seconds = time.perf_counter() - t0
     if causal:
-        windows = token_windows(pre.tokenizer, "\n\n".join(val_entries), eval_tokens, seq_len)
+        windows = text_windows(pre.tokenizer, held, eval_tokens, seq_len, "--eval-tokens")
         measure = lambda m: perplexity(m, windows)  # noqa: E731
         metric, label, better = "ppl", "held-out perplexity", "lower"
         evaluated = f"{windows.numel():,} tokens ({len(windows)} windows of {seq_len})"
     else:
-        texts = val_entries[:eval_texts]
+        texts = held.entries()[:eval_texts]
         reference = sentence_embeddings(pre.model, pre.tokenizer, texts)
         measure = lambda m: float((sentence_embeddings(m, pre.tokenizer, texts) * reference).sum(-1).mean())  # noqa: E731
         metric, label, better = "cosine", "cosine similarity to the original's sentence embeddings", "higher"
-        evaluated = f"{len(texts):,} held-out fortunes"
+        evaluated = f"{len(texts):,} held-out entries of {held.name}"
     original = measure(pre.model)
     similarity = layer_similarity(pre.model, inputs) if any(r.form == "drop" for r in chosen) else None
     results = []
@@ -145,6 +143,7 @@ def compare_conversion(model: str = "smollm2", budgets: Sequence[float] = (0.75,
     summary = dict(model=model, metric=metric, metric_label=label, better=better, original=original,
                    budgets=list(budgets), layers=n_layers, calib_tokens=int(sum(kw["input_ids"].numel() for kw in inputs)),
                    calibration_seconds=round(calib_seconds, 1), evaluated_on=evaluated,
+                   texts=dict(calibration=calib.describe(), evaluation=held.describe()),
                    rows=[asdict(r) for r in chosen], results=results,
                    machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                    seconds=round(time.perf_counter() - start, 1))
@@ -164,7 +163,10 @@ def results_table(summary: dict) -> str:
         return lambda row: f"{fmt(by[row['name'], budget]['value'])} ({by[row['name'], budget]['kept']:.1%})"
     columns = [Column("method", lambda row: row["label"])]
     columns += [Column(f"{b:.0%} budget: {summary['metric']} (kept)", cell(b)) for b in summary["budgets"]]
-    return (f"{summary['model']}: {summary['metric_label']}, original {fmt(summary['original'])} "
+    texts = summary.get("texts")  # summaries written before the texts were options have none: the fortunes
+    on = "" if texts is None else (f" on {texts['evaluation']['name']} ({texts['evaluation']['part']}), calibrated "
+                                   f"on {texts['calibration']['name']} ({texts['calibration']['part']})")
+    return (f"{summary['model']}: {summary['metric_label']}{on}, original {fmt(summary['original'])} "
             f"({summary['better']} is better)\n\n" + markdown_table(rows, columns))
 
 

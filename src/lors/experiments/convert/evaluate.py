@@ -2,8 +2,8 @@
 LM, sentence-embedding similarity of an encoder to its original, the calibration run, and the
 layer-dropping baseline.
 
-Text: the Debian fortunes corpus (`lors.data.corpus.load_corpus`), whose train and val parts are
-split by a hash of each fortune, so calibration (train) and evaluation (val) never share a text.
+Text: see `lors.experiments.convert.texts` (the fortunes by default, Python's help topics, or a
+file), whose calibration and evaluation parts never share an entry.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from lors.core.share import find_layers
 
 
 def token_windows(tokenizer, text: str, tokens: int, seq_len: int) -> torch.Tensor:
-    """The first ``tokens`` tokens of ``text`` as (tokens // seq_len, seq_len) ids."""
+    """The first ``tokens`` tokens of ``text`` as (tokens // seq_len, seq_len) ids, fewer windows
+    (maybe none) if the text is shorter (`texts.text_windows` turns that into a named error)."""
     if tokens < seq_len:
         raise ValueError(f"{tokens} tokens hold no window of {seq_len}: ask for at least {seq_len}")
     chars = tokens * 8  # enough characters for English text, cut below
@@ -26,8 +27,6 @@ def token_windows(tokenizer, text: str, tokens: int, seq_len: int) -> torch.Tens
     if ids.numel() < tokens:
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     count = min(tokens, ids.numel()) // seq_len
-    if count == 0:
-        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}")
     return ids[: count * seq_len].view(count, seq_len)
 
 

@@ -26,10 +26,10 @@ import torch
 import lors
 from lors.core.convert import Conversion, check_options, convert_layers, convert_targets
 from lors.core.share import find_layers
-from lors.data.corpus import decode, load_corpus, read_text_file
-from lors.experiments.convert.evaluate import batches, perplexity, record_moments, token_windows
+from lors.experiments.convert.evaluate import batches, perplexity, record_moments
 from lors.engine.checkpoint import find_checkpoint
-from lors.experiments.convert.uptrain import UptrainSettings, uptrain
+from lors.experiments.convert.texts import Text, resolve_text, text_windows
+from lors.experiments.convert.uptrain import RESUME_FREE, UptrainSettings, uptrain
 from lors.models.pretrained import CAUSAL, Pretrained, load_pretrained
 from lors.models.sharing import writes_residual
 
@@ -38,7 +38,8 @@ from lors.models.sharing import writes_residual
 class ConvertSettings:
     """How to convert: the arguments of ``convert_layers`` and the calibration text.
 
-    ``calibration``: None for the fortunes corpus's train part, or a UTF-8 text file;
+    ``calibration``: a text for `texts.resolve_text` (None or "fortunes": the fortunes corpus's
+    train part; "pydoc": Python's help topics' train part; or a UTF-8 text file);
     ``calib_tokens`` tokens of it in windows of ``seq_len``; 0 converts without calibration
     (weight-space SVD)."""
 
@@ -69,38 +70,23 @@ class ConvertSettings:
         return self
 
 
-def fortunes_texts() -> tuple[str, str]:
-    """The fortunes corpus's train part (calibration) and val part (evaluation), as text: split by
-    a hash of each fortune, so the two never share one."""
-    corpus = load_corpus()
-    return decode(corpus.train), decode(corpus.val)
-
-
-def calibration_text(path: str | None) -> str:
-    """The calibration text: a UTF-8 file, or the fortunes corpus's train part."""
-    if path is None:
-        return fortunes_texts()[0]
-    try:
-        return read_text_file(path)  # the corpus loader's checks: a folder, binary, not UTF-8
-    except ValueError as err:
-        raise ValueError(f"calibration text: {err}") from None
-
-
-def calibration_inputs(pre: Pretrained, text: str, tokens: int, seq_len: int, batch_size: int) -> list[dict]:
+def calibration_inputs(pre: Pretrained, text: Text, tokens: int, seq_len: int, batch_size: int) -> list[dict]:
     """Keyword arguments of the calibration forward passes: windows of ``seq_len`` tokens."""
+    ids = text_windows(pre.tokenizer, text, tokens, seq_len, "--calib-tokens")
     if pre.kind == CAUSAL:
-        return [dict(input_ids=ids, use_cache=False) for ids in batches(token_windows(pre.tokenizer, text, tokens, seq_len), batch_size)]
-    ids = token_windows(pre.tokenizer, text, tokens, seq_len)  # encoders: windows with their special tokens
+        return [dict(input_ids=b, use_cache=False) for b in batches(ids, batch_size)]
     return [dict(input_ids=b, attention_mask=torch.ones_like(b)) for b in batches(ids, batch_size)]
 
 
-def convert_pretrained(pre: Pretrained, settings: ConvertSettings, moments=None) -> Conversion:
-    """Convert ``pre.model`` in place (``moments``: reuse an earlier calibration run). Readers of
-    the residual stream get ``settings.groups``, writers ``settings.writer_groups``."""
+def convert_pretrained(pre: Pretrained, settings: ConvertSettings, moments=None, text: Text | None = None
+                       ) -> Conversion:
+    """Convert ``pre.model`` in place (``moments``: reuse an earlier calibration run; ``text``: the
+    calibration text, default ``settings.calibration`` resolved alone). Readers of the residual
+    stream get ``settings.groups``, writers ``settings.writer_groups``."""
     settings.validate()
     if moments is None and settings.calib_tokens:
-        inputs = calibration_inputs(pre, calibration_text(settings.calibration), settings.calib_tokens,
-                                    settings.seq_len, settings.batch_size)
+        text = text or resolve_text(settings.calibration, "calibration")
+        inputs = calibration_inputs(pre, text, settings.calib_tokens, settings.seq_len, settings.batch_size)
         moments = record_moments(pre.model, settings.targets, inputs)
     targets = convert_targets(find_layers(pre.model)[1][0], settings.targets)
     writers = settings.groups if settings.writer_groups == "same" else settings.writer_groups
@@ -108,11 +94,6 @@ def convert_pretrained(pre: Pretrained, settings: ConvertSettings, moments=None)
     return convert_layers(pre.model, targets=targets, form=settings.form, budget=settings.budget,
                           rank=settings.rank, groups=groups, calibration=moments, side=settings.side,
                           allocation=settings.allocation, damping=settings.damping)
-
-
-def held_out_windows(pre: Pretrained, tokens: int, seq_len: int) -> torch.Tensor:
-    """``tokens`` tokens of the fortunes corpus's val part, never used for calibration."""
-    return token_windows(pre.tokenizer, fortunes_texts()[1], tokens, seq_len)
 
 
 def check_out(out: Path) -> None:
@@ -135,14 +116,22 @@ def check_earlier(out: Path, source: str, settings: ConvertSettings, up: Uptrain
             done = json.loads(marker.read_text())
         except (OSError, json.JSONDecodeError):
             done = {}
-        before = (done.get("source"), done.get("settings"), (done.get("uptrain") or {}).get("settings"))
-        now = (source, json.loads(json.dumps(asdict(settings))), None if up is None else asdict(up))
+        before = (done.get("source"), done.get("settings"), _weights((done.get("uptrain") or {}).get("settings")))
+        now = (source, json.loads(json.dumps(asdict(settings))), _weights(None if up is None else asdict(up)))
+        old, new = before[2], now[2]
+        if old and new and new["schedule"] == "constant" and old.get("steps", 0) < new["steps"]:
+            before = (*before[:2], old | {"steps": new["steps"]})  # a constant rate continues exactly
         if before != now:
             raise ValueError(f"{out} holds a finished conversion with other settings ({_changes(before, now)}): "
                              "pass another --out, or delete the folder to convert again")
     elif up is None and find_checkpoint(out / "uptrain") is not None:
         raise ValueError(f"{out / 'uptrain'} holds an unfinished uptraining: rerun with its --uptrain-* flags "
                          "to resume it, or pass another --out")
+
+
+def _weights(up: dict | None) -> dict | None:
+    """The uptraining settings that shape the weights (not where it is evaluated or checkpointed)."""
+    return None if up is None else {k: v for k, v in json.loads(json.dumps(up)).items() if k not in RESUME_FREE}
 
 
 def _changes(before: tuple, now: tuple) -> str:
@@ -194,18 +183,29 @@ def save_merged(model, tokenizer, folder: Path, probe: torch.Tensor, expected: t
 
 
 def convert_model(source: str, out: str | Path, settings: ConvertSettings, merged: bool = False,
-                  eval_tokens: int = 0, up: UptrainSettings | None = None, uptrain_tokens: int = 131072,
+                  eval_tokens: int = 0, eval_text: str | None = None, up: UptrainSettings | None = None,
                   resume: bool = True, quiet: bool = False) -> dict:
     """Load, convert, verify, save (see the module docstring); with ``eval_tokens``, the held-out
-    perplexity of a causal LM before and after; with ``up``, uptrain by distillation from the
-    original (in ``DIR/uptrain``, resumable) before saving. ``quiet``: no progress lines or bars.
-    Returns the summary it writes."""
+    perplexity of a causal LM before and after, on ``eval_text`` (a text for
+    `texts.resolve_text`; None: the fortunes' held-out part); with ``up``, uptrain by distillation
+    from the original (in ``DIR/uptrain``, resumable; the perplexity at ``up.eval_at_tokens`` to
+    its val.csv) before saving. ``quiet``: no progress lines or bars. Returns the summary it writes."""
     settings.validate()
     if up is not None:
         up.validate()
+    if eval_text is not None and not eval_tokens:
+        raise ValueError(f"--eval-text {eval_text} names the held-out text, but no held-out tokens are asked for: "
+                         "pass --eval-tokens T as well")
+    if up is not None and up.eval_at_tokens and not eval_tokens:
+        raise ValueError("--eval-at-tokens needs held-out text to measure: pass --eval-tokens T as well")
     out = Path(out)
     check_out(out)
     check_earlier(out, source, settings, up)
+    texts = {}  # resolved before the model is loaded, so a bad path fails at once
+    if settings.calib_tokens or up is not None:
+        texts["calibration"] = resolve_text(settings.calibration, "calibration", other=eval_text)
+    if eval_tokens:
+        texts["evaluation"] = resolve_text(eval_text, "evaluation", other=settings.calibration)
     start = time.perf_counter()
     pre = load_pretrained(source)
     if getattr(pre.model, "main_input_name", "input_ids") != "input_ids":
@@ -228,25 +228,32 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
     total_before = lors.count_parameters(pre.model).total
     if not quiet:
         print(f"loaded {source}: {total_before:,} parameters ({time.perf_counter() - start:.0f} s)")
-    held_out = held_out_windows(pre, eval_tokens, settings.seq_len) if eval_tokens and causal else None
+    held_out = None
+    if eval_tokens:
+        held_out = text_windows(pre.tokenizer, texts["evaluation"], eval_tokens, settings.seq_len, "--eval-tokens")
+    pool = None
+    if up is not None:  # checked before the conversion's minutes are spent
+        pool = text_windows(pre.tokenizer, texts["calibration"], up.text_tokens, settings.seq_len, "--uptrain-tokens",
+                            at_most=True)
     quality = {}
     if held_out is not None:
         quality["original"] = perplexity(pre.model, held_out)
     original = copy.deepcopy(pre.model)  # the plain model: teacher for uptraining, then the reload check
-    conversion = convert_pretrained(pre, settings)
+    conversion = convert_pretrained(pre, settings, text=texts.get("calibration"))
     total_after = lors.count_parameters(pre.model).total
     seconds = time.perf_counter() - start
     if held_out is not None:
         quality["converted"] = perplexity(pre.model, held_out)
     up_summary = None
     if up is not None:
-        windows = token_windows(pre.tokenizer, calibration_text(settings.calibration), uptrain_tokens, settings.seq_len)
-        up_summary = uptrain(pre.model, original, windows, up, out / "uptrain", asdict(settings), resume=resume,
-                             progress=not quiet)
+        evaluate = None if held_out is None else lambda: {"perplexity": perplexity(pre.model, held_out)}
+        fitted = uptrain(pre.model, original, pool, up, out / "uptrain", asdict(settings), resume=resume,
+                         progress=not quiet, evaluate=evaluate)
         up_summary = dict(settings=asdict(up), tokens=up.steps * up.batch_size * settings.seq_len,
-                          steps=up_summary.get("steps"), run_dir=str(out / "uptrain"))
+                          steps=fitted.get("steps"), run_dir=str(out / "uptrain"), text_tokens=int(pool.numel()))
         if held_out is not None:
-            quality["uptrained"] = perplexity(pre.model, held_out)
+            quality["uptrained"] = (fitted.get("metrics") or evaluate())["perplexity"]  # fit's, after the last step
+            up_summary["curve"] = fitted["curve"]  # DIR/uptrain/val.csv: perplexity against tokens trained
     marker = out / "conversion.json"
     marker.unlink(missing_ok=True)  # from here on DIR holds this run's files, unfinished until the marker is back
     path = lors.save(pre.model, out / "model.safetensors")
@@ -259,7 +266,7 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
         raise RuntimeError(f"{path} does not load back to the converted model: report this as a bug")
     summary = dict(source=source, settings=asdict(settings), total_params_before=total_before,
                    total_params_after=total_after, seconds=round(seconds, 1), checkpoint=str(path),
-                   **conversion.summary())
+                   texts={role: t.describe() for role, t in texts.items()}, **conversion.summary())
     if quality:
         summary["held_out_perplexity"] = quality | {"tokens": int(held_out.numel())}
     if up_summary is not None:

@@ -4,11 +4,18 @@ run checkpoints, resumes exactly and keeps its logs like every other training ru
 Loss per batch: KL(teacher ‖ student) over next-token distributions, plus ``lm_weight`` times the
 student's own next-token loss. Only the converted layers' tensors (shared bases or weights and
 per-layer factors) train; embeddings, norms and the head stay as they were.
+
+Healing curves: with ``schedule="constant"`` the rate after warm-up does not depend on the run's
+length, so the model after N steps is exactly what an N-step run gives, and a finished run
+continues exactly to more steps; ``eval_at_tokens`` reads the held-out perplexity at those token
+counts of the one run (fit's ``eval_steps``, rows of ``val.csv``).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import csv
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +27,18 @@ from lors.engine.loop import RunSettings, adamw, fit
 from lors.engine.schedule import Schedule
 
 
+SCHEDULES = ("cosine", "constant", "linear")  # `Schedule`'s decays after the warm-up ("step" needs milestones)
+# settings that do not change the weights: a run may resume or continue with others
+RESUME_FREE = ("eval_at_tokens", "checkpoint_every", "log_every")
+
+
 @dataclass
 class UptrainSettings:
-    """Distillation: ``steps`` of ``batch_size`` windows, AdamW at ``lr`` (warm-up, cosine)."""
+    """Distillation: ``steps`` of ``batch_size`` windows drawn from the first ``text_tokens``
+    tokens of the calibration text (all of it if shorter), AdamW at ``lr`` after ``warmup_steps`` of linear warm-up,
+    then ``schedule`` (one of ``SCHEDULES``: "cosine" to 0 at the last step, "constant", or
+    "linear" to 0). ``eval_at_tokens``: token counts (multiples of one step's batch_size x
+    seq_len tokens) at which the held-out perplexity is read, besides the end."""
 
     steps: int = 100
     batch_size: int = 4
@@ -33,11 +49,38 @@ class UptrainSettings:
     seed: int = 0
     checkpoint_every: int = 50
     log_every: int = 10
+    schedule: str = "cosine"
+    text_tokens: int = 131072
+    eval_at_tokens: list[int] = field(default_factory=list)
 
     def validate(self) -> "UptrainSettings":
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.checkpoint_every < 1:
             raise ValueError("uptraining needs steps >= 1, batch_size >= 1, lr > 0 and checkpoint_every >= 1")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown uptraining schedule {self.schedule!r}: use one of {SCHEDULES} "
+                             "(--uptrain-schedule)")
+        if self.text_tokens < 1 or any(t < 1 for t in self.eval_at_tokens):
+            raise ValueError(f"--uptrain-tokens ({self.text_tokens}) and every --eval-at-tokens count "
+                             f"({self.eval_at_tokens}) must be >= 1")
         return self
+
+    def eval_steps(self, seq_len: int) -> list[int]:
+        """The steps after which ``eval_at_tokens`` tokens are trained (``batch_size`` windows of
+        ``seq_len`` tokens a step); a ValueError naming the flags for a count that falls between
+        two steps or after the last."""
+        per_step = self.batch_size * seq_len
+        steps = []
+        for tokens in self.eval_at_tokens:
+            if tokens % per_step:
+                raise ValueError(f"--eval-at-tokens {tokens} falls between two steps of {per_step} tokens "
+                                 f"(--uptrain-batch {self.batch_size} x --seq-len {seq_len}): use multiples "
+                                 f"of {per_step}")
+            if tokens // per_step > self.steps:
+                raise ValueError(f"--eval-at-tokens {tokens} is after the run's last step ({self.steps} steps of "
+                                 f"{per_step} tokens, {self.steps * per_step} tokens): raise --uptrain-steps to "
+                                 f"{tokens // per_step} or drop the count")
+            steps.append(tokens // per_step)
+        return sorted(set(steps))
 
 
 def converted_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -71,19 +114,29 @@ def distill_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, lm_w
 
 # the config keys of an uptraining run as the `lors convert` flags that set them, for its messages
 FLAGS = {"uptrain.steps": "--uptrain-steps", "uptrain.lr": "--uptrain-lr", "uptrain.batch_size": "--uptrain-batch",
+         "uptrain.schedule": "--uptrain-schedule", "uptrain.text_tokens": "--uptrain-tokens",
+         "uptrain.eval_at_tokens": "--eval-at-tokens",
          **{f"convert.{k}": f"--{k.replace('_', '-')}" for k in ("budget", "rank", "form", "side", "groups",
                                                                 "writer_groups", "allocation", "damping", "targets",
                                                                 "calibration", "calib_tokens", "seq_len")}}
 
 
 def uptrain(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, settings: UptrainSettings,
-            run_dir: str | Path, config: dict, resume: bool = True, progress: bool = True) -> dict:
+            run_dir: str | Path, config: dict, resume: bool = True, progress: bool = True,
+            evaluate: Callable[[], dict[str, float]] | None = None) -> dict:
     """Distil ``teacher`` into the converted ``student`` (in place) on token ``windows`` (N, T).
 
     ``config`` (the conversion's settings) is stored with every checkpoint and must match on
-    resume, with the uptraining settings. Returns `fit`'s summary.
+    resume, with the uptraining settings but ``RESUME_FREE``; a "constant" run may resume with
+    more steps (it continues exactly). ``evaluate()`` (in eval mode; metrics by name, e.g.
+    ``{"perplexity": ...}``) runs after each step of ``settings.eval_steps(T)`` and at the end,
+    one row of ``run_dir/val.csv`` each. Returns `fit`'s summary plus ``curve``: the val.csv
+    rows as dicts with the step and the tokens trained.
     """
     settings.validate()
+    eval_steps = settings.eval_steps(windows.shape[1])
+    if eval_steps and evaluate is None:
+        raise ValueError("--eval-at-tokens needs held-out text to measure: pass --eval-tokens T as well")
     params = converted_parameters(student)
     if not params:
         raise ValueError("the model holds no converted layers: convert it before uptraining")
@@ -94,18 +147,38 @@ def uptrain(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, setti
     student.train()
     optimizer = adamw(student, settings.lr, settings.weight_decay)  # the trainable ones: the converted layers
     schedule = Schedule(lr=settings.lr, total_steps=settings.steps, warmup_steps=settings.warmup_steps,
-                        decay="cosine")
+                        decay=settings.schedule)
 
     def epoch_batches(epoch: int, start: int):
         return (step_batch(windows, s, settings.batch_size, settings.seed) for s in range(start, settings.steps))
 
     run = RunSettings(run_dir=Path(run_dir), config={"convert": config, "uptrain": asdict(settings)},
+                      resume_free=tuple(f"uptrain.{k}" for k in RESUME_FREE),
                       length_key="uptrain.steps", log_terms=("kl", "lm"), checkpoint_every=settings.checkpoint_every,
-                      log_every=settings.log_every, clip_grad=1.0, amp="fp32", resume=resume, progress=progress,
+                      log_every=settings.log_every, eval_steps=eval_steps, clip_grad=1.0, amp="fp32",
+                      resume=resume, extend=settings.schedule == "constant", progress=progress,
                       fail_hint="rerun with a lower --uptrain-lr and --no-resume (a resumed run keeps its settings)",
                       dir_flag="--out", can_extend=False, key_names=FLAGS)
+
+    def in_eval_mode() -> dict[str, float]:
+        student.eval()
+        try:
+            return evaluate()
+        finally:
+            student.train()
     try:
-        return fit(student, lambda m, ids: distill_loss(m, teacher, ids, settings.lm_weight), epoch_batches,
-                   settings.steps, optimizer, schedule, run)
+        summary = fit(student, lambda m, ids: distill_loss(m, teacher, ids, settings.lm_weight), epoch_batches,
+                      settings.steps, optimizer, schedule, run, evaluate=None if evaluate is None else in_eval_mode)
     finally:
         student.eval()
+    return summary | {"curve": read_curve(Path(run_dir) / "val.csv", settings.batch_size * windows.shape[1])}
+
+
+def read_curve(path: Path, tokens_per_step: int) -> list[dict]:
+    """The rows of a run's ``val.csv`` as ``{"step", "tokens", metric: value}`` (none if absent)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{"step": int(r["step"]), "tokens": int(r["step"]) * tokens_per_step,
+             **{k: float(v) for k, v in r.items() if k != "step"}} for r in rows]
