@@ -59,7 +59,7 @@ def run_compare(args: argparse.Namespace) -> int:
 def run_ablate(args: argparse.Namespace) -> int:
     from lors.experiments.detection.bench import ablate
     ablate(_sweep_options(args), args.suite, config=args.config, out_dir=args.out_dir,
-           runs_dir=args.runs_dir, retrain=args.retrain)
+           runs_dir=args.runs_dir, retrain=args.retrain, parts=args.part)
     return 0
 
 
@@ -112,7 +112,10 @@ def register(sub) -> None:
 
     p = cmds.add_parser("train", help="train a detector on COCO-format data")
     p.add_argument("--config", required=True, help="preset name (lors/configs/detect/NAME.yaml) or YAML path")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, dotted keys; e.g. train.eval_every_epochs=4 also scores COCO AP on "
+                        "val every 4 epochs (val.csv), train.log_private_norms=true logs the norms of the LORS "
+                        "terms per stage (log.csv)")
     p.add_argument("--run-dir", help="checkpoints and logs (default: train.output_dir)")
     p.add_argument("--no-resume", action="store_true",
                    help="start afresh even if run-dir has a checkpoint (the old run is deleted once "
@@ -161,8 +164,10 @@ def register(sub) -> None:
     p.set_defaults(func=run_predict)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="train.seed values (default 0)")
+def _common(p: argparse.ArgumentParser, seeds_default: tuple[int, ...] | None = (0,),
+            seeds_help: str = "train.seed values (default 0)") -> None:
+    p.add_argument("--seeds", type=int, nargs="+", default=None if seeds_default is None else list(seeds_default),
+                   metavar="S", help=seeds_help)
     p.add_argument("--data-dir", default="runs/bench_data",
                    help="benchmark folder: built if missing or empty; a folder that holds one is reused "
                         "with its own settings (default runs/bench_data)")
@@ -202,19 +207,31 @@ def add_bench_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_compare)
 
     p = subparsers.add_parser(
-        "ablate", help="the paper's ablation tables 4-8 at small scale",
-        description="Train each variant of a suite (overrides of the LORS bench config) and write "
-                    "ablation_SUITE.md, .json and .png to --out-dir.")
+        "ablate", help="the paper's ablation tables 4-8 at small scale, and the schedule suite",
+        description="Train each variant of a suite (overrides of the LORS bench config, or of a row's own "
+                    "config) and write ablation_SUITE.md, .json and .png to --out-dir, from every row whose "
+                    "runs are finished; where rows differ in train.epochs or evaluate during training "
+                    "(train.eval_every_epochs), also ablation_SUITE_epochs.png (AP against epochs). "
+                    "Suites: table4 ... table8, layout, and schedule (both bench configs at 16, 32 and "
+                    "48 epochs, the lr drop at 7/8 of each; run it in parts: --part 16, --part 32, "
+                    "--part 48, one call each).")
     p.add_argument("--suite", required=True,
-                   help="a suite in lors/configs/ablate (table4 ... table8) or the path of a suite YAML file")
+                   help="a suite in lors/configs/ablate (table4 ... table8, layout, schedule) or the path of a "
+                        "suite YAML file")
+    p.add_argument("--part", action="append", default=None, metavar="PART",
+                   help="train only the rows of this part of the suite (repeatable); the table still shows "
+                        "every row whose runs an earlier call finished")
     p.add_argument("--config", default=None, help="the config the rows override (default: the suite's, "
-                                                  f"{LORS} for the paper's tables)")
+                                                  f"{LORS} for the paper's tables; not for a suite whose "
+                                                  "rows name their own)")
     p.add_argument("--out-dir", default="runs/ablate",
                    help="where the table and plot go (default runs/ablate; the committed tables in "
                         "docs/results were written with --out-dir docs/results)")
     p.add_argument("--runs", dest="runs_dir", default="runs/ablate",
                    help="run directories, one per resolved config (a hash of it): a finished run is "
                         "reused by every row and later call that trains the same config")
-    p.add_argument("--retrain", action="store_true", help="train every row again, even if finished")
-    _common(p)
+    p.add_argument("--retrain", action="store_true",
+                   help="train every row (of --part) again, even if finished")
+    _common(p, seeds_default=None, seeds_help="train.seed values for every row (default: each row's own "
+                                             "seeds where the suite lists them, else 0)")
     p.set_defaults(func=run_ablate)

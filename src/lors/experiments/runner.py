@@ -49,7 +49,7 @@ def logged_step(run_dir: Path) -> int:
     (every trainer on the engine's loop writes it)."""
     try:
         with (run_dir / "log.csv").open("rb") as f:
-            f.seek(max(0, f.seek(0, 2) - 200))
+            f.seek(max(0, f.seek(0, 2) - 4096))  # more than a row, even with many logged columns
             last = f.read().decode(errors="replace").strip().splitlines()[-1]
         return int(last.split(",")[0])
     except (OSError, IndexError, ValueError):

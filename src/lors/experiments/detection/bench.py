@@ -5,14 +5,19 @@
 configs with the same schedule and seeds, scores them with COCOeval and writes a table,
 ``summary.json``, a plot of AP against decoder parameters and a picture of predictions.
 `ablate` trains the rows of a suite, ``lors/configs/ablate/SUITE.yaml`` (a title, the config the rows
-override and, per row, a label and its ``key=value`` overrides), and writes a markdown table,
-its JSON and a plot. Runs go through `lors.experiments.runner` (each in its own process, so its
-peak memory is its own; two at a time on a 2-core machine).
+override and, per row, a label and its ``key=value`` overrides; a row may also name its own
+config, its own seeds and a part of the suite, so that ``--part`` trains one part per call), and
+writes a markdown table, its JSON and a plot from every row whose runs are finished, plus AP
+against epochs where rows differ in length or evaluate during training. Runs go through
+`lors.experiments.runner` (each in its own process, so its peak memory is its own; two at a time
+on a 2-core machine).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +28,8 @@ from lors.data.benchmark import build_or_reuse
 from lors.engine.checkpoint import find_checkpoint
 from lors.engine.sampler import EpochSampler
 from lors.experiments.detection.pretrain import PretrainConfig
-from lors.experiments.detection.report import KEYS, SHOWN_METRICS, aggregate, draw_predictions, plot_ap, results_table
+from lors.experiments.detection.report import (KEYS, SHOWN_METRICS, aggregate, draw_predictions, mean_curve, plot_ap,
+                                               plot_ap_epochs, results_table, val_curve)
 from lors.experiments.report import write_summary
 from lors.experiments.runner import Job, check_width, default_width, logged_step, run_jobs
 
@@ -33,9 +39,14 @@ PRETRAIN_STEPS = PretrainConfig.steps
 
 @dataclass
 class Variant:
-    """A row of an ablation table: its label and its overrides of the suite's config."""
+    """A row of an ablation table: its label and its overrides of its config (``config``,
+    default the suite's), its seeds (default the command's ``--seeds``, else 0; ``--seeds``
+    replaces them) and the ``part`` of the suite it belongs to (``--part`` trains one part)."""
     label: str
     overrides: list[str] = field(default_factory=list)
+    config: str | None = None
+    seeds: list[int] | None = None
+    part: str = ""
 
 
 @dataclass
@@ -48,6 +59,30 @@ class Suite:
     def validate(self) -> None:
         if not self.variants:
             raise ValueError(f"ablation suite {self.title!r} has no variants: list at least one row")
+        labels = [v.label for v in self.variants]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"ablation suite {self.title!r} has rows with the same label {twice}: "
+                             "give each row its own label (the table is keyed by it)")
+        for v in self.variants:
+            if v.seeds is not None and (not v.seeds or len(set(v.seeds)) < len(v.seeds)):
+                raise ValueError(f"row {v.label!r} of suite {self.title!r} has seeds {v.seeds}: list one or "
+                                 "more distinct seeds, or leave seeds out to use --seeds")
+
+    def parts(self) -> list[str]:
+        """The suite's parts, in the order their rows come."""
+        return list(dict.fromkeys(v.part for v in self.variants if v.part))
+
+    def select(self, parts: Sequence[str] | None) -> list[Variant]:
+        """The rows of ``parts`` (every row for None); ValueError naming the suite's parts."""
+        if parts is None:
+            return list(self.variants)
+        unknown = [p for p in parts if p not in self.parts()]
+        if unknown:
+            have = (f"its parts are {', '.join(self.parts())}" if self.parts()
+                    else "it has none (no row names a part): drop --part")
+            raise ValueError(f"ablation suite {self.title!r} has no part {', '.join(map(repr, unknown))}: {have}")
+        return [v for v in self.variants if v.part in parts]
 
 
 def suite_names() -> list[str]:
@@ -79,7 +114,8 @@ class SweepOptions:
 
 def sweep_flags(opts: SweepOptions) -> list[str]:
     """The command-line flags of ``opts`` that change a sweep's figures (seeds last, since
-    ``--seeds`` takes every number after it), shell-quoted, for the "Command:" line of a table."""
+    ``--seeds`` takes every number after it; none for ``seeds=None``, a suite's own seeds per
+    row), shell-quoted, for the "Command:" line of a table."""
     import shlex
     default = SweepOptions()
     flags = [*(["--data-dir", opts.data_dir] if opts.data_dir != default.data_dir else []),
@@ -88,7 +124,7 @@ def sweep_flags(opts: SweepOptions) -> list[str]:
                ["--pretrain-steps", str(opts.pretrain_steps)] if opts.pretrain_steps != default.pretrain_steps
                else []),
              *(["--max-steps", str(opts.max_steps)] if opts.max_steps else []),
-             *opts.overrides, "--seeds", *map(str, opts.seeds)]
+             *opts.overrides, *(["--seeds", *map(str, opts.seeds)] if opts.seeds is not None else [])]
     return [shlex.quote(f) for f in flags]
 
 
@@ -142,11 +178,29 @@ def run_key(cfg, max_steps: int | None) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
+def steps_per_epoch(cfg) -> int:
+    """Training steps of one epoch of ``cfg`` on its train split."""
+    num_images = len(json.loads(Path(cfg.data.train_annotations).read_text())["images"])
+    return EpochSampler(num_images, cfg.train.batch_size, cfg.train.seed).steps
+
+
 def planned_steps(cfg, max_steps: int | None = None) -> int:
     """Training steps of ``cfg``'s schedule on its train split (``max_steps`` at most)."""
-    num_images = len(json.loads(Path(cfg.data.train_annotations).read_text())["images"])
-    steps = cfg.train.epochs * EpochSampler(num_images, cfg.train.batch_size, cfg.train.seed).steps
+    steps = cfg.train.epochs * steps_per_epoch(cfg)
     return min(steps, max_steps) if max_steps else steps
+
+
+def read_result(cfg, run_dir: Path) -> dict:
+    """The KEYS (params, AP..., time per step, peak memory), steps and run_dir of the finished
+    run of ``cfg`` in ``run_dir`` (its ``result.json``)."""
+    from lors.models.adamixer.report import detect_report
+    summary = json.loads((run_dir / "result.json").read_text())
+    report = detect_report(cfg)
+    return {"decoder_params": report["decoder"], "total_params": report["total"],
+            **{k: summary["metrics"][k] for k in SHOWN_METRICS},
+            "seconds_per_step": summary["seconds_per_step"],
+            "peak_memory_mb": summary["peak_memory_mb"], "steps": summary["steps"],
+            "run_dir": str(run_dir)}
 
 
 def run_all(runs: list[tuple[str, Run, Path]], data_dir: Path, opts: SweepOptions,
@@ -154,7 +208,6 @@ def run_all(runs: list[tuple[str, Run, Path]], data_dir: Path, opts: SweepOption
     """Train and score each (title, run, run_dir) with `run_jobs`; each result holds the KEYS
     (params, AP..., time per step, peak memory) plus steps and run_dir. With ``reuse``, a run
     whose ``result.json`` exists is read back instead of trained again."""
-    from lors.models.adamixer.report import detect_report
     width = max(1, opts.jobs or (1 if opts.in_process else default_width()))
     check_width(width, isolate=not opts.in_process)  # before any config is loaded
     jobs, cfgs = [], []
@@ -168,16 +221,7 @@ def run_all(runs: list[tuple[str, Run, Path]], data_dir: Path, opts: SweepOption
         jobs.append(Job(title, train_and_evaluate, (cfg, str(run_dir), not opts.quiet and width == 1, opts.max_steps),
                         steps=planned_steps(cfg, opts.max_steps), done=lambda d=run_dir: logged_step(d)))
     run_jobs(jobs, width=width, isolate=not opts.in_process, quiet=opts.quiet)
-    results = []
-    for (title, run, run_dir), cfg in zip(runs, cfgs):
-        summary = json.loads((run_dir / "result.json").read_text())
-        report = detect_report(cfg)
-        results.append({"decoder_params": report["decoder"], "total_params": report["total"],
-                        **{k: summary["metrics"][k] for k in SHOWN_METRICS},
-                        "seconds_per_step": summary["seconds_per_step"],
-                        "peak_memory_mb": summary["peak_memory_mb"], "steps": summary["steps"],
-                        "run_dir": str(run_dir)})
-    return results
+    return [read_result(cfg, run_dir) for (_, _, run_dir), cfg in zip(runs, cfgs)]
 
 
 def pretrained_backbone(opts: SweepOptions, data_dir: Path, runs: Sequence[Run]) -> Path | None:
@@ -239,45 +283,105 @@ def compare(opts: SweepOptions, out: str | Path = "runs/compare", vanilla: str =
 
 
 def ablate(opts: SweepOptions, suite: str, config: str | None = None, out_dir: str | Path = "runs/ablate",
-           runs_dir: str | Path = "runs/ablate", retrain: bool = False) -> dict:
-    """Train every row of ``suite`` for each seed (on ``config``, default the suite's); write
-    ablation_SUITE.md, .json and .png to ``out_dir``; returns the rows."""
+           runs_dir: str | Path = "runs/ablate", retrain: bool = False, parts: Sequence[str] | None = None) -> dict:
+    """Train the rows of ``suite`` (only those of ``parts``, if given), each for its seeds, and
+    write ablation_SUITE.md, .json and .png to ``out_dir`` from every row whose runs are
+    finished (a row of another part counts once an earlier call has trained it); returns those
+    rows. Where rows differ in ``train.epochs`` or evaluate during training
+    (``train.eval_every_epochs``), ablation_SUITE_epochs.png shows AP against epochs too.
+
+    A row trains its own config, else ``config``, else the suite's (``config`` cannot replace a
+    row's own); its seeds are ``opts.seeds`` unless that is None, else its own, else [0].
+    """
     spec = load_suite(suite)
-    config = config or spec.config
-    variants = [(v.label, list(v.overrides)) for v in spec.variants]
+    own = [v.label for v in spec.variants if v.config]
+    if config and own:
+        raise ValueError(f"suite {suite!r} names the config of rows {own}, which --config would not change: "
+                         "drop --config, or copy the suite and edit its rows")
+    chosen = {v.label for v in spec.select(parts)}
+    base = config or spec.config
+    per_row_seeds = opts.seeds is None and any(v.seeds is not None for v in spec.variants)
+
+    def seeds_of(v: Variant) -> list[int]:
+        return list(opts.seeds if opts.seeds is not None else v.seeds if v.seeds is not None else [0])
+
     tic = time.perf_counter()
     data_dir = build_or_reuse(opts.data_dir, opts.data_set, progress=not opts.quiet)
-    pretrained = pretrained_backbone(opts, data_dir, [Run(label, config, [*ov, *opts.overrides], 0)
-                                                      for label, ov in variants])
+    pretrained = pretrained_backbone(opts, data_dir, [Run(v.label, v.config or base, [*v.overrides, *opts.overrides], 0)
+                                                      for v in spec.variants])  # every row: the same backbone per part
     common = [*([f"backbone.weights={pretrained}"] if pretrained else []), *opts.overrides]
+    planned = []  # (row label, seed, run, run directory, resolved config)
+    for v in spec.variants:
+        for seed in seeds_of(v):
+            run = Run(v.label, v.config or base, [*v.overrides, *common], seed)
+            cfg = run.load(data_dir)
+            planned.append((v.label, seed, run, Path(runs_dir) / run_key(cfg, opts.max_steps), cfg))
     jobs = {}  # run directory -> job: rows that train the same config share one run
-    wanted = []
-    for label, overrides in variants:
-        for seed in opts.seeds:
-            run = Run(label, config, [*overrides, *common], seed)
-            run_dir = Path(runs_dir) / run_key(run.load(data_dir), opts.max_steps)
+    for label, seed, run, run_dir, _ in planned:
+        if label in chosen:
             jobs.setdefault(run_dir, (f"{suite}: {label}, seed {seed}", run, run_dir))
-            wanted.append((label, run_dir))
     results = dict(zip(jobs, run_all(list(jobs.values()), data_dir, opts, reuse=not retrain)))
-    rows = {}
-    for label, overrides in variants:
-        per_seed = [results[run_dir] for row, run_dir in wanted if row == label]
-        rows[label] = {**aggregate(per_seed), "n_seeds": len(per_seed), "per_seed": per_seed,
-                       "overrides": overrides}
+    for _, _, _, run_dir, cfg in planned:  # the other parts' finished runs
+        if run_dir not in results and (run_dir / "result.json").exists():
+            results[run_dir] = read_result(cfg, run_dir)
+
+    epochs_plot = (len({cfg.train.epochs for *_, cfg in planned}) > 1
+                   or any(cfg.train.eval_every_epochs for *_, cfg in planned))
+    rows, pending = {}, []
+    for v in spec.variants:
+        done = [(seed, run_dir, cfg) for label, seed, _, run_dir, cfg in planned if label == v.label and run_dir in results]
+        if not done:
+            pending.append(v)
+            continue
+        per_seed = [results[run_dir] for _, run_dir, _ in done]
+        row = {**aggregate(per_seed), "n_seeds": len(per_seed), "per_seed": per_seed, "overrides": list(v.overrides)}
+        if own:
+            row["config"] = v.config or base
+        if per_row_seeds or len(done) < len(seeds_of(v)):
+            row["seeds"] = [seed for seed, _, _ in done]
+        if epochs_plot:
+            spe = [steps_per_epoch(cfg) for _, _, cfg in done]
+            row["epochs"] = statistics.fmean(r["steps"] / n for r, n in zip(per_seed, spe))
+            curves = [[(step / n, ap) for step, ap in val_curve(run_dir)] for (_, run_dir, _), n in zip(done, spe)]
+            if any(len(c) > 1 for c in curves):
+                row["curve"] = mean_curve(curves)
+        rows[v.label] = row
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = results_table(rows, "Variant")
-    command = " ".join(["lors detect ablate --suite", suite,
-                        *(["--config", config] if config != spec.config else []), *sweep_flags(opts)])
-    md = (f"# {spec.title}\n\nCommand: `{command}`  \nBase config: `{config}` plus each row's "
-          f"overrides; seeds {list(opts.seeds)} (AP in %, mean ± sample std over seeds); "
-          f"wall time {(time.perf_counter() - tic) / 60:.1f} min.\n\n{table}\n\n"
-          + "\n".join(f"- {label}: `{' '.join(r['overrides']) or '(the base config)'}`" for label, r in rows.items())
-          + "\n")
     name = Path(suite).stem
+    table = results_table(rows, "Variant")
+    shown = dataclasses.replace(opts, seeds=opts.seeds if opts.seeds is not None else None if per_row_seeds else [0])
+    command = " ".join(["lors detect ablate --suite", suite,
+                        *(["--config", config] if config and config != spec.config else []), *sweep_flags(shown)])
+    what = ("Each row's config plus its overrides (below)" if own else f"Base config: `{base}` plus each row's overrides")
+    seeds = "seeds per row (below)" if per_row_seeds else f"seeds {shown.seeds}"
+    wall = f"wall time{' of this call' if parts else ''} {(time.perf_counter() - tic) / 60:.1f} min"
+    md = (f"# {spec.title}\n\nCommand: `{command}`  \n"
+          + (f"Run in parts, one call each (`{'`, `'.join('--part ' + p for p in spec.parts())}`); every call writes "
+             "this table from the rows whose runs are finished.  \n" if spec.parts() else "")
+          + f"{what}; {seeds} (AP in %, mean ± sample std over seeds); {wall}.\n\n{table}\n\n"
+          + "\n".join(_row_line(label, r, bool(own)) for label, r in rows.items())
+          + "".join(f"\n- {v.label}: not run yet (`{command} --part {v.part}`)" if v.part else
+                    f"\n- {v.label}: not run yet" for v in pending)
+          + "\n")
     (out / f"ablation_{name}.md").write_text(md)
     (out / f"ablation_{name}.json").write_text(json.dumps(rows, indent=2))
-    plot = plot_ap(rows, out / f"ablation_{name}.png", spec.title)
+    plots = [plot_ap(rows, out / f"ablation_{name}.png", spec.title)]
+    if epochs_plot:
+        plots.append(plot_ap_epochs(rows, out / f"ablation_{name}_epochs.png", spec.title))
     print(md)
-    print(f"wrote {out / f'ablation_{name}.md'} and {plot}")
+    print(f"wrote {out / f'ablation_{name}.md'} and {', '.join(map(str, plots))}")
     return rows
+
+
+def _row_line(label: str, row: dict, with_config: bool) -> str:
+    """The markdown bullet of a row: its config (when rows have their own), overrides and seeds."""
+    overrides = " ".join(row["overrides"])
+    if with_config:
+        text = f"`{row['config']}`" + (f" with `{overrides}`" if overrides else "")
+    else:
+        text = f"`{overrides or '(the base config)'}`"
+    if "seeds" in row:
+        text += f"; seeds {', '.join(map(str, row['seeds']))}"
+    return f"- {label}: {text}"

@@ -1,10 +1,12 @@
 """What `compare` and `ablate` report: the mean over seeds, the markdown table, AP against
-decoder parameters and a picture of predictions on val images (written with
+decoder parameters, AP against epochs and a picture of predictions on val images (written with
 `lors.experiments.report`)."""
 from __future__ import annotations
 
+import csv
+import statistics
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -57,6 +59,49 @@ def plot_ap(rows: Mapping[str, dict], path: Path, title: str) -> Path:
     return plot_points(series, path, "decoder parameters (M)", "COCO metric on val (%)", title,
                        xlim=(0, 1.15 * max(xs)),
                        ylim=(0, max(5.0, 1.15 * top)))  # a fixed floor of scale, so noise near 0 looks like 0
+
+
+def val_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, AP) of each row of a run's ``val.csv`` (its evaluations during and at the end of
+    training), by step; empty if it has none."""
+    path = Path(run_dir) / "val.csv"
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return sorted((int(r["step"]), float(r["AP"])) for r in csv.DictReader(f))
+
+
+def mean_curve(curves: Sequence[Sequence[tuple[float, float]]]) -> list[dict]:
+    """Per-seed (epoch, AP) curves -> one point per epoch that any seed evaluated: ``epoch``,
+    ``AP`` (mean over the seeds that have it), ``AP_std`` (sample std, 0 for one) and
+    ``n_seeds``."""
+    by_epoch: dict[float, list[float]] = {}
+    for curve in curves:
+        for epoch, ap in curve:
+            by_epoch.setdefault(round(epoch, 6), []).append(ap)
+    return [{"epoch": e, "AP": statistics.fmean(v), "AP_std": statistics.stdev(v) if len(v) > 1 else 0.0,
+             "n_seeds": len(v)} for e, v in sorted(by_epoch.items())]
+
+
+def plot_ap_epochs(rows: Mapping[str, dict], path: Path, title: str) -> Path:
+    """AP (percent, spread over seeds) against epochs: a line per row that evaluated during
+    training (its ``curve``), and per config the AP at the end of each of its rows' schedules
+    (``epochs``), so that schedules of different length sit on one axis."""
+    series = [Series(f"{label}, during training", [p["epoch"] for p in r["curve"]],
+                     [100 * p["AP"] for p in r["curve"]], [100 * p["AP_std"] for p in r["curve"]], style=".-")
+              for label, r in rows.items() if r.get("curve")]
+    ends: dict[str, list[dict]] = {}
+    for r in rows.values():
+        ends.setdefault(r.get("config", ""), []).append(r)
+    if len({r["epochs"] for r in rows.values()}) > 1 or not series:
+        for config, group in ends.items():
+            group = sorted(group, key=lambda r: r["epochs"])
+            series.append(Series(f"{config or 'each row'}: end of each schedule", [r["epochs"] for r in group],
+                                 [100 * r["AP"] for r in group], [100 * r.get("AP_std", 0.0) for r in group],
+                                 style="s"))
+    top = max((y + (e or 0)) for s in series for y, e in zip(s.y, s.err or [0] * len(s.y)))
+    return plot_points(series, path, "epochs", "COCO AP on val (%)", title,
+                       xlim=(0, 1.05 * max(x for s in series for x in s.x)), ylim=(0, max(5.0, 1.15 * top)))
 
 
 def draw_predictions(runs: Mapping[str, Path], data_dir: Path, path: Path, num_images: int = 4,

@@ -182,6 +182,8 @@ class TrainConfig:
     output_dir: str = "runs/detect"
     checkpoint_every: int = 1000          # iterations
     log_every: int = 20
+    eval_every_epochs: int = 0            # COCOeval on val every this many epochs too (val.csv); 0: at the end only
+    log_private_norms: bool = False       # log.csv: Frobenius norms of LORS's shared and private terms per stage
 
     def validate(self) -> None:
         _at_least("train.batch_size", self.batch_size, 1, "images per step over all processes")
@@ -200,6 +202,7 @@ class TrainConfig:
         _require(bool(self.output_dir.strip()), "train.output_dir", self.output_dir, "a folder path")
         _at_least("train.checkpoint_every", self.checkpoint_every, 1, "iterations between checkpoints")
         _at_least("train.log_every", self.log_every, 1, "iterations between log flushes")
+        _at_least("train.eval_every_epochs", self.eval_every_epochs, 0, "0 evaluates at the end only")
 
 
 @dataclass
@@ -249,6 +252,11 @@ class DetectorConfig:
         for section in (self.backbone, self.neck, self.decoder, self.loss, self.train, self.data, self.test):
             section.validate()
         self.lors.validate(self.decoder.num_stages)
+        a, t = self.lors.adaptive, self.lors.static
+        if self.train.log_private_norms and not ((a.enabled and a.use_private) or t.enabled):
+            raise ValueError("config key 'train.log_private_norms' is true but this detector has no LORS private "
+                             "term to measure (lors.adaptive with use_private, or lors.static): enable LORS or "
+                             "set train.log_private_norms=false")
         _require(self.neck.dim % self.decoder.num_groups == 0, "decoder.num_groups", self.decoder.num_groups,
                  f"a divisor of neck.dim={self.neck.dim} (each sampling group mixes neck.dim / num_groups "
                  f"channels)")

@@ -249,3 +249,41 @@ def merge_mixing(mixing: AdaptiveMixing) -> AdaptiveMixing:
                 layer.bias.copy_(out_proj.layer_bias(i))
         out_proj = plain_out
     return AdaptiveMixing(mixer, out_proj)
+
+
+@torch.no_grad()
+def lors_norms(mixing: AdaptiveMixing) -> dict[str, float]:
+    """Frobenius norms of the LORS terms of every stage, to watch when the private path learns.
+
+    LORS^A's private part of stage i, ``q -> sum_k B_ik E_ik(q) A_ik`` (eq. 11-12), is affine in
+    q, as the shared generator is: each is one Linear(d, G (c^2 + P_in P_out)) over the channel
+    and spatial weights together (see `merge_mixing`). ``private_a{i}`` is the norm of stage i's
+    private Linear, [weight | bias], read off from d + 1 queries (0 and the unit vectors);
+    ``shared_a`` that of the shared generator (absent without it). LORS^T: ``private_t{i}`` is
+    ||B_i A_i|| (eq. 8) and ``shared_t`` ||W_shared||. Keys exist only for the parts the mixing
+    has; with the default inits every private norm starts at exactly 0 (E, or B, is zero).
+    Reads the weights only, in float32: no gradient, no random numbers.
+    """
+    mixer, out_proj = mixing.generator, mixing.out_proj
+    norms: dict[str, torch.Tensor] = {}
+    ref = next(mixing.parameters())
+    with torch.autocast(ref.device.type, enabled=False):
+        if isinstance(mixer, LorsMixer):
+            parts = (mixer.channel, mixer.spatial)
+            shared = [t for p in parts if p.generator is not None for t in p.generator.parameters()]
+            if shared:
+                norms["shared_a"] = torch.linalg.vector_norm(torch.cat([t.float().flatten() for t in shared]))
+            d = mixer.channel.query_dim
+            queries = torch.cat([torch.zeros(1, d), torch.eye(d)]).to(ref.device, torch.float32)   # (1 + d, d)
+            for i in range(mixer.channel.num_layers):
+                square = 0.0
+                for p in parts:
+                    w = p.delta(queries, i).flatten(1)                  # (1 + d, G d h): bias, then bias + column j
+                    square = square + w[0].square().sum() + (w[1:] - w[0]).square().sum()
+                norms[f"private_a{i}"] = torch.sqrt(square)
+        if isinstance(out_proj, StaticLors):
+            norms["shared_t"] = torch.linalg.matrix_norm(out_proj.shared_weight.float())
+            for i in range(out_proj.num_layers):
+                norms[f"private_t{i}"] = torch.linalg.matrix_norm(out_proj.delta(i).float())
+    values = torch.stack(list(norms.values())).tolist() if norms else []  # one device sync
+    return dict(zip(norms, values))
