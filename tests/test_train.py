@@ -168,3 +168,29 @@ def test_log_csv_is_flushed_every_log_every_steps_not_only_at_checkpoints(tmp_pa
     monkeypatch.setattr(Schedule, "scale_groups", watch)
     train(cfg, run_dir=run, progress=False, evaluate_at_end=False)
     assert seen[2] == [1, 2] and seen[4] == [1, 2, 3, 4]  # before the first checkpoint (step 6)
+
+
+def test_lors_tensors_get_their_own_rates_and_decay_when_asked(tmp_path):
+    from lors.experiments.detection.train import build_optimizer
+    from lors.models.adamixer.mixing import lors_parameter_roles
+    plain = tiny_config(tmp_path, "tiny_lors")
+    model = build_detector(plain)
+    assert len(build_optimizer(plain, model).param_groups) == 1  # the default: one group, as before
+    cfg = tiny_config(tmp_path, "tiny_lors", "train.shared_lr_scale=0.5", "train.private_lr_scale=4.0",
+                      "train.private_weight_decay=0.0")
+    opt = build_optimizer(cfg, model)
+    roles = lors_parameter_roles(model.decoder.mixing)
+    by_id = {id(p): g for g in opt.param_groups for p in g["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(by_id) == sorted(id(p) for p in trainable)  # every trainable tensor exactly once
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(trainable)
+    lr, wd = cfg.train.lr, cfg.train.weight_decay
+    assert all(by_id[id(p)]["lr"] == lr * 4.0 and by_id[id(p)]["weight_decay"] == 0.0 for p in roles["private"])
+    assert all(by_id[id(p)]["lr"] == lr * 0.5 and by_id[id(p)]["weight_decay"] == wd for p in roles["shared"])
+    backbone = next(model.backbone.parameters())
+    assert by_id[id(backbone)]["lr"] == lr and by_id[id(backbone)]["weight_decay"] == wd
+    with pytest.raises(ValueError, match="this config has none"):
+        build_optimizer(tiny_config(tmp_path, "tiny", "train.private_lr_scale=2.0"),
+                        build_detector(tiny_config(tmp_path, "tiny")))
+    with pytest.raises(ValueError, match="train.private_lr_scale"):
+        tiny_config(tmp_path, "tiny_lors", "train.private_lr_scale=0")

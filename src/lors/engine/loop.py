@@ -75,8 +75,8 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, 
     weights only, so biases (also a LORS stack's per-layer bias rows, which are 2-D) and other
     1-D tensors (norms) get none; "all" decays every tensor (the detector and its backbone, as
     the AdaMixer authors' optimiser config). ``groups``: parameter groups given by the caller
-    instead (each with its own ``lr``; fine-tuning's head and LoRA+ rates), every one with
-    ``weight_decay``. ``fused``: the fused kernel on CPU and CUDA (one pass over all tensors);
+    instead (each with its own ``lr``; fine-tuning's head and LoRA+ rates, the detector's LORS
+    tensors), ``weight_decay`` for those without one of their own. ``fused``: the fused kernel on CPU and CUDA (one pass over all tensors);
     False keeps torch's per-tensor default, with which fine-tuning's and backbone pretraining's
     published figures were made."""
     if decay not in DECAY_RULES:

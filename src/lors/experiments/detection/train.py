@@ -28,7 +28,7 @@ from lors.data.coco import collate_fn
 from lors.experiments.detection.data import build_datasets, to_device
 from lors.experiments.detection.evaluate import evaluate
 from lors.models.adamixer import DetectorConfig, build_criterion, build_detector
-from lors.models.adamixer.mixing import lors_norms
+from lors.models.adamixer.mixing import lors_norms, lors_parameter_roles
 
 __all__ = ["train", "schedule", "build_optimizer", "detection_loss", "with_norms", "NonFiniteLossError", "EpochSampler", "RESUME_FREE"]
 
@@ -50,8 +50,24 @@ def schedule(cfg: DetectorConfig, steps_per_epoch: int) -> Schedule:
 
 
 def build_optimizer(cfg: DetectorConfig, model: torch.nn.Module) -> torch.optim.AdamW:
-    """The paper's AdamW over the trainable parameters, every tensor decayed (`lors.engine.loop.adamw`)."""
-    return adamw(model, cfg.train.lr, cfg.train.weight_decay, decay="all")
+    """The paper's AdamW over the trainable parameters, every tensor decayed (`lors.engine.loop.adamw`).
+    With ``train.shared_lr_scale``, ``train.private_lr_scale`` or ``train.private_weight_decay``
+    set, LORS's shared and private tensors (`lors_parameter_roles`) get groups of their own."""
+    t = cfg.train
+    if not t.lors_groups():
+        return adamw(model, t.lr, t.weight_decay, decay="all")
+    roles = lors_parameter_roles(model.decoder.mixing)
+    if not roles["private"]:
+        raise ValueError("train.shared_lr_scale, train.private_lr_scale and train.private_weight_decay set the "
+                         "rates of LORS's tensors, and this config has none (lors.adaptive and lors.static are "
+                         "off): leave them at 1.0, 1.0 and null, or use a LORS config")
+    own = {id(p) for ps in roles.values() for p in ps}
+    decay = t.weight_decay if t.private_weight_decay is None else t.private_weight_decay
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in own], "lr": t.lr},
+              {"params": [p for p in roles["shared"] if p.requires_grad], "lr": t.lr * t.shared_lr_scale},
+              {"params": [p for p in roles["private"] if p.requires_grad], "lr": t.lr * t.private_lr_scale,
+               "weight_decay": decay}]
+    return adamw(model, t.lr, t.weight_decay, groups=[g for g in groups if g["params"]])
 
 
 def detection_loss(criterion, dev: torch.device):

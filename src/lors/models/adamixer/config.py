@@ -184,6 +184,9 @@ class TrainConfig:
     log_every: int = 20
     eval_every_epochs: int = 0            # COCOeval on val every this many epochs too (val.csv); 0: at the end only
     log_private_norms: bool = False       # log.csv: Frobenius norms of LORS's shared and private terms per stage
+    shared_lr_scale: float = 1.0          # lr factor of LORS's shared tensors (generators, shared weight)
+    private_lr_scale: float = 1.0         # lr factor of LORS's private factors (A, B, E)
+    private_weight_decay: float | None = None  # weight decay of the private factors; None: train.weight_decay
 
     def validate(self) -> None:
         _at_least("train.batch_size", self.batch_size, 1, "images per step over all processes")
@@ -203,6 +206,14 @@ class TrainConfig:
         _at_least("train.checkpoint_every", self.checkpoint_every, 1, "iterations between checkpoints")
         _at_least("train.log_every", self.log_every, 1, "iterations between log flushes")
         _at_least("train.eval_every_epochs", self.eval_every_epochs, 0, "0 evaluates at the end only")
+        _positive("train.shared_lr_scale", self.shared_lr_scale)
+        _positive("train.private_lr_scale", self.private_lr_scale)
+        if self.private_weight_decay is not None:
+            _at_least("train.private_weight_decay", self.private_weight_decay, 0)
+
+    def lors_groups(self) -> bool:
+        """Whether LORS's shared and private tensors get their own parameter groups."""
+        return (self.shared_lr_scale, self.private_lr_scale, self.private_weight_decay) != (1.0, 1.0, None)
 
 
 @dataclass

@@ -287,3 +287,20 @@ def lors_norms(mixing: AdaptiveMixing) -> dict[str, float]:
                 norms[f"private_t{i}"] = torch.linalg.matrix_norm(out_proj.delta(i).float())
     values = torch.stack(list(norms.values())).tolist() if norms else []  # one device sync
     return dict(zip(norms, values))
+
+
+def lors_parameter_roles(mixing: AdaptiveMixing) -> dict[str, list[nn.Parameter]]:
+    """The LORS tensors of the mixing by role: "shared" (LORS^A's shared generators, LORS^T's
+    shared weight and bias rows) and "private" (the per-stage factors A, B and E's Linears);
+    empty lists for a vanilla mixing. For parameter groups with their own rate or decay."""
+    mixer, out_proj = mixing.generator, mixing.out_proj
+    roles: dict[str, list[nn.Parameter]] = {"shared": [], "private": []}
+    if isinstance(mixer, LorsMixer):
+        for part in (mixer.channel, mixer.spatial):
+            if part.generator is not None:
+                roles["shared"] += list(part.generator.parameters())
+            roles["private"] += [*part.A, *part.B, *part.E.parameters()]
+    if isinstance(out_proj, StaticLors):
+        roles["shared"] += [t for t in (out_proj.shared_weight, out_proj.bias) if t is not None]
+        roles["private"] += [*out_proj.A, *out_proj.B]
+    return roles
