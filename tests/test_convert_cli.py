@@ -293,11 +293,11 @@ def test_eval_text_measures_the_held_out_perplexity_on_that_file(tiny_llama, tmp
     assert summary["held_out_perplexity"]["original"] == pytest.approx(expected, rel=1e-6)
 
 
-def _uptrain(model, out, steps, **up):
+def _uptrain(model, out, steps, form="basis", budget=0.5, **up):
     from lors.experiments.convert.run import ConvertSettings, convert_model
     from lors.experiments.convert.uptrain import UptrainSettings
     text = str(_paragraphs(model.parent / "para.txt"))  # healed on its train part, measured on the rest
-    settings = ConvertSettings(calibration=text, calib_tokens=64, seq_len=16)
+    settings = ConvertSettings(calibration=text, calib_tokens=64, seq_len=16, form=form, budget=budget)
     up = UptrainSettings(steps=steps, batch_size=2, lr=3e-3, warmup_steps=2, checkpoint_every=2, text_tokens=256,
                          **up)
     return convert_model(str(model), out, settings, eval_tokens=32, eval_text=text, up=up, quiet=True)
@@ -356,3 +356,127 @@ def test_eval_at_tokens_without_uptraining_or_held_out_text_is_refused(tiny_llam
     assert "pass --uptrain-steps N too" in capsys.readouterr().err
     assert main(base + ["--uptrain-steps", "4", "--uptrain-batch", "2", "--eval-at-tokens", "64"]) == 2
     assert "pass --eval-tokens T as well" in capsys.readouterr().err
+
+
+def _converted_llama(steps_text=TEXT):
+    """A tiny Llama in basis form (weight-space SVD) and token windows (N, 16) to heal it on."""
+    from lors.experiments.convert.evaluate import token_windows
+    model = _llama(64)
+    lors.convert_layers(model, form="basis", budget=0.5, groups=2)
+    return model, token_windows(_tokenizer(), steps_text, 256, 16)
+
+
+def _heal(model, windows, run_dir, teacher=None, **up):
+    from lors.experiments.convert.uptrain import UptrainSettings, uptrain
+    settings = UptrainSettings(steps=3, batch_size=2, lr=3e-3, warmup_steps=1, checkpoint_every=3, **up)
+    return uptrain(model, teacher, windows, settings, run_dir, {}, progress=False)
+
+
+def copy_of(model):
+    import copy
+    return copy.deepcopy(model)
+
+
+class _NoTeacher(torch.nn.Module):
+    def forward(self, **kw):
+        raise AssertionError("the teacher was run")
+
+
+def test_next_token_uptraining_never_runs_a_teacher(tmp_path):
+    model, windows = _converted_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _heal(model, windows, tmp_path / "lm", teacher=_NoTeacher(), loss="lm")
+    header = (tmp_path / "lm" / "log.csv").read_text().splitlines()[0].split(",")
+    assert "lm" in header and "kl" not in header
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # it trained
+    with pytest.raises(ValueError, match="distillation needs the original model as teacher.*--uptrain-loss lm"):
+        _heal(_converted_llama()[0], windows, tmp_path / "kd", teacher=None)
+
+
+def test_convert_with_lm_loss_keeps_no_copy_of_the_original(tiny_llama, tmp_path, monkeypatch):
+    import types
+    from lors.experiments.convert import run
+    def no_copy(_):
+        raise AssertionError("a copy of the original was made")
+    monkeypatch.setattr(run, "copy", types.SimpleNamespace(deepcopy=no_copy))
+    out = tmp_path / "up"
+    assert main(["convert", str(tiny_llama), "--out", str(out), "--calibration", str(tmp_path / "calib.txt"),
+                 "--calib-tokens", "64", "--seq-len", "16", "--uptrain-steps", "2", "--uptrain-batch", "2",
+                 "--uptrain-loss", "lm", "--uptrain-params", "all", "--merged"]) == 0
+    summary = json.loads((out / "conversion.json").read_text())
+    assert (summary["uptrain"]["settings"]["loss"], summary["uptrain"]["settings"]["params"]) == ("lm", "all")
+    # the file (trained norms included) loaded into the original read again gave the same outputs, and merged
+    assert (out / "merged" / "config.json").is_file()
+
+
+def _changed(before, model):
+    return {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def test_all_trains_more_than_the_converted_tensors_which_leave_the_rest_bit_identical(tmp_path):
+    from lors.experiments.convert.uptrain import converted_parameters
+    changed = {}
+    for which in ("converted", "all"):
+        model, windows = _converted_llama()
+        converted = {k for k, p in model.named_parameters() if any(p is q for q in converted_parameters(model))}
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        _heal(model, windows, tmp_path / which, teacher=copy_of(model), params=which)
+        changed[which] = _changed(before, model)
+        if which == "converted":
+            assert changed[which] == converted  # every converted tensor moved, nothing else by a bit
+    assert changed["converted"] < changed["all"]
+    assert any("norm" in k for k in changed["all"])
+    assert not any("embed_tokens" in k for k in changed["all"])  # the token embeddings stay
+
+
+def test_bf16_autocast_uptraining_is_finite_and_differs_from_float32(tmp_path):
+    import math
+    results = {}
+    for amp in ("fp32", "bf16"):
+        model, windows = _converted_llama()
+        teacher = copy_of(model)
+        _heal(model, windows, tmp_path / amp, teacher=teacher, amp=amp)
+        rows = _rows(tmp_path / amp / "log.csv")
+        assert all(math.isfinite(float(r["loss"])) for r in rows)
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay float32
+        results[amp] = model.state_dict()
+    assert any(not torch.equal(results["fp32"][k], v) for k, v in results["bf16"].items())  # bf16 reached the step
+
+
+def test_a_layer_dropped_model_uptrains_and_its_perplexity_is_in_the_curve(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from lors.experiments.convert.evaluate import layer_similarity, layers_to_drop
+    from lors.experiments.convert.run import ConvertSettings, calibration_inputs
+    from lors.experiments.convert.texts import resolve_text
+    from lors.models.pretrained import load_pretrained
+    summary = _uptrain(tiny_llama, tmp_path / "drop", 4, schedule="constant", eval_at_tokens=[64],
+                       params="all", form="drop", budget=0.75)
+    settings = ConvertSettings(calibration=summary["texts"]["calibration"]["name"], calib_tokens=64, seq_len=16)
+    pre = load_pretrained(str(tiny_llama))
+    text = resolve_text(settings.calibration, "calibration", other=settings.calibration)
+    similarity = layer_similarity(pre.model, calibration_inputs(pre, text, 64, 16, 4))
+    assert summary["dropped"] == layers_to_drop(similarity, 0.75) and len(summary["dropped"]) == 1  # compare's choice
+    assert summary["kept"] == 0.75 and summary["checkpoint"] == str(tmp_path / "drop" / "model")
+    assert [p["tokens"] for p in summary["uptrain"]["curve"]] == [64, 128]
+    assert summary["uptrain"]["curve"][-1]["perplexity"] == pytest.approx(summary["held_out_perplexity"]["uptrained"])
+    assert summary["held_out_perplexity"]["uptrained"] < summary["held_out_perplexity"]["converted"]
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "drop" / "model")
+    assert saved.config.num_hidden_layers == len(saved.model.layers) == 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--form", "drop", "--rank", "4"], "--form drop removes whole blocks, which has no rank: give --budget"),
+    (["--form", "drop", "--merged"], "--form drop writes a plain model .* leave out --merged"),
+    (["--form", "drop", "--calib-tokens", "0"], "--form drop picks the blocks to remove on calibration text"),
+    (["--form", "drop", "--uptrain-steps", "2", "--uptrain-params", "converted"],
+     "--form drop converts no tensors.*pass --uptrain-params all"),
+    (["--form", "drop", "--budget", "0.1"], "--budget 0.1 keeps none of the 4 layers"),
+    (["--uptrain-loss", "lm", "--uptrain-amp", "bf16"], "--uptrain-loss and --uptrain-amp shape the uptraining: "
+                                                        "pass --uptrain-steps N too"),
+])
+def test_bad_healing_combinations_are_named_errors(tiny_llama, tmp_path, capsys, flags, message):
+    import re
+    base = ["convert", str(tiny_llama), "--out", str(tmp_path / "o"), "--calibration", str(tmp_path / "calib.txt"),
+            "--seq-len", "16", "--uptrain-batch", "2"] + ([] if "--calib-tokens" in flags else ["--calib-tokens", "64"])
+    assert main(base + flags) == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -38,12 +38,19 @@ def run_convert(args: argparse.Namespace) -> int:
     from lors.experiments.convert.uptrain import UptrainSettings
     if args.out is None:
         raise ValueError("pass --out DIR, the folder for the converted model")
-    if not args.uptrain_steps and (args.eval_at_tokens or args.uptrain_schedule != "cosine"):
-        raise ValueError("--eval-at-tokens and --uptrain-schedule shape the uptraining: pass --uptrain-steps N too")
+    shaping = [flag for flag, given in (("--eval-at-tokens", args.eval_at_tokens),
+                                        ("--uptrain-schedule", args.uptrain_schedule != "cosine"),
+                                        ("--uptrain-loss", args.uptrain_loss != "distill"),
+                                        ("--uptrain-params", args.uptrain_params is not None),
+                                        ("--uptrain-amp", args.uptrain_amp != "fp32")) if given]
+    if not args.uptrain_steps and shaping:
+        raise ValueError(f"{' and '.join(shaping)} shape the uptraining: pass --uptrain-steps N too")
+    params = args.uptrain_params or ("all" if args.form == "drop" else "converted")  # drop converts nothing
     up = None if not args.uptrain_steps else UptrainSettings(
         steps=args.uptrain_steps, lr=args.uptrain_lr, batch_size=args.uptrain_batch,
         checkpoint_every=min(args.uptrain_steps, 50), schedule=args.uptrain_schedule,
-        text_tokens=args.uptrain_tokens, eval_at_tokens=list(args.eval_at_tokens or []))
+        text_tokens=args.uptrain_tokens, eval_at_tokens=list(args.eval_at_tokens or []), loss=args.uptrain_loss,
+        params=params, amp=args.uptrain_amp)
     settings = ConvertSettings(budget=None if args.rank is not None else args.budget, rank=args.rank,
                                form=args.form, side=args.side, groups=args.groups, writer_groups=args.writer_groups,
                                allocation=args.allocation,
@@ -90,9 +97,12 @@ def register(sub) -> None:
                     "every form side by side (docs/convert.md).")
     p.add_argument("model", metavar="MODEL|compare", help="the model to convert, or 'compare' for the benchmark")
     one = p.add_argument_group("converting one model")
-    one.add_argument("--budget", type=_fraction, default=0.5, help="fraction of the blocks' Linear parameters to keep (default 0.5)")
+    one.add_argument("--budget", type=_fraction, default=0.5, help="fraction of the blocks' Linear parameters to keep, or of the blocks with --form drop (default 0.5)")
     one.add_argument("--rank", type=int, help="one rank for every layer (lors) or basis (basis), instead of --budget")
-    one.add_argument("--form", choices=["basis", "lors"], default="basis", help="shared basis + coefficients, or mean + low-rank residual (default basis)")
+    one.add_argument("--form", choices=["basis", "lors", "drop"], default="basis",
+                     help="shared basis + coefficients, mean + low-rank residual, or drop: remove whole blocks, "
+                          "those whose input and output are most alike on the calibration text, keeping --budget "
+                          "of them (saved as a plain model in DIR/model) (default basis)")
     one.add_argument("--side", choices=["in", "out"], default="in", help="where the basis is shared (default in)")
     one.add_argument("--groups", type=_groups, default=2, metavar="G|all", help="layers per group of adjacent layers, or 'all' (default 2)")
     one.add_argument("--writer-groups", type=_writer_groups, default=1, metavar="G|all|same",
@@ -102,7 +112,19 @@ def register(sub) -> None:
     one.add_argument("--damping", type=float, default=0.001, help="added to each input moment, times its mean diagonal (default 0.001)")
     one.add_argument("--targets", nargs="+", metavar="NAME", help="Linear names in a layer (default: every Linear)")
     one.add_argument("--merged", action="store_true", help="also write DIR/merged, a plain model (save_pretrained)")
-    one.add_argument("--uptrain-steps", type=int, default=0, metavar="N", help="distil the original into the converted model for N steps (causal LMs; default 0)")
+    one.add_argument("--uptrain-steps", type=int, default=0, metavar="N",
+                     help="heal the converted model for N steps before saving (causal LMs; default 0): distil the "
+                          "original into it, or see --uptrain-loss")
+    one.add_argument("--uptrain-loss", choices=["distill", "lm"], default="distill",
+                     help="distill: KL to the original's next-token distributions + the next-token loss "
+                          "(default); lm: the next-token loss alone, no teacher kept or run (cheaper)")
+    one.add_argument("--uptrain-params", choices=["converted", "all"],
+                     help="what trains: converted, only the converted tensors (default); all, every tensor but the "
+                          "token embeddings (the norms too, and the head unless tied to them): the default, and "
+                          "the only choice, for --form drop")
+    one.add_argument("--uptrain-amp", choices=["fp32", "bf16"], default="fp32",
+                     help="uptraining arithmetic: float32 (default) or bfloat16 autocast, on CPU too (the held-out "
+                          "perplexity is measured in float32 either way)")
     one.add_argument("--uptrain-lr", type=float, default=1e-4, help="uptraining learning rate (default 1e-4)")
     one.add_argument("--uptrain-batch", type=positive_int, default=4, help="windows per uptraining step (default 4)")
     one.add_argument("--uptrain-schedule", choices=["cosine", "constant", "linear"], default="cosine",

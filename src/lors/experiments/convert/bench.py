@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -21,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from lors.core.share import find_layers
-from lors.experiments.convert.evaluate import (drop_layers, layer_similarity, perplexity, record_moments,
-                                               sentence_embeddings)
+from lors.experiments.convert.evaluate import (drop_layers, layer_similarity, layers_to_drop, perplexity,
+                                               record_moments, sentence_embeddings)
 from lors.experiments.convert.run import ConvertSettings, calibration_inputs, convert_pretrained
 from lors.experiments.convert.texts import resolve_text, text_windows
 from lors.experiments.report import Column, Series, markdown_table, plot_points
@@ -121,10 +120,9 @@ def compare_conversion(model: str = "smollm2", budgets: Sequence[float] = (0.75,
             m = copy.deepcopy(pre.model)
             t0 = time.perf_counter()
             if row.form == "drop":
-                count = math.ceil((1 - budget) * n_layers - 1e-9)
-                dropped = sorted(sorted(range(n_layers), key=lambda i: -similarity[i])[:count])
+                dropped = layers_to_drop(similarity, budget)
                 drop_layers(m, dropped)
-                kept, ranks = (n_layers - count) / n_layers, {"dropped": dropped}
+                kept, ranks = (n_layers - len(dropped)) / n_layers, {"dropped": dropped}
             else:
                 settings = ConvertSettings(budget=budget, form=row.form, side=sides(row, moments.targets), groups=row.groups,
                                            writer_groups=row.writer_groups, allocation=row.allocation,

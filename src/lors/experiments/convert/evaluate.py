@@ -7,6 +7,7 @@ file), whose calibration and evaluation parts never share an entry.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -91,11 +92,29 @@ def layer_similarity(model: nn.Module, inputs: Sequence[dict]) -> list[float]:
     return [float(torch.stack(s).mean()) for s in sims]
 
 
+def layers_to_drop(similarity: Sequence[float], budget: float) -> list[int]:
+    """The layers that layer dropping removes to keep at most ``budget`` of the blocks: the
+    ceil((1 - budget) x L) whose input and output are most alike (``similarity``, one value per
+    layer from `layer_similarity`), in order. `lors convert --form drop` and the compare row
+    "drop" both choose by this."""
+    n = len(similarity)
+    count = math.ceil((1 - budget) * n - 1e-9)
+    if count >= n:
+        raise ValueError(f"--budget {budget} keeps none of the {n} layers: layer dropping needs --budget of at "
+                         f"least 1/{n} (one layer kept)")
+    return sorted(sorted(range(n), key=lambda i: -similarity[i])[:count])
+
+
 def drop_layers(model: nn.Module, drop: Sequence[int]) -> nn.Module:
     """Remove the layers ``drop`` from ``model``'s stack, in place (HF configs are told the new
-    depth). Returns ``model``."""
+    depth, and each kept layer's ``layer_idx`` its new place, as a reloaded model has it).
+    Returns ``model``."""
     path, stack = find_layers(model)
     keep = [layer for i, layer in enumerate(stack) if i not in set(drop)]
+    for j, layer in enumerate(keep):  # HF attention indexes its KV cache by layer_idx
+        for m in layer.modules():
+            if isinstance(getattr(m, "layer_idx", None), int):
+                m.layer_idx = j
     parent, _, leaf = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, type(stack)(keep))
     config = getattr(model, "config", None)

@@ -7,7 +7,9 @@ text, calls `lors.convert_layers`, checks that ``lors.load`` into a plain copy g
 outputs, and writes ``DIR/model.safetensors`` (``lors.save``: each shared tensor once, the layout
 in the file), ``DIR/conversion.json`` (settings, ranks, errors, parameter counts) and, with
 ``merged``, ``DIR/merged/`` (``lors.merge`` then ``save_pretrained``: a plain HF model, checked
-to reload to the same outputs). ``conversion.json`` is written last, so it marks a finished run:
+to reload to the same outputs). ``form="drop"`` (layer dropping) removes whole blocks instead
+(`evaluate.layers_to_drop`, the choice of the compare row "drop"); the result is a plain HF model
+with fewer layers, written with ``save_pretrained`` to ``DIR/model/`` and checked to reload. ``conversion.json`` is written last, so it marks a finished run:
 a run that fails after its first write leaves none (an earlier run's is removed first), and the
 merged folder is written under ``merged.tmp`` and renamed once complete.
 """
@@ -20,16 +22,20 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 import lors
-from lors.core.convert import Conversion, check_options, convert_layers, convert_targets
+from lors.core.convert import FORMS, Conversion, check_options, convert_layers, convert_targets
 from lors.core.share import find_layers
-from lors.experiments.convert.evaluate import batches, perplexity, record_moments
+from lors.experiments.convert.evaluate import (batches, drop_layers, layer_similarity, layers_to_drop, perplexity,
+                                               record_moments)
 from lors.engine.checkpoint import find_checkpoint
 from lors.experiments.convert.texts import Text, resolve_text, text_windows
 from lors.experiments.convert.uptrain import RESUME_FREE, UptrainSettings, uptrain
+
+DROP = "drop"  # the form that removes whole blocks instead of converting their Linears
 from lors.models.pretrained import CAUSAL, Pretrained, load_pretrained
 from lors.models.sharing import writes_residual
 
@@ -41,7 +47,9 @@ class ConvertSettings:
     ``calibration``: a text for `texts.resolve_text` (None or "fortunes": the fortunes corpus's
     train part; "pydoc": Python's help topics' train part; or a UTF-8 text file);
     ``calib_tokens`` tokens of it in windows of ``seq_len``; 0 converts without calibration
-    (weight-space SVD)."""
+    (weight-space SVD). ``form`` "drop": remove the fraction 1 - ``budget`` of the blocks whose
+    input and output are most alike on the calibration text (``side``, ``groups``,
+    ``writer_groups``, ``allocation`` and ``damping`` do not apply)."""
 
     budget: float | None = 0.5
     rank: int | None = None
@@ -58,7 +66,17 @@ class ConvertSettings:
     batch_size: int = 4
 
     def validate(self) -> "ConvertSettings":
-        check_options(self.form, self.side, self.allocation)
+        if self.form == DROP:
+            if self.rank is not None or self.budget is None:
+                raise ValueError("--form drop removes whole blocks, which has no rank: give --budget, the fraction "
+                                 "of the blocks to keep, instead of --rank")
+            if not self.calib_tokens:
+                raise ValueError("--form drop picks the blocks to remove on calibration text: --calib-tokens must "
+                                 "be > 0")
+        elif self.form not in FORMS:
+            raise ValueError(f"form must be one of {(*FORMS, DROP)}, got {self.form!r}")
+        else:
+            check_options(self.form, self.side, self.allocation)
         if not (self.writer_groups in (None, "same") or (isinstance(self.writer_groups, int) and self.writer_groups >= 1)):
             raise ValueError(f"writer_groups must be a group size >= 1, None (all layers) or 'same', got "
                              f"{self.writer_groups!r}")
@@ -78,12 +96,64 @@ def calibration_inputs(pre: Pretrained, text: Text, tokens: int, seq_len: int, b
     return [dict(input_ids=b, attention_mask=torch.ones_like(b)) for b in batches(ids, batch_size)]
 
 
+@dataclass
+class Dropping:
+    """What ``form="drop"`` did: the layers removed (``dropped``, old indices) out of
+    ``len(similarity)``, each layer's input/output similarity, and the targets' parameters
+    (weights and biases of the blocks' Linears) before and after."""
+
+    budget: float
+    dropped: list[int]
+    similarity: list[float]
+    params_before: int
+    params_after: int
+    form: str = DROP
+
+    @property
+    def kept(self) -> float:
+        return self.params_after / self.params_before
+
+    def summary(self) -> dict:
+        return dict(form=self.form, budget=self.budget, layers=len(self.similarity), dropped=self.dropped,
+                    similarity=self.similarity, params_before=self.params_before, params_after=self.params_after,
+                    kept=self.kept)
+
+    def table(self) -> str:
+        """One line per layer: its similarity and whether it was kept."""
+        lines = ["layer  input/output cosine similarity  kept"]
+        lines += [f"{i:>5}  {s:>31.4f}  {'dropped' if i in self.dropped else 'yes'}"
+                  for i, s in enumerate(self.similarity)]
+        return "\n".join(lines)
+
+
+def target_parameters(layers: Sequence, targets: Sequence[str]) -> int:
+    """The parameters of the Linears ``targets`` in ``layers``."""
+    return sum(p.numel() for layer in layers for t in targets for p in layer.get_submodule(t).parameters())
+
+
+def drop_pretrained(pre: Pretrained, settings: ConvertSettings, inputs: Sequence[dict]) -> Dropping:
+    """Drop ``pre.model``'s layers in place by their input/output similarity over ``inputs``
+    (calibration forward passes' keyword arguments), keeping ``settings.budget`` of them."""
+    _, stack = find_layers(pre.model)
+    targets = convert_targets(stack[0], settings.targets)
+    before = target_parameters(stack, targets)
+    similarity = layer_similarity(pre.model, inputs)
+    dropped = layers_to_drop(similarity, settings.budget)
+    drop_layers(pre.model, dropped)
+    return Dropping(settings.budget, dropped, similarity, before, target_parameters(find_layers(pre.model)[1], targets))
+
+
 def convert_pretrained(pre: Pretrained, settings: ConvertSettings, moments=None, text: Text | None = None
-                       ) -> Conversion:
+                       ) -> Conversion | Dropping:
     """Convert ``pre.model`` in place (``moments``: reuse an earlier calibration run; ``text``: the
     calibration text, default ``settings.calibration`` resolved alone). Readers of the residual
-    stream get ``settings.groups``, writers ``settings.writer_groups``."""
+    stream get ``settings.groups``, writers ``settings.writer_groups``. ``form="drop"`` drops
+    layers instead (`drop_pretrained`, on the calibration text; ``moments`` unused)."""
     settings.validate()
+    if settings.form == DROP:
+        text = text or resolve_text(settings.calibration, "calibration")
+        return drop_pretrained(pre, settings, calibration_inputs(pre, text, settings.calib_tokens, settings.seq_len,
+                                                                 settings.batch_size))
     if moments is None and settings.calib_tokens:
         text = text or resolve_text(settings.calibration, "calibration")
         inputs = calibration_inputs(pre, text, settings.calib_tokens, settings.seq_len, settings.batch_size)
@@ -130,8 +200,12 @@ def check_earlier(out: Path, source: str, settings: ConvertSettings, up: Uptrain
 
 
 def _weights(up: dict | None) -> dict | None:
-    """The uptraining settings that shape the weights (not where it is evaluated or checkpointed)."""
-    return None if up is None else {k: v for k, v in json.loads(json.dumps(up)).items() if k not in RESUME_FREE}
+    """The uptraining settings that shape the weights (not where it is evaluated or checkpointed);
+    a setting that an earlier version did not record has its default."""
+    if up is None:
+        return None
+    full = json.loads(json.dumps(asdict(UptrainSettings()))) | json.loads(json.dumps(up))
+    return {k: v for k, v in full.items() if k not in RESUME_FREE}
 
 
 def _changes(before: tuple, now: tuple) -> str:
@@ -187,12 +261,19 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
                   resume: bool = True, quiet: bool = False) -> dict:
     """Load, convert, verify, save (see the module docstring); with ``eval_tokens``, the held-out
     perplexity of a causal LM before and after, on ``eval_text`` (a text for
-    `texts.resolve_text`; None: the fortunes' held-out part); with ``up``, uptrain by distillation
-    from the original (in ``DIR/uptrain``, resumable; the perplexity at ``up.eval_at_tokens`` to
-    its val.csv) before saving. ``quiet``: no progress lines or bars. Returns the summary it writes."""
+    `texts.resolve_text`; None: the fortunes' held-out part); with ``up``, uptrain (`uptrain.uptrain`:
+    by distillation from the original, or next-token loss alone without it; in ``DIR/uptrain``,
+    resumable; the perplexity at ``up.eval_at_tokens`` to its val.csv) before saving. ``quiet``:
+    no progress lines or bars. Returns the summary it writes."""
     settings.validate()
+    drop = settings.form == DROP
     if up is not None:
         up.validate()
+        if drop and up.params == "converted":
+            raise ValueError("--form drop converts no tensors, so --uptrain-params converted would train nothing: "
+                             "pass --uptrain-params all")
+    if drop and merged:
+        raise ValueError("--form drop writes a plain model (DIR/model, save_pretrained) already: leave out --merged")
     if eval_text is not None and not eval_tokens:
         raise ValueError(f"--eval-text {eval_text} names the held-out text, but no held-out tokens are asked for: "
                          "pass --eval-tokens T as well")
@@ -212,7 +293,7 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
         raise ValueError(f"{source} is a {type(pre.model).__name__}, which reads {pre.model.main_input_name}: "
                          "lors convert handles language models (token ids); convert its layers from Python "
                          "with lors.convert_layers (docs/convert.md)")
-    if merged:
+    if merged or drop:
         check_serializable(pre)
     causal = pre.kind == CAUSAL
     if up is not None and not causal:
@@ -238,7 +319,10 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
     quality = {}
     if held_out is not None:
         quality["original"] = perplexity(pre.model, held_out)
-    original = copy.deepcopy(pre.model)  # the plain model: teacher for uptraining, then the reload check
+    # the plain model: teacher for distillation, then what the saved file is loaded into (reloaded from
+    # the source after next-token uptraining, which runs without it; a dropped model reloads by itself)
+    teacher = up is not None and up.loss == "distill"
+    original = copy.deepcopy(pre.model) if teacher or (up is None and not drop) else None
     conversion = convert_pretrained(pre, settings, text=texts.get("calibration"))
     total_after = lors.count_parameters(pre.model).total
     seconds = time.perf_counter() - start
@@ -256,14 +340,22 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
             up_summary["curve"] = fitted["curve"]  # DIR/uptrain/val.csv: perplexity against tokens trained
     marker = out / "conversion.json"
     marker.unlink(missing_ok=True)  # from here on DIR holds this run's files, unfinished until the marker is back
-    path = lors.save(pre.model, out / "model.safetensors")
-    lors.load(original, path)  # the file alone re-creates the converted model on the plain copy
     probe = torch.randint(0, min(1000, getattr(pre.model.config, "vocab_size", 1000)), (1, 32))
-    with torch.no_grad():
-        a, b = pre.model.eval()(input_ids=probe), original(input_ids=probe)
     key = "logits" if pre.kind == CAUSAL else "last_hidden_state"
-    if not torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-4):
-        raise RuntimeError(f"{path} does not load back to the converted model: report this as a bug")
+    with torch.no_grad():
+        a = pre.model.eval()(input_ids=probe)
+    if drop:  # a plain model with fewer layers: save_pretrained, checked to reload to the same outputs
+        path = out / "model"
+        save_merged(pre.model, pre.tokenizer, path, probe, a[key], key)
+    else:
+        path = lors.save(pre.model, out / "model.safetensors")
+        if original is None:
+            original = load_pretrained(source).model
+        lors.load(original, path)  # the file alone re-creates the converted model on the plain copy
+        with torch.no_grad():
+            b = original(input_ids=probe)
+        if not torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"{path} does not load back to the converted model: report this as a bug")
     summary = dict(source=source, settings=asdict(settings), total_params_before=total_before,
                    total_params_after=total_after, seconds=round(seconds, 1), checkpoint=str(path),
                    texts={role: t.describe() for role, t in texts.items()}, **conversion.summary())

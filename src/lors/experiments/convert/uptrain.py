@@ -1,9 +1,13 @@
-"""Uptraining a converted causal LM by distillation from the original: the engine's `fit`, so a
-run checkpoints, resumes exactly and keeps its logs like every other training run.
+"""Uptraining ("healing") a converted causal LM: the engine's `fit`, so a run checkpoints, resumes
+exactly and keeps its logs like every other training run.
 
-Loss per batch: KL(teacher ‖ student) over next-token distributions, plus ``lm_weight`` times the
-student's own next-token loss. Only the converted layers' tensors (shared bases or weights and
-per-layer factors) train; embeddings, norms and the head stay as they were.
+Loss per batch (``loss``): "distill", KL(teacher ‖ student) over next-token distributions plus
+``lm_weight`` times the student's own next-token loss; or "lm", the next-token loss alone, with
+no teacher (none is kept or run). What trains (``params``): "converted", the converted layers'
+tensors (shared bases or weights and per-layer factors), embeddings, norms and the head staying
+as they were; or "all", every tensor but the token embeddings (and a head tied to them, the same
+tensor), which a layer-dropped model (nothing converted) needs. ``amp``: "fp32", or "bf16"
+autocast (on CPU too; the held-out perplexity is measured in float32 either way).
 
 Healing curves: with ``schedule="constant"`` the rate after warm-up does not depend on the run's
 length, so the model after N steps is exactly what an N-step run gives, and a finished run
@@ -27,6 +31,9 @@ from lors.engine.loop import RunSettings, adamw, fit
 from lors.engine.schedule import Schedule
 
 
+LOSSES = ("distill", "lm")
+PARAMS = ("converted", "all")
+AMPS = ("fp32", "bf16")  # autocast_dtype's names; fp16 would need a loss scaler for no gain on CPU
 SCHEDULES = ("cosine", "constant", "linear")  # `Schedule`'s decays after the warm-up ("step" needs milestones)
 # settings that do not change the weights: a run may resume or continue with others
 RESUME_FREE = ("eval_at_tokens", "checkpoint_every", "log_every")
@@ -34,7 +41,8 @@ RESUME_FREE = ("eval_at_tokens", "checkpoint_every", "log_every")
 
 @dataclass
 class UptrainSettings:
-    """Distillation: ``steps`` of ``batch_size`` windows drawn from the first ``text_tokens``
+    """Healing by ``loss`` (one of ``LOSSES``) of the tensors ``params`` (one of ``PARAMS``) under
+    ``amp`` (one of ``AMPS``; see the module docstring): ``steps`` of ``batch_size`` windows drawn from the first ``text_tokens``
     tokens of the calibration text (all of it if shorter), AdamW at ``lr`` after ``warmup_steps`` of linear warm-up,
     then ``schedule`` (one of ``SCHEDULES``: "cosine" to 0 at the last step, "constant", or
     "linear" to 0). ``eval_at_tokens``: token counts (multiples of one step's batch_size x
@@ -52,6 +60,9 @@ class UptrainSettings:
     schedule: str = "cosine"
     text_tokens: int = 131072
     eval_at_tokens: list[int] = field(default_factory=list)
+    loss: str = "distill"
+    params: str = "converted"
+    amp: str = "fp32"
 
     def validate(self) -> "UptrainSettings":
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.checkpoint_every < 1:
@@ -59,6 +70,10 @@ class UptrainSettings:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown uptraining schedule {self.schedule!r}: use one of {SCHEDULES} "
                              "(--uptrain-schedule)")
+        for value, choices, flag in ((self.loss, LOSSES, "--uptrain-loss"), (self.params, PARAMS, "--uptrain-params"),
+                                     (self.amp, AMPS, "--uptrain-amp")):
+            if value not in choices:
+                raise ValueError(f"unknown {flag} {value!r}: use one of {choices}")
         if self.text_tokens < 1 or any(t < 1 for t in self.eval_at_tokens):
             raise ValueError(f"--uptrain-tokens ({self.text_tokens}) and every --eval-at-tokens count "
                              f"({self.eval_at_tokens}) must be >= 1")
@@ -95,14 +110,37 @@ def converted_parameters(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
+def trainable_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
+    """The tensors that uptraining trains: ``which`` "converted" (`converted_parameters`) or
+    "all" (every parameter but the input token embeddings; a head tied to them is that tensor)."""
+    if which == "converted":
+        params = converted_parameters(model)
+        if not params:
+            raise ValueError("the model holds no converted layers, so --uptrain-params converted would train "
+                             "nothing (a layer-dropped model has none): pass --uptrain-params all, or convert it first")
+        return params
+    if which != "all":
+        raise ValueError(f"unknown --uptrain-params {which!r}: use one of {PARAMS}")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    skip = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
+    return [p for p in model.parameters() if id(p) not in skip]  # model.parameters() lists a tied tensor once
+
+
 def step_batch(windows: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
     """The windows of ``step``: drawn from (seed, step) alone, so a resumed run sees the same."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return windows[torch.randint(len(windows), (batch_size,), generator=g)]
 
 
+def lm_loss(student: nn.Module, ids: torch.Tensor):
+    """(loss, terms): the student's mean next-token cross-entropy on token ids (B, T); no teacher."""
+    logits = student(input_ids=ids, use_cache=False).logits[:, :-1].float()    # (B, T-1, V)
+    lm = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].reshape(-1))
+    return lm, {"lm": lm.item()}
+
+
 def distill_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, lm_weight: float):
-    """(loss, terms) for one batch of token ids (B, T)."""
+    """(loss, terms) for one batch of token ids (B, T): KL to the teacher + ``lm_weight`` x next-token loss."""
     with torch.no_grad():
         target = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
     logits = student(input_ids=ids, use_cache=False).logits[:, :-1].float()    # (B, T-1, V)
@@ -115,16 +153,29 @@ def distill_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, lm_w
 # the config keys of an uptraining run as the `lors convert` flags that set them, for its messages
 FLAGS = {"uptrain.steps": "--uptrain-steps", "uptrain.lr": "--uptrain-lr", "uptrain.batch_size": "--uptrain-batch",
          "uptrain.schedule": "--uptrain-schedule", "uptrain.text_tokens": "--uptrain-tokens",
-         "uptrain.eval_at_tokens": "--eval-at-tokens",
+         "uptrain.eval_at_tokens": "--eval-at-tokens", "uptrain.loss": "--uptrain-loss",
+         "uptrain.params": "--uptrain-params", "uptrain.amp": "--uptrain-amp",
          **{f"convert.{k}": f"--{k.replace('_', '-')}" for k in ("budget", "rank", "form", "side", "groups",
                                                                 "writer_groups", "allocation", "damping", "targets",
                                                                 "calibration", "calib_tokens", "seq_len")}}
 
 
-def uptrain(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, settings: UptrainSettings,
+def loss_function(settings: UptrainSettings, teacher: nn.Module | None) -> Callable:
+    """``loss_fn(model, ids) -> (loss, terms)`` of ``settings.loss`` (a named error for "distill" without a teacher)."""
+    if settings.loss == "lm":
+        return lm_loss
+    if teacher is None:
+        raise ValueError("distillation needs the original model as teacher: pass it, or use --uptrain-loss lm")
+    teacher.eval().requires_grad_(False)
+    return lambda m, ids: distill_loss(m, teacher, ids, settings.lm_weight)
+
+
+def uptrain(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, settings: UptrainSettings,
             run_dir: str | Path, config: dict, resume: bool = True, progress: bool = True,
             evaluate: Callable[[], dict[str, float]] | None = None) -> dict:
-    """Distil ``teacher`` into the converted ``student`` (in place) on token ``windows`` (N, T).
+    """Heal the converted ``student`` (in place) on token ``windows`` (N, T): distil ``teacher``
+    into it, or with ``settings.loss == "lm"`` train on next-token loss alone (``teacher`` unused, may
+    be None); the tensors of ``settings.params`` train, under ``settings.amp``.
 
     ``config`` (the conversion's settings) is stored with every checkpoint and must match on
     resume, with the uptraining settings but ``RESUME_FREE``; a "constant" run may resume with
@@ -137,25 +188,23 @@ def uptrain(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, setti
     eval_steps = settings.eval_steps(windows.shape[1])
     if eval_steps and evaluate is None:
         raise ValueError("--eval-at-tokens needs held-out text to measure: pass --eval-tokens T as well")
-    params = converted_parameters(student)
-    if not params:
-        raise ValueError("the model holds no converted layers: convert it before uptraining")
-    keep = {id(p) for p in params}
+    loss_fn = loss_function(settings, teacher)
+    keep = {id(p) for p in trainable_parameters(student, settings.params)}
     for p in student.parameters():
         p.requires_grad_(id(p) in keep)
-    teacher.eval().requires_grad_(False)
     student.train()
-    optimizer = adamw(student, settings.lr, settings.weight_decay)  # the trainable ones: the converted layers
+    optimizer = adamw(student, settings.lr, settings.weight_decay)  # the trainable ones: settings.params
     schedule = Schedule(lr=settings.lr, total_steps=settings.steps, warmup_steps=settings.warmup_steps,
                         decay=settings.schedule)
 
     def epoch_batches(epoch: int, start: int):
         return (step_batch(windows, s, settings.batch_size, settings.seed) for s in range(start, settings.steps))
 
+    terms = ("kl", "lm") if settings.loss == "distill" else ("lm",)
     run = RunSettings(run_dir=Path(run_dir), config={"convert": config, "uptrain": asdict(settings)},
                       resume_free=tuple(f"uptrain.{k}" for k in RESUME_FREE),
-                      length_key="uptrain.steps", log_terms=("kl", "lm"), checkpoint_every=settings.checkpoint_every,
-                      log_every=settings.log_every, eval_steps=eval_steps, clip_grad=1.0, amp="fp32",
+                      length_key="uptrain.steps", log_terms=terms, checkpoint_every=settings.checkpoint_every,
+                      log_every=settings.log_every, eval_steps=eval_steps, clip_grad=1.0, amp=settings.amp,
                       resume=resume, extend=settings.schedule == "constant", progress=progress,
                       fail_hint="rerun with a lower --uptrain-lr and --no-resume (a resumed run keeps its settings)",
                       dir_flag="--out", can_extend=False, key_names=FLAGS)
@@ -167,7 +216,7 @@ def uptrain(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, setti
         finally:
             student.train()
     try:
-        summary = fit(student, lambda m, ids: distill_loss(m, teacher, ids, settings.lm_weight), epoch_batches,
+        summary = fit(student, loss_fn, epoch_batches,
                       settings.steps, optimizer, schedule, run, evaluate=None if evaluate is None else in_eval_mode)
     finally:
         student.eval()
