@@ -14,9 +14,10 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from lors.core.share import find_layers
@@ -73,30 +74,39 @@ def sides(row: Row, targets: Sequence[str]) -> str | dict[str, str]:
     return {t: "out" if writes_residual(t) else "in" for t in targets}
 
 
-def compare_conversion(model: str = "smollm2", budgets: Sequence[float] = (0.75, 0.5),
-                       rows: Sequence[str] = ROW_NAMES, out: str | Path = "runs/convert_compare",
-                       calib_tokens: int = 16384, eval_tokens: int = 8192, seq_len: int = 512,
-                       eval_texts: int = 1000, calibration: str | None = None, eval_text: str | None = None,
-                       quiet: bool = False) -> dict:
-    """Convert ``model`` by each row at each budget and measure it; see the module docstring.
-    ``calibration``, ``eval_text``: texts for `texts.resolve_text` (None: the fortunes)."""
+@dataclass
+class Measure:
+    """What every conversion of a comparison is measured against: the calibration (inputs and
+    their moments), the quality measure and the original model's score."""
+
+    pre: Pretrained
+    inputs: list[dict]
+    moments: object                 # the InputMoments of every Linear of the blocks
+    calib_seconds: float
+    measure: Callable[[nn.Module], float]
+    metric: str                     # "ppl" or "cosine"
+    label: str
+    better: str                     # "lower" or "higher"
+    evaluated: str                  # what it is measured on, in words
+    original: float
+    similarity: list[float] | None  # per-layer input/output similarity, for the layer-dropping row
+
+
+def check_rows(rows: Sequence[str], budgets: Sequence[float]) -> list[Row]:
+    """The `ROWS` named in ``rows``; ValueError for an unknown row or a budget outside (0, 1)."""
     unknown = [r for r in rows if r not in ROW_NAMES]
     if unknown:
         raise ValueError(f"unknown rows {unknown}: choose from {list(ROW_NAMES)}")
     if not budgets or not all(0 < b < 1 for b in budgets):
         raise ValueError(f"budgets must be fractions with 0 < budget < 1, got {list(budgets)}")
-    chosen = [r for r in ROWS if r.name in rows]
-    calib = resolve_text(calibration, "calibration", other=eval_text)
-    held = resolve_text(eval_text, "evaluation", other=calibration)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    pre = load_pretrained(model)
+    return [r for r in ROWS if r.name in rows]
+
+
+def prepare(pre: Pretrained, calib, held, calib_tokens: int, eval_tokens: int, seq_len: int, eval_texts: int,
+            need_similarity: bool) -> Measure:
+    """Calibrate ``pre`` once on the text ``calib`` and build the measure on ``held``."""
     causal = pre.kind == CAUSAL
-    seq = seq_len if causal else min(seq_len, 128)
-    inputs = calibration_inputs(pre, calib, calib_tokens, seq, 4)
-    _, stack = find_layers(pre.model)
-    n_layers = len(stack)
+    inputs = calibration_inputs(pre, calib, calib_tokens, seq_len if causal else min(seq_len, 128), 4)
     t0 = time.perf_counter()
     moments = record_moments(pre.model, None, inputs)
     calib_seconds = time.perf_counter() - t0
@@ -111,44 +121,73 @@ def compare_conversion(model: str = "smollm2", budgets: Sequence[float] = (0.75,
         measure = lambda m: float((sentence_embeddings(m, pre.tokenizer, texts) * reference).sum(-1).mean())  # noqa: E731
         metric, label, better = "cosine", "cosine similarity to the original's sentence embeddings", "higher"
         evaluated = f"{len(texts):,} held-out entries of {held.name}"
-    original = measure(pre.model)
-    similarity = layer_similarity(pre.model, inputs) if any(r.form == "drop" for r in chosen) else None
+    return Measure(pre, inputs, moments, calib_seconds, measure, metric, label, better, evaluated,
+                   measure(pre.model), layer_similarity(pre.model, inputs) if need_similarity else None)
+
+
+def convert_row(setup: Measure, row: Row, budget: float, calib_tokens: int) -> dict:
+    """Convert a copy of the original by ``row`` at ``budget`` and measure it: one result."""
+    pre, n_layers = setup.pre, len(find_layers(setup.pre.model)[1])
+    m = copy.deepcopy(pre.model)
+    t0 = time.perf_counter()
+    if row.form == "drop":
+        dropped = layers_to_drop(setup.similarity, budget)
+        drop_layers(m, dropped)
+        kept, ranks = (n_layers - len(dropped)) / n_layers, {"dropped": dropped}
+    else:
+        settings = ConvertSettings(budget=budget, form=row.form, side=sides(row, setup.moments.targets),
+                                   groups=row.groups, writer_groups=row.writer_groups, allocation=row.allocation,
+                                   calib_tokens=calib_tokens if row.calibrated else 0)
+        conv = convert_pretrained(Pretrained(m, pre.tokenizer, pre.kind, pre.source), settings,
+                                  setup.moments if row.calibrated else None)
+        kept, ranks = conv.kept, {t: sorted(set(r)) for t, r in conv.ranks.items()}
+    seconds = time.perf_counter() - t0
+    return dict(row=row.name, label=row.label, budget=budget, kept=kept, value=setup.measure(m),
+                convert_seconds=round(seconds, 1), ranks=ranks)
+
+
+def compare_conversion(model: str = "smollm2", budgets: Sequence[float] = (0.75, 0.5),
+                       rows: Sequence[str] = ROW_NAMES, out: str | Path = "runs/convert_compare",
+                       calib_tokens: int = 16384, eval_tokens: int = 8192, seq_len: int = 512,
+                       eval_texts: int = 1000, calibration: str | None = None, eval_text: str | None = None,
+                       quiet: bool = False) -> dict:
+    """Convert ``model`` by each row at each budget and measure it (`prepare`, then `convert_row`
+    per row and budget); write ``summary.json``, ``table.md`` and the plot to ``out``; returns
+    the summary. ``calibration``, ``eval_text``: texts for `texts.resolve_text` (None: the
+    fortunes)."""
+    chosen = check_rows(rows, budgets)
+    calib = resolve_text(calibration, "calibration", other=eval_text)
+    held = resolve_text(eval_text, "evaluation", other=calibration)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    setup = prepare(load_pretrained(model), calib, held, calib_tokens, eval_tokens, seq_len, eval_texts,
+                    need_similarity=any(r.form == "drop" for r in chosen))
     results = []
     bar = tqdm(total=len(chosen) * len(budgets), disable=quiet, desc=f"convert {model}", unit="conversion")
     for row in chosen:
         for budget in budgets:
-            m = copy.deepcopy(pre.model)
-            t0 = time.perf_counter()
-            if row.form == "drop":
-                dropped = layers_to_drop(similarity, budget)
-                drop_layers(m, dropped)
-                kept, ranks = (n_layers - len(dropped)) / n_layers, {"dropped": dropped}
-            else:
-                settings = ConvertSettings(budget=budget, form=row.form, side=sides(row, moments.targets), groups=row.groups,
-                                           writer_groups=row.writer_groups, allocation=row.allocation,
-                                           calib_tokens=calib_tokens if row.calibrated else 0)
-                conv = convert_pretrained(Pretrained(m, pre.tokenizer, pre.kind, pre.source), settings,
-                                          moments if row.calibrated else None)
-                kept, ranks = conv.kept, {t: sorted(set(r)) for t, r in conv.ranks.items()}
-            seconds = time.perf_counter() - t0
-            value = measure(m)
-            results.append(dict(row=row.name, label=row.label, budget=budget, kept=kept, value=value,
-                                convert_seconds=round(seconds, 1), ranks=ranks))
+            results.append(convert_row(setup, row, budget, calib_tokens))
             bar.update()
-            bar.set_postfix_str(f"{row.name} {budget}: {metric} {value:.4g}")
-            del m
+            bar.set_postfix_str(f"{row.name} {budget}: {setup.metric} {results[-1]['value']:.4g}")
     bar.close()
-    summary = dict(model=model, metric=metric, metric_label=label, better=better, original=original,
-                   budgets=list(budgets), layers=n_layers, calib_tokens=int(sum(kw["input_ids"].numel() for kw in inputs)),
-                   calibration_seconds=round(calib_seconds, 1), evaluated_on=evaluated,
+    summary = dict(model=model, metric=setup.metric, metric_label=setup.label, better=setup.better,
+                   original=setup.original, budgets=list(budgets), layers=len(find_layers(setup.pre.model)[1]),
+                   calib_tokens=int(sum(kw["input_ids"].numel() for kw in setup.inputs)),
+                   calibration_seconds=round(setup.calib_seconds, 1), evaluated_on=setup.evaluated,
                    texts=dict(calibration=calib.describe(), evaluation=held.describe()),
                    rows=[asdict(r) for r in chosen], results=results,
                    machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                    seconds=round(time.perf_counter() - start, 1))
+    write_results(summary, out)
+    return summary
+
+
+def write_results(summary: dict, out: Path) -> None:
+    """``summary.json``, ``table.md`` and ``quality_vs_params.png`` of a comparison in ``out``."""
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "table.md").write_text(results_table(summary) + "\n")
     plot_results(summary, out / "quality_vs_params.png")
-    return summary
 
 
 def results_table(summary: dict) -> str:
