@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch import nn
 
 import lors
 from lors.core.convert import FORMS, Conversion, check_options, convert_layers, convert_targets
@@ -256,15 +257,9 @@ def save_merged(model, tokenizer, folder: Path, probe: torch.Tensor, expected: t
     tmp.rename(folder)
 
 
-def convert_model(source: str, out: str | Path, settings: ConvertSettings, merged: bool = False,
-                  eval_tokens: int = 0, eval_text: str | None = None, up: UptrainSettings | None = None,
-                  resume: bool = True, quiet: bool = False) -> dict:
-    """Load, convert, verify, save (see the module docstring); with ``eval_tokens``, the held-out
-    perplexity of a causal LM before and after, on ``eval_text`` (a text for
-    `texts.resolve_text`; None: the fortunes' held-out part); with ``up``, uptrain (`uptrain.uptrain`:
-    by distillation from the original, or next-token loss alone without it; in ``DIR/uptrain``,
-    resumable; the perplexity at ``up.eval_at_tokens`` to its val.csv) before saving. ``quiet``:
-    no progress lines or bars. Returns the summary it writes."""
+def check_arguments(settings: ConvertSettings, merged: bool, eval_tokens: int, eval_text: str | None,
+                    up: UptrainSettings | None) -> None:
+    """Refuse settings that cannot work together, before anything is loaded."""
     settings.validate()
     drop = settings.form == DROP
     if up is not None:
@@ -279,21 +274,17 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
                          "pass --eval-tokens T as well")
     if up is not None and up.eval_at_tokens and not eval_tokens:
         raise ValueError("--eval-at-tokens needs held-out text to measure: pass --eval-tokens T as well")
-    out = Path(out)
-    check_out(out)
-    check_earlier(out, source, settings, up)
-    texts = {}  # resolved before the model is loaded, so a bad path fails at once
-    if settings.calib_tokens or up is not None:
-        texts["calibration"] = resolve_text(settings.calibration, "calibration", other=eval_text)
-    if eval_tokens:
-        texts["evaluation"] = resolve_text(eval_text, "evaluation", other=settings.calibration)
-    start = time.perf_counter()
-    pre = load_pretrained(source)
+
+
+def check_model(pre: Pretrained, source: str, settings: ConvertSettings, merged: bool, eval_tokens: int,
+                up: UptrainSettings | None) -> None:
+    """Refuse a loaded model the asked-for steps cannot handle (not a language model, an
+    encoder asked for perplexity or uptraining, no tokenizer where text is read, not savable)."""
     if getattr(pre.model, "main_input_name", "input_ids") != "input_ids":
         raise ValueError(f"{source} is a {type(pre.model).__name__}, which reads {pre.model.main_input_name}: "
                          "lors convert handles language models (token ids); convert its layers from Python "
                          "with lors.convert_layers (docs/convert.md)")
-    if merged or drop:
+    if merged or settings.form == DROP:
         check_serializable(pre)
     causal = pre.kind == CAUSAL
     if up is not None and not causal:
@@ -306,6 +297,49 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
         raise ValueError(f"{source} has no tokenizer that transformers can load ({pre.tokenizer_error}), and "
                          "calibration, --eval-tokens and uptraining read text: add the tokenizer's files to the "
                          "folder, or pass --calib-tokens 0 (weight-space SVD, no text) without --eval-tokens")
+
+
+def save_converted(pre: Pretrained, out: Path, drop: bool, original: nn.Module | None,
+                   probe: torch.Tensor, expected: torch.Tensor, key: str) -> Path:
+    """Save the converted model and check that the file alone gives back ``expected`` (its
+    outputs on ``probe``): ``DIR/model.safetensors`` loaded into the plain ``original`` (the
+    source read again if None), which then holds the converted weights; for a dropped model, a
+    plain ``DIR/model`` folder that must reload. Returns the path."""
+    if drop:  # a plain model with fewer layers: save_pretrained, checked to reload to the same outputs
+        path = out / "model"
+        save_merged(pre.model, pre.tokenizer, path, probe, expected, key)
+        return path
+    path = lors.save(pre.model, out / "model.safetensors")
+    lors.load(original, path)  # the file alone re-creates the converted model on the plain copy
+    with torch.no_grad():
+        b = original(input_ids=probe)
+    if not torch.allclose(expected, b[key], rtol=1e-4, atol=1e-4):
+        raise RuntimeError(f"{path} does not load back to the converted model: report this as a bug")
+    return path
+
+
+def convert_model(source: str, out: str | Path, settings: ConvertSettings, merged: bool = False,
+                  eval_tokens: int = 0, eval_text: str | None = None, up: UptrainSettings | None = None,
+                  resume: bool = True, quiet: bool = False) -> dict:
+    """Load, convert, verify, save (see the module docstring); with ``eval_tokens``, the held-out
+    perplexity of a causal LM before and after, on ``eval_text`` (a text for
+    `texts.resolve_text`; None: the fortunes' held-out part); with ``up``, uptrain (`uptrain.uptrain`:
+    by distillation from the original, or next-token loss alone without it; in ``DIR/uptrain``,
+    resumable; the perplexity at ``up.eval_at_tokens`` to its val.csv) before saving. ``quiet``:
+    no progress lines or bars. Returns the summary it writes."""
+    check_arguments(settings, merged, eval_tokens, eval_text, up)
+    drop = settings.form == DROP
+    out = Path(out)
+    check_out(out)
+    check_earlier(out, source, settings, up)
+    texts = {}  # resolved before the model is loaded, so a bad path fails at once
+    if settings.calib_tokens or up is not None:
+        texts["calibration"] = resolve_text(settings.calibration, "calibration", other=eval_text)
+    if eval_tokens:
+        texts["evaluation"] = resolve_text(eval_text, "evaluation", other=settings.calibration)
+    start = time.perf_counter()
+    pre = load_pretrained(source)
+    check_model(pre, source, settings, merged, eval_tokens, up)
     total_before = lors.count_parameters(pre.model).total
     if not quiet:
         print(f"loaded {source}: {total_before:,} parameters ({time.perf_counter() - start:.0f} s)")
@@ -344,18 +378,9 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
     key = "logits" if pre.kind == CAUSAL else "last_hidden_state"
     with torch.no_grad():
         a = pre.model.eval()(input_ids=probe)
-    if drop:  # a plain model with fewer layers: save_pretrained, checked to reload to the same outputs
-        path = out / "model"
-        save_merged(pre.model, pre.tokenizer, path, probe, a[key], key)
-    else:
-        path = lors.save(pre.model, out / "model.safetensors")
-        if original is None:
-            original = load_pretrained(source).model
-        lors.load(original, path)  # the file alone re-creates the converted model on the plain copy
-        with torch.no_grad():
-            b = original(input_ids=probe)
-        if not torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-4):
-            raise RuntimeError(f"{path} does not load back to the converted model: report this as a bug")
+    if original is None and not drop:
+        original = load_pretrained(source).model
+    path = save_converted(pre, out, drop, original, probe, a[key], key)
     summary = dict(source=source, settings=asdict(settings), total_params_before=total_before,
                    total_params_after=total_after, seconds=round(seconds, 1), checkpoint=str(path),
                    texts={role: t.describe() for role, t in texts.items()}, **conversion.summary())
