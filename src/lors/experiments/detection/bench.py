@@ -278,6 +278,10 @@ def compare(opts: SweepOptions, out: str | Path = "runs/compare", vanilla: str =
     print(table)
     print(f"\nLORS decoder / vanilla decoder = {summary['decoder_params_ratio']:.1%}; "
           f"wall time {summary['wall_seconds'] / 60:.1f} min")
+    if len(opts.seeds) < 4:
+        print(f"The AP gap above is a {len(opts.seeds)}-seed estimate (its seed spread is about as large): "
+              "docs/results/detection.md, \"Four seeds\", has it over seeds 0-3. CPU floats differ between "
+              "processor models, so on another processor the figures fall within that spread, not to the digit.")
     print(f"wrote {', '.join(map(str, written))}, {plot}, {preds}")
     return summary
 
