@@ -281,3 +281,10 @@ def test_a_sweep_with_bad_widths_or_ranks_is_refused_before_training(tmp_path, w
         sweep_lm(seeds=[0], out=tmp_path / "sweep", widths=widths, ranks=ranks, alloc=None,
                  overrides=[*TINY, f"data.corpus={write_corpus(tmp_path)}"], jobs=1, quiet=True)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_val_curves_keep_one_row_per_step_and_average_over_the_steps_all_seeds_have(tmp_path):
+    from lors.experiments.compare import mean_curve, val_curve
+    (tmp_path / "val.csv").write_text("step,val_bpb\n3,5.0\n6,4.0\n6,4.5\n")  # step 6 evaluated twice
+    assert val_curve(tmp_path, "val_bpb") == [(3, 5.0), (6, 4.5)]
+    assert mean_curve([[(3, 5.0), (6, 4.5)], [(3, 3.0), (6, 2.5), (9, 1.0)]]) == [(3, 4.0), (6, 3.5)]

@@ -129,8 +129,17 @@ def _percent(value: float | None) -> str:
 
 
 def val_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
+    """(step, metric) of each evaluation in ``run_dir/val.csv``, one per step (a step evaluated
+    twice, as a rerun of a finished run did before such rows were replaced, keeps its last)."""
     with (run_dir / "val.csv").open() as f:
-        return [(int(r["step"]), float(r[metric])) for r in csv.DictReader(f)]
+        by_step = {int(r["step"]): float(r[metric]) for r in csv.DictReader(f)}
+    return sorted(by_step.items())
+
+
+def mean_curve(curves: Sequence[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """The mean over seeds at each step that every curve has."""
+    common = set.intersection(*(set(dict(c)) for c in curves))
+    return [(step, statistics.fmean(dict(c)[step] for c in curves)) for step in sorted(common)]
 
 
 def check_earlier_run(task: Task, name: str, cfg: Any, run_dir: Path) -> bool:
@@ -213,7 +222,7 @@ def aggregate(task: Task, cfgs: dict[str, Any], results: dict[str, list[tuple[Pa
                      **mean_and_spread([{task.metric: v, "units_per_s": units / r["seconds_per_step"],
                                          "peak_memory_mb": r["peak_memory_mb"]} for v, r in zip(values, per_seed)],
                                        (task.metric, "units_per_s", "peak_memory_mb"), (task.metric,)),
-                     "curve": [(s, statistics.fmean(c[i][1] for c in curves)) for i, (s, _) in enumerate(curves[0])]})
+                     "curve": mean_curve(curves)})
     return rows
 
 
