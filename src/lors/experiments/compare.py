@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import json
 import statistics
 import time
@@ -55,9 +56,9 @@ class Task:
     lower_is_better: bool
     unit: str                                    # "tokens", "images": what a step trains on
     units_per_step: Callable[[Any], int]
+    example_loss: Callable[[nn.Module, Any], tuple[Any, int]]  # (model, config) -> (the loss of one
+    # training batch built on the model's device, the units in it): for `training_flops`
     resume_free: Sequence[str] = ()              # config keys a run may differ in and still be reused
-    example_loss: Callable[[nn.Module, Any], tuple[Any, int]] | None = None  # (model, config) -> (the
-    # loss of one training batch built on the model's device, the units in it): for `training_flops`
 
 
 def config_value(cfg: Any, key: str) -> Any:
@@ -87,8 +88,12 @@ def small_shape(task: Task, base: str, overrides: Sequence[str], target: int) ->
     cfg = task.load(base, overrides)
     step, depth = 2 * config_value(cfg, task.heads_key), config_value(cfg, task.depth_key)
 
-    def gap(shape: list[str]) -> float:
+    @functools.cache  # each shape is built once, however often the search asks for it
+    def gap_of(shape: tuple[str, ...]) -> float:
         return abs(non_embedding_params(task, task.load(base, [*overrides, *shape]))[0] - target) / target
+
+    def gap(shape: list[str]) -> float:
+        return gap_of(tuple(shape))
 
     widths = range(step, config_value(cfg, task.width_key) + 1, step)
     best = min(([f"{task.width_key}={w}"] for w in widths), key=gap)
@@ -101,14 +106,12 @@ def small_shape(task: Task, base: str, overrides: Sequence[str], target: int) ->
     return best
 
 
-def training_flops(task: Task, cfg: Any) -> float | None:
+def training_flops(task: Task, cfg: Any) -> float:
     """FLOPs of one training step (forward and backward of one batch) per unit (token, image),
     counted by ``torch.utils.flop_counter`` on the meta device (matmuls and attention, 2 per
     multiply-add; element-wise work not counted). A LORS layer pays the dense layer's matmul
     plus its private term, which at a training batch's many rows it forms as a matrix once per
-    step. None when the task has no ``example_loss``."""
-    if task.example_loss is None:
-        return None
+    step."""
     from torch.utils.flop_counter import FlopCounterMode
     model = task.build(cfg, device="meta")
     with FlopCounterMode(display=False) as counter:
