@@ -105,3 +105,31 @@ def test_compare_passes_the_cached_pretrained_backbone_to_both_models(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pretrained_backbone"] == str(weights)
     assert f"backbone.weights={weights}" in summary["overrides"]
+
+
+def test_an_interrupted_pretraining_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    cfg = PretrainConfig(steps=4, batch_size=4, backgrounds=4)
+    straight = train_digit_backbone(cfg, progress=False)
+    monkeypatch.setattr(pretrain, "CHECKPOINT_EVERY", 1)
+    real, calls = pretrain.make_batch, []
+
+    def crash_once(*args, **kwargs):  # the machine goes down while drawing step 3's batch
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "make_batch", crash_once)
+    path = pretrain._cache_path(tmp_path, cfg.key())
+    with pytest.raises(KeyboardInterrupt):
+        cached_digit_backbone(tmp_path, cfg, progress=False)
+    run = pretrain.run_folder(path)
+    assert not path.exists() and (run / "ckpt_00000002").is_dir()  # no cache file, two steps checkpointed
+    monkeypatch.setattr(pretrain, "make_batch", real)
+    trained = []
+    monkeypatch.setattr(pretrain.F, "cross_entropy", lambda *a, _ce=pretrain.F.cross_entropy, **k:
+                        trained.append(1) or _ce(*a, **k))
+    resumed = torch.load(cached_digit_backbone(tmp_path, cfg, progress=False), weights_only=True)
+    assert len(trained) == 2  # resumed from step 2, not trained from the start
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert not list(run.glob("ckpt_*")) and (run / "log.csv").exists()  # the weights are written: no checkpoints

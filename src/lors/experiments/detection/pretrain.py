@@ -11,9 +11,11 @@ a *train* photograph, as the benchmark pastes them. The state dict of the stem a
 stages, in torchvision's key names, is saved so that ``backbone.weights=<path>`` loads it
 (`ResNetBackbone.load_weights`, with ``backbone.num_levels`` at most ``levels``).
 
-The budget is a number of steps, never seconds, so the weights depend on the settings and
-seed only, not on how busy the machine is: two runs with one ``PretrainConfig`` on one
-machine give bit-identical weights. `cached_digit_backbone` keeps them in a folder under a
+It trains with the engine's `fit` (`lors.engine.loop`), like every training here: checkpoints,
+log.csv, resume after an interruption, a NaN guard. The budget is a number of steps, never
+seconds, so the weights depend on the settings and seed only, not on how busy the machine is:
+two runs with one ``PretrainConfig`` on one machine give bit-identical weights, and so does a
+run interrupted and resumed. `cached_digit_backbone` keeps them in a folder under a
 name that hashes everything that made them (``resnet18_digits-<key>.pth``), beside a JSON
 file with those settings and the weights' sha256; a file whose checksum does not match (a
 truncated write) is rebuilt, and one made with other settings is never picked up.
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,12 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from lors.config import check_types
 from lors.data.benchmark import DIGIT_SPLIT_SEED, TRAIN_PHOTOS, digit_split, load_digits, load_photo
 from lors.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from lors.engine.loop import adamw
+from lors.engine.loop import RunSettings, adamw, fit
 from lors.engine.schedule import Schedule
 
 
@@ -87,6 +90,7 @@ def train_digit_indices() -> np.ndarray:
     return digit_split(labels)["train"]
 
 
+CHECKPOINT_EVERY = 250  # steps between the checkpoints of a pretraining run
 PRETRAIN_VERSION = 2  # bump when the recipe below changes what a config produces (2: the engine's Schedule)
 
 
@@ -142,17 +146,22 @@ def lr_schedule(cfg: PretrainConfig) -> Schedule:
 
 
 def train_digit_backbone(cfg: PretrainConfig = PretrainConfig(), progress: bool = True,
-                         device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+                         device: str | torch.device = "cpu", run_dir: str | Path | None = None) -> dict[str, torch.Tensor]:
     """Train ResNet-18's stem and first ``cfg.levels`` stages, with a pooled 10-way Linear on
-    top, on train-split digits for ``cfg.steps`` steps.
+    top, on train-split digits for ``cfg.steps`` steps, with the engine's `fit` in ``run_dir``
+    (checkpoints every `CHECKPOINT_EVERY` steps, log.csv with the batch accuracy; a rerun into
+    the same folder resumes; a NaN loss stops it). None: a temporary folder, removed afterwards.
 
     Deterministic for a config on one machine (its random draws come from generators seeded
-    by ``cfg.seed``). Batches are drawn on the CPU and trained on ``device``. Returns the
-    CPU state dict of the stem and those stages in torchvision's key names.
+    by ``cfg.seed``; a resumed run draws the same batches as an uninterrupted one). Batches are
+    drawn on the CPU and trained on ``device``, in float32. Returns the CPU state dict of the
+    stem and those stages in torchvision's key names.
     """
     import torchvision
+    if run_dir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return train_digit_backbone(cfg, progress, device, tmp)
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     alphas_np, labels_np = load_digits()
     train_idx = train_digit_indices()
     alphas = torch.from_numpy(alphas_np[train_idx])
@@ -164,27 +173,30 @@ def train_digit_backbone(cfg: PretrainConfig = PretrainConfig(), progress: bool 
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64 * 2 ** (cfg.levels - 1), 10))
     net = net.to(device)
     opt = adamw(net, cfg.lr, 1e-4, decay="all", fused=False)
-    net.train()
-    correct = seen = 0
-    bar = tqdm(total=cfg.steps, unit="step", desc="pretrain resnet18 on train digits",
-               disable=not progress, dynamic_ncols=True)
-    schedule = lr_schedule(cfg)
-    for step in range(cfg.steps):
-        schedule.scale_groups(opt, step)
-        x, y = make_batch(alphas, labels, bank, cfg.batch_size, cfg.image_size, gen)
-        x, y = x.to(device), y.to(device)
-        logits = net(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        correct += int((logits.argmax(1) == y).sum())
-        seen += len(y)
-        bar.update(1)
-        if (step + 1) % 10 == 0 or step + 1 == cfg.steps:
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / seen:.3f}")
-            correct = seen = 0
-    bar.close()
+
+    def batches(epoch: int, start: int):
+        """The run's batches from step ``start`` on (the run is one epoch): one generator seeded
+        by ``cfg.seed``, its first ``start`` draws replayed, so a resumed run continues the
+        uninterrupted one's sequence."""
+        gen = torch.Generator().manual_seed(cfg.seed)
+        for _ in range(start):
+            make_batch(alphas, labels, bank, cfg.batch_size, cfg.image_size, gen)
+        while True:
+            yield make_batch(alphas, labels, bank, cfg.batch_size, cfg.image_size, gen)
+
+    def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        x, y = (t.to(device) for t in batch)
+        logits = model(x)
+        return (F.cross_entropy(logits, y, label_smoothing=0.1),
+                {"acc": (logits.argmax(1) == y).float().mean().item()})
+
+    settings = RunSettings(run_dir=Path(run_dir), config=cfg.key(device), length_key="steps", log_terms=("acc",),
+                           checkpoint_every=CHECKPOINT_EVERY, amp="fp32", progress=progress, can_extend=False,
+                           fail_hint="lower the pretraining lr (PretrainConfig.lr, --pretrain-steps keeps it) "
+                                     "and rerun; the cache is not written")
+    if progress:
+        print(f"pretraining ResNet-18 on the train digits, {cfg.steps} steps, in {run_dir}", flush=True)
+    fit(net, loss_fn, batches, cfg.steps, opt, lr_schedule(cfg), settings)
     kept = ("conv1.", "bn1.", *(f"layer{k}." for k in range(1, cfg.levels + 1)))
     return {k: v.detach().cpu().clone() for k, v in resnet.state_dict().items() if k.startswith(kept)}
 
@@ -219,8 +231,8 @@ def read_cache(path: str | Path) -> dict | None:
 def cached_digit_backbone(cache_dir: str | Path, cfg: PretrainConfig = PretrainConfig(),
                           progress: bool = True, device: str | torch.device = "cpu") -> Path:
     """The weights of ``cfg`` in ``cache_dir``: reused if a complete file made with exactly
-    these settings is there, else trained (`train_digit_backbone`) and written atomically with
-    its metadata. Returns the path of the ``.pth`` file (``backbone.weights=<path>``)."""
+    these settings is there, else trained (`train_digit_backbone`, in the `run_folder` beside
+    it, which an interrupted call resumes) and written atomically with its metadata. Returns the path of the ``.pth`` file (``backbone.weights=<path>``)."""
     key = cfg.key(device)
     path = _cache_path(cache_dir, key)
     meta = read_cache(path)
@@ -229,7 +241,8 @@ def cached_digit_backbone(cache_dir: str | Path, cfg: PretrainConfig = PretrainC
     if path.exists() or path.with_suffix(".json").exists():
         print(f"{path} is incomplete or does not match its metadata (an interrupted write?): "
               "training it again", flush=True)
-    state = train_digit_backbone(cfg, progress=progress, device=device)
+    run_dir = run_folder(path)
+    state = train_digit_backbone(cfg, progress=progress, device=device, run_dir=run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -240,4 +253,15 @@ def cached_digit_backbone(cache_dir: str | Path, cfg: PretrainConfig = PretrainC
     tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
     tmp.replace(path)  # weights first: metadata without matching weights reads as incomplete
     tmp_meta.replace(path.with_suffix(".json"))
+    for ckpt in run_dir.glob("ckpt_*"):  # the weights are written: the run's log and config stay
+        shutil.rmtree(ckpt)
+    (run_dir / "last.json").unlink(missing_ok=True)
     return path
+
+
+def run_folder(path: str | Path) -> Path:
+    """The training run of the cache file ``path`` (``resnet18_digits-<key>.run``): an
+    interrupted pretraining resumes from its checkpoints; once the weights are written only its
+    log.csv and config.yaml are kept."""
+    path = Path(path)
+    return path.with_name(path.stem + ".run")
