@@ -37,6 +37,25 @@ def test_a_rerun_with_other_settings_is_refused_and_names_the_keys(tmp_path):
           evaluate_at_end=False)
 
 
+
+def test_a_run_saved_before_a_key_existed_resumes_at_its_default_only(tmp_path):
+    """A config key added after a run was saved (the run's stored config lacks it) compares as
+    its default: the run resumes with the default and is refused with any other value."""
+    import json
+    cfg = tiny_config(tmp_path, "tiny_lors")
+    run = tmp_path / "run"
+    assert train(cfg, run, progress=False, evaluate_at_end=False)["steps"] == 6
+    for ckpt in run.glob("ckpt_*"):  # as written before train.private_lr_scale existed
+        state = json.loads((ckpt / "state.json").read_text())
+        del state["config"]["train"]["private_lr_scale"]
+        (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"train\.private_lr_scale 1\.0 -> 2\.0"):
+        train(tiny_config(tmp_path, "tiny_lors", "train.epochs=5", "train.private_lr_scale=2.0"), run, progress=False,
+              evaluate_at_end=False, extend=True)
+    assert train(tiny_config(tmp_path, "tiny_lors", "train.epochs=4"), run, progress=False, evaluate_at_end=False,
+                 extend=True)["steps"] == 8  # resumed: the default is what the old run did
+
+
 def test_a_longer_schedule_extends_a_run_only_when_asked(tmp_path):
     cfg = tiny_config(tmp_path, "tiny")
     run = tmp_path / "run"

@@ -150,6 +150,8 @@ class RunSettings:
     dir_flag: str = "--run-dir"  # the command's flag for the run's folder, for the messages
     can_extend: bool = True      # whether the command has --extend
     key_names: Mapping[str, str] = field(default_factory=dict)  # config key -> the flag that sets it
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # the config type's defaults: a key that a run
+    # saved before the key existed lacks compares as its default (`config_differences`)
     parallel: str = "ddp"  # under torchrun: "ddp" (a replica per process) or "fsdp" (FSDP2, sharded)
 
 
@@ -163,14 +165,15 @@ def _dotted(config: Mapping[str, Any], key: str) -> Any:
 def check_resumable(stored: Mapping[str, Any], requested: Mapping[str, Any], ckpt: Path,
                     free: Sequence[str] = (), extend: bool = False, length_key: str = "train.epochs",
                     dir_flag: str = "--run-dir", can_extend: bool = True,
-                    key_names: Mapping[str, str] | None = None) -> None:
+                    key_names: Mapping[str, str] | None = None, defaults: Mapping[str, Any] | None = None) -> None:
     """Refuse to resume the run of checkpoint ``ckpt`` (config ``stored``) with the
     ``requested`` config if a setting that shapes the weights differs (keys in ``free`` may),
     or if the schedule's length (``length_key``) changes unasked. The messages name the
-    command's own flags (``dir_flag``, ``--extend`` where ``can_extend``, ``key_names``)."""
+    command's own flags (``dir_flag``, ``--extend`` where ``can_extend``, ``key_names``). Keys
+    that ``stored`` lacks (added since the run was saved) compare as their ``defaults``."""
     run_dir = ckpt.parent
     requested = json.loads(json.dumps(requested))
-    diffs = config_differences(stored, requested, (*free, length_key))
+    diffs = config_differences(stored, requested, (*free, length_key), defaults)
     if diffs:
         raise ValueError(f"{run_dir} holds a run with other settings ({describe(diffs, key_names)}): rerun "
                          "with the run's settings to resume it, pass --no-resume to replace it, or train "
@@ -204,7 +207,7 @@ def resume_from(run_dir: Path, settings: RunSettings, model: nn.Module,
             continue
         check_resumable(state.get("config", {}), settings.config, ckpt, settings.resume_free,
                         settings.extend, settings.length_key, settings.dir_flag, settings.can_extend,
-                        settings.key_names)
+                        settings.key_names, settings.defaults)
         try:
             state = load_checkpoint(ckpt, model, optimizer, restore_rng=True)
             if scaler is not None and scaler.is_enabled() and state.get(SCALER):

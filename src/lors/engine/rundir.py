@@ -91,11 +91,14 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(stored: Mapping[str, Any], requested: Mapping[str, Any],
-                       ignore: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+                       ignore: Iterable[str] = (), defaults: Mapping[str, Any] | None = None
+                       ) -> list[tuple[str, Any, Any]]:
     """``(key, stored value, requested value)`` for each dotted key that differs, except keys
-    equal to or under an entry of ``ignore``."""
+    equal to or under an entry of ``ignore``. A key that ``stored`` lacks takes its value in
+    ``defaults`` (the config type's defaults): a run saved before the key existed was made with
+    the behaviour its default keeps, so only a non-default request counts as a change."""
     ignore = tuple(ignore)
-    a, b = _flatten(stored), _flatten(requested)
+    a, b = {**_flatten(defaults or {}), **_flatten(stored)}, _flatten(requested)
     skip = lambda k: any(k == i or k.startswith(i + ".") for i in ignore)  # noqa: E731
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
             if not skip(k) and a.get(k) != b.get(k)]

@@ -152,7 +152,8 @@ def check_earlier_run(task: Task, name: str, cfg: Any, run_dir: Path) -> bool:
     if ckpt is None:
         return False
     state = read_state(ckpt)
-    diffs = config_differences(state.get("config", {}), json.loads(json.dumps(to_dict(cfg))), task.resume_free)
+    diffs = config_differences(state.get("config", {}), json.loads(json.dumps(to_dict(cfg))), task.resume_free,
+                               json.loads(json.dumps(to_dict(type(cfg)()))))
     if diffs:
         raise ValueError(f"{run_dir} holds a {name} run with other settings ({describe(diffs)}): pass another "
                          f"--out to compare these settings, or delete {run_dir} to train it again")

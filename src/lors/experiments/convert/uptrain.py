@@ -202,6 +202,7 @@ def uptrain(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor
 
     terms = ("kl", "lm") if settings.loss == "distill" else ("lm",)
     run = RunSettings(run_dir=Path(run_dir), config={"convert": config, "uptrain": asdict(settings)},
+                      defaults={"uptrain": asdict(UptrainSettings())},
                       resume_free=tuple(f"uptrain.{k}" for k in RESUME_FREE),
                       length_key="uptrain.steps", log_terms=terms, checkpoint_every=settings.checkpoint_every,
                       log_every=settings.log_every, eval_steps=eval_steps, clip_grad=1.0, amp=settings.amp,

@@ -161,7 +161,7 @@ def train(cfg: DetectorConfig, run_dir=None, resume: bool = True, stop_after: in
         return enumerate(loader, epoch * sampler.steps + start) if t.log_private_norms else loader
 
     settings = RunSettings(
-        run_dir=run_dir, config=to_dict(cfg), resume_free=RESUME_FREE,
+        run_dir=run_dir, config=to_dict(cfg), defaults=to_dict(type(cfg)()), resume_free=RESUME_FREE,
         length_key="train.epochs", log_terms=(*LOSS_TERMS, *norm_names), checkpoint_every=t.checkpoint_every,
         log_every=t.log_every, eval_every=t.eval_every_epochs * sampler.steps, clip_grad=t.clip_grad, amp=t.amp,
         resume=resume, extend=extend, stop_after=stop_after, progress=progress,

@@ -90,7 +90,7 @@ def train(cfg: VitConfig, run_dir: str | Path | None = None, resume: bool = True
         return loss, {"train_acc": float((logits.argmax(-1) == y).float().mean()) * 100}
 
     settings = RunSettings(
-        run_dir=run_dir or t.output_dir, config=to_dict(cfg), resume_free=RESUME_FREE, length_key="train.steps",
+        run_dir=run_dir or t.output_dir, config=to_dict(cfg), defaults=to_dict(type(cfg)()), resume_free=RESUME_FREE, length_key="train.steps",
         log_terms=("train_acc",), checkpoint_every=t.checkpoint_every, log_every=t.log_every, eval_every=t.eval_every,
         clip_grad=t.clip_grad, amp=t.amp, resume=resume, extend=extend, stop_after=stop_after, progress=progress,
         fail_hint=RETRY_HINT)
