@@ -1,5 +1,6 @@
 """The fine-tuning comparison on a tiny random BERT and made-up fortune files (no MiniLM, no apt data)."""
 import json
+import re
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ import torch
 from lors.cli import main
 from lors.data.text import FORTUNES_DIR, load_fortunes, read_fortune_file
 from lors.experiments.finetune import sweep as exp
+from lors.engine.loop import NonFiniteLossError
+from lors.experiments.finetune import run as run_module
 from lors.experiments.finetune import (METHODS, FinetuneConfig, FinetuneSweep, finetune, length_grouped_batches,
                                        load_sweep, lr_schedule, plan)
 
@@ -57,6 +60,16 @@ def test_length_grouped_batches_cover_each_example_once():
     assert all(len(b) <= 8 for b in batches)
 
 
+def test_epoch_order_is_the_earlier_loops_order_from_the_seed_and_epoch_alone():
+    lengths = torch.randint(1, 64, (50,))
+    gen = torch.Generator().manual_seed(3)  # the earlier loop: one generator, batches popped off each epoch's list
+    for epoch in range(3):
+        batches = length_grouped_batches(lengths, 8, gen)
+        popped = [batches.pop() for _ in range(len(batches))]
+        order = run_module.epoch_order(lengths, 8, 3, epoch)
+        assert len(order) == len(popped) and all(torch.equal(a, b) for a, b in zip(order, popped))
+
+
 def test_three_methods_train_and_serial_is_a_quarter_of_lora(tmp_path):
     write_fortunes(tmp_path)
     train, test = load_fortunes(("computers", "food", "law"), 4, 2, root=tmp_path)
@@ -100,7 +113,7 @@ def test_sweep_prints_a_line_per_run_and_writes_json_report_and_plot(tmp_path, m
                  "max_len=16", "ranks=[4,2]"]
     out = {k: tmp_path / f"out.{k}" for k in ("json", "md", "png")}
     results = exp.run_sweep("minilm_fortunes", overrides, seeds=[0], json_path=out["json"], report=out["md"],
-                            plot=out["png"])
+                            plot=out["png"], runs_dir=tmp_path / "runs")
     assert [(r["method"], r["rank"]) for r in results] == [("full", 4), ("lora", 4), ("serial-lora", 4),
                                                            ("lora", 2), ("serial-lora", 2)]
     printed = capsys.readouterr().out
@@ -111,6 +124,64 @@ def test_sweep_prints_a_line_per_run_and_writes_json_report_and_plot(tmp_path, m
     assert f"- Command: `lors finetune --config minilm_fortunes data_dir={tmp_path}" in report
     assert "'ranks=[4,2]' --seeds 0 --device cpu" in report and "| serial-lora | 2 |" in report
     assert out["png"].read_bytes()[:4] == b"\x89PNG"
+    runs = sorted((tmp_path / "runs").iterdir())  # a folder per run; a finished one keeps no checkpoint
+    assert len(runs) == 5 and all(re.fullmatch(r"(full|lora|serial-lora)-r[24]-s0-[0-9a-f]{10}", r.name) for r in runs)
+    assert all((r / "result.json").is_file() and (r / "log.csv").is_file() and not list(r.glob("ckpt_*"))
+               for r in runs)
+    monkeypatch.setattr(exp, "load_minilm", lambda: pytest.fail("trained a finished run again"))
+    assert exp.run_sweep("minilm_fortunes", overrides, seeds=[0], runs_dir=tmp_path / "runs") == results
+
+
+def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    write_fortunes(tmp_path)
+    train, test = load_fortunes(("computers", "food", "law"), 4, 2, root=tmp_path)  # 3 batches of 4 an epoch
+    built = []
+    build = run_module.build_classifier
+    monkeypatch.setattr(run_module, "build_classifier", lambda *a: built.append(build(*a)) or built[-1])
+    cfg = FinetuneConfig(method="serial-lora", rank=4, steps=7, batch_size=4, max_len=16)  # dropout 0.1 on
+    kw = {"progress": False, "load": tiny_loader(tmp_path)}
+    whole = finetune(cfg, train, test, run_dir=tmp_path / "whole", **kw)
+    assert finetune(cfg, train, test, run_dir=tmp_path / "parts", stop_after=4, **kw) is None  # in epoch 1
+    assert (tmp_path / "parts" / "ckpt_00000004").is_dir()
+    resumed = finetune(cfg, train, test, run_dir=tmp_path / "parts", **kw)
+    first, last = built[0].state_dict(), built[2].state_dict()
+    assert first.keys() == last.keys() and all(torch.equal(first[k], last[k]) for k in first)
+    assert (resumed["accuracy"], resumed["final_loss"]) == (whole["accuracy"], whole["final_loss"])
+    log = (tmp_path / "parts" / "log.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in log[1:]] == [str(s) for s in range(1, 8)]
+    # finished: the checkpoints are gone, the result stays and is returned without training again
+    assert not list((tmp_path / "parts").glob("ckpt_*")) and (tmp_path / "parts" / "result.json").is_file()
+    again = finetune(cfg, train, test, run_dir=tmp_path / "parts", progress=False,
+                     load=lambda: pytest.fail("trained a finished run again"))
+    assert again == resumed
+    with pytest.raises(ValueError, match="holds a finished run with other settings \\(finetune.lr 0.001 -> 0.002"):
+        finetune(FinetuneConfig(method="serial-lora", rank=4, steps=7, batch_size=4, max_len=16, lr=2e-3), train,
+                 test, run_dir=tmp_path / "parts", **kw)
+    with pytest.raises(ValueError, match="stop_after=2 needs a run_dir"):
+        finetune(cfg, train, test, stop_after=2, **kw)
+
+
+def test_a_nan_loss_stops_the_run_with_the_engine_error(tmp_path, monkeypatch):
+    write_fortunes(tmp_path)
+    train, test = load_fortunes(("computers", "food", "law"), 4, 2, root=tmp_path)
+    calls = []
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def nan_at_the_third_step(*args, **kwargs):
+        calls.append(1)
+        loss = cross_entropy(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_at_the_third_step)
+    cfg = FinetuneConfig(method="lora", rank=4, steps=6, batch_size=4, max_len=16)
+    kw = {"progress": False, "load": tiny_loader(tmp_path)}
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 2 \\(epoch 0\\); the last checkpoint in .*run "
+                                                 "is intact\\. Lower lr \\(or head_lr\\)"):
+        finetune(cfg, train, test, run_dir=tmp_path / "run", checkpoint_every=1, **kw)
+    assert len(calls) == 3  # no step after it
+    assert (tmp_path / "run" / "ckpt_00000002").is_dir() and not (tmp_path / "run" / "result.json").exists()
+    calls.clear()
+    with pytest.raises(NonFiniteLossError, match="^loss is nan at step 2 of lora rank 4 seed 0\\. Lower lr"):
+        finetune(cfg, train, test, **kw)  # a temporary folder: no checkpoint is named
 
 
 def test_preset_loads_and_overrides_apply():

@@ -4,10 +4,14 @@
 
 The sweep is a config (``lors/configs/finetune/NAME.yaml`` + ``key=value`` overrides, `FinetuneSweep`);
 every run goes through `lors.experiments.runner` in a fresh process, so its time and peak
-memory are its own.
+memory are its own. Each run trains in its own folder under ``runs_dir`` (`run_name`: method,
+rank, seed and a hash of all that shapes its figures), so a rerun of an interrupted sweep
+resumes the unfinished run from its checkpoint and reuses the finished runs' results
+(``result.json``; a finished run's checkpoints are deleted, see `lors.experiments.finetune.run`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -19,10 +23,14 @@ from typing import Sequence
 import torch
 
 from lors.config import load_config, to_dict
-from lors.data.text import CATEGORIES, FORTUNES_DIR, load_fortunes
+from lors.data.text import CATEGORIES, FORTUNES_DIR, TextSplit, load_fortunes
 from lors.experiments.finetune.report import _write, comparison, summarize, table, write_plot, write_report
-from lors.experiments.finetune.run import COUNTS, METHODS, PRESET, FinetuneConfig, check_training_fields, finetune, load_minilm
+from lors.experiments.finetune.run import (COUNTS, METHODS, PRESET, FinetuneConfig, check_training_fields,
+                                           finetune, load_minilm, run_config)
 from lors.experiments.runner import Job, run_jobs
+
+RUNS_DIR = "runs/finetune"
+
 
 @dataclass
 class FinetuneSweep:
@@ -81,10 +89,19 @@ def _data(sweep: FinetuneSweep) -> dict:
             "test_per_class": sweep.test_per_class, "root": sweep.data_dir}
 
 
-def _run_one(cfg: FinetuneConfig, data: dict, device: str) -> dict:
-    """One run (in its own process): load the data, train, score."""
+def run_name(cfg: FinetuneConfig, train: TextSplit, test: TextSplit, data: dict, device: str,
+             threads: int | None) -> str:
+    """A run's folder name, ``METHOD-rRANK-sSEED-HASH``: the hash covers the run's config and data
+    (`run_config`), the data settings, the device and the threads, all that shapes its figures."""
+    key = json.dumps({"run": run_config(cfg, train, test), "data": data, "device": device, "threads": threads},
+                     sort_keys=True)
+    return f"{cfg.method}-r{cfg.rank}-s{cfg.seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def _run_one(cfg: FinetuneConfig, data: dict, device: str, run_dir: str) -> dict:
+    """One run (in its own process): load the data, train (or resume) in ``run_dir``, score."""
     train, test = load_fortunes(**data)
-    return finetune(cfg, train, test, device=device, load=load_minilm)
+    return finetune(cfg, train, test, device=device, load=load_minilm, run_dir=run_dir)
 
 
 def command_line(config: str | Path = PRESET, overrides: Sequence[str] = (), seeds: Sequence[int] = (0, 1),
@@ -109,10 +126,12 @@ def machine(device: str, threads: int | None = None) -> str:
 
 def run_sweep(config: str | Path = PRESET, overrides: Sequence[str] = (), seeds: Sequence[int] = (0, 1),
               device: str = "cpu", threads: int | None = None, json_path: str | None = None,
-              report: str | None = None, plot: str | None = None) -> list[dict]:
+              report: str | None = None, plot: str | None = None, runs_dir: str | Path = RUNS_DIR) -> list[dict]:
     """Load and validate the sweep, train every run of it one at a time, each in a fresh process
-    (so its time and peak memory are its own), print a line per run, then the table and the
-    comparison, and write the JSON, plot and report asked for. Returns the runs' results."""
+    (so its time and peak memory are its own) and its own folder under ``runs_dir`` (`run_name`:
+    an unfinished run resumes, a finished one's result is reused), print a line per run, then
+    the table and the comparison, and write the JSON, plot and report asked for. Returns the
+    runs' results."""
     sweep = load_sweep(config, overrides)
     if not seeds:
         raise ValueError("no seeds: pass at least one, e.g. --seeds 0 1")
@@ -125,8 +144,9 @@ def run_sweep(config: str | Path = PRESET, overrides: Sequence[str] = (), seeds:
               f"acc {r['accuracy']:.2f}%  trainable {r['trainable_params']:,}  {r['train_time_s']:.0f} s  "
               f"peak {r['peak_mem_mib']:.0f} MiB", flush=True)
 
-    jobs = [Job(f"{c.method} rank {c.rank} seed {c.seed}", _run_one, (c, data, device), steps=c.steps)
-            for c in configs]
+    jobs = [Job(f"{c.method} rank {c.rank} seed {c.seed}", _run_one,
+                (c, data, device, str(Path(runs_dir) / run_name(c, train, test, data, device, threads))),
+                steps=c.steps) for c in configs]
     results = run_jobs(jobs, width=1, isolate=True, threads=threads, on_result=done)
     meta = {"command": command_line(config, overrides, seeds, device, threads, json_path, report, plot),
             "machine": machine(device, threads), "seeds": list(seeds), "sweep": to_dict(sweep),
