@@ -88,3 +88,58 @@ def test_adamw_is_built_in_one_place():
     """docs/architecture.md: `lors.engine.loop.adamw` is the one AdamW builder."""
     builders = [p.relative_to(SRC).as_posix() for p in MODULES if _calls(p, "torch.optim.AdamW")]
     assert builders == ["engine/loop.py"]
+
+
+def _optimizer_steps(path: Path) -> int:
+    """Calls of ``<optimiser>.step(...)`` in ``path``: on an object named opt, optimizer (or
+    optimiser), or a gradient scaler's ``scaler.step(optimizer)``."""
+    return sum(1 for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "step"
+               and ast.unparse(node.func.value).split(".")[-1] in ("opt", "optimizer", "optimiser", "scaler"))
+
+
+def test_every_training_steps_its_optimiser_in_the_engine_loop():
+    """docs/architecture.md: `lors.engine.loop.train_one_epoch` is the training loop of every
+    training in the project (detector, backbone pretraining, GPT, ViT, fine-tuning, uptraining)."""
+    steppers = [p.relative_to(SRC).as_posix() for p in MODULES if _optimizer_steps(p)]
+    assert steppers == ["engine/loop.py"]
+
+
+def _own_nodes(scope: ast.AST):
+    """The nodes of ``scope``'s own body: not those of the functions, lambdas or classes inside it."""
+    stack = list(ast.iter_child_nodes(scope))
+    while stack:
+        node = stack.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def _mode_restores(path: Path) -> int:
+    """Save-and-restore of a module's train/eval mode in ``path``, read with ast: a function (or
+    the module's top level) that calls ``X.eval()`` and, on a later line, ``X.train(...)`` on the
+    same ``X`` (``model.eval()`` ... ``model.train(was_training)``)."""
+    found = 0
+    for scope in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(scope, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        lines: dict[tuple[str, str], list[int]] = {}
+        for node in _own_nodes(scope):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("eval", "train"):
+                lines.setdefault((ast.unparse(node.func.value), node.func.attr), []).append(node.lineno)
+        found += sum(1 for (x, attr), at in lines.items()
+                     if attr == "eval" and (x, "train") in lines and min(at) < max(lines[x, "train"]))
+    return found
+
+
+# experiments/finetune/run.py's evaluate still has its own copy: pending, its owner switches it to
+# lors.engine.loop.evaluating (then this entry can go)
+PENDING_MODE_RESTORES = {"experiments/finetune/run.py"}
+
+
+def test_train_eval_mode_is_saved_and_restored_in_one_place():
+    """docs/architecture.md: `lors.engine.loop.evaluating` is the one save-and-restore of a
+    model's train/eval mode around an evaluation. `count_macs` (models/, which may not import
+    the engine) writes it out once, as the one exception."""
+    homes = {p.relative_to(SRC).as_posix() for p in MODULES if _mode_restores(p)}
+    assert homes - PENDING_MODE_RESTORES == {"engine/loop.py", "models/adamixer/report.py"}

@@ -34,6 +34,7 @@ from lors.experiments.report import write_summary
 from lors.experiments.runner import Job, check_width, default_width, logged_step, run_jobs
 
 VANILLA, LORS = "bench_adamixer", "bench_adamixer_lors"
+LABELS = {"vanilla": "AdaMixer", "lors": "AdaMixer + LORS"}  # compare's two models: role -> the label it reports
 PRETRAIN_STEPS = PretrainConfig.steps
 
 
@@ -246,8 +247,8 @@ def compare(opts: SweepOptions, out: str | Path = "runs/compare", vanilla: str =
     tic = time.perf_counter()
     out = Path(out)
     data_dir = build_or_reuse(opts.data_dir, opts.data_set, progress=not opts.quiet)
-    models = {"AdaMixer": vanilla, "AdaMixer + LORS": lors}
-    folders = {"AdaMixer": "vanilla", "AdaMixer + LORS": "lors"}  # run folders: <folder>_seed<S>
+    models = {LABELS["vanilla"]: vanilla, LABELS["lors"]: lors}  # the table's rows, by label
+    folders = {label: role for role, label in LABELS.items()}  # run folders: <role>_seed<S>
     pretrained = pretrained_backbone(opts, data_dir, [Run(label, config, opts.overrides, opts.seeds[0])
                                                       for label, config in models.items()])
     overrides = [*([f"backbone.weights={pretrained}"] if pretrained else []), *opts.overrides]
@@ -261,29 +262,46 @@ def compare(opts: SweepOptions, out: str | Path = "runs/compare", vanilla: str =
     for (_, run, _), result in zip(runs, run_all(runs, data_dir, opts)):
         per_model[run.label].append(result)
     rows = {m: {**aggregate(r), "n_seeds": len(r), "per_seed": r} for m, r in per_model.items()}
-    table = results_table(rows)
-    plot = plot_ap(rows, out / "ap_vs_decoder_params.png",
-                   f"digits-on-photos val, mean over seeds {list(opts.seeds)}")
-    preds = draw_predictions({m: run_dir(m, opts.seeds[0]) for m in models}, data_dir, out / "predictions.png")
-    spread = tuple(f"{k}_std" for k in (*SHOWN_METRICS, "seconds_per_step"))
-    summary = {"models": {m: {k: r[k] for k in (*KEYS, *spread, "per_seed")} | {"config": models[m]}
-                          for m, r in rows.items()},
+    summary = {"models": {m: {k: r[k] for k in (*KEYS, *(f"{k}_std" for k in (*SHOWN_METRICS, "seconds_per_step")),
+                                                "per_seed")} | {"config": models[m]} for m, r in rows.items()},
                "seeds": list(opts.seeds), "max_steps": opts.max_steps, "data_dir": str(data_dir),
                "overrides": overrides, "pretrained_backbone": str(pretrained) if pretrained else None,
                "wall_seconds": time.perf_counter() - tic}
-    summary["decoder_params_ratio"] = (rows["AdaMixer + LORS"]["decoder_params"] / rows["AdaMixer"]["decoder_params"])
+    summary["decoder_params_ratio"] = (rows[LABELS["lors"]]["decoder_params"] / rows[LABELS["vanilla"]]["decoder_params"])
+    write_compare(rows, summary, out, {m: run_dir(m, opts.seeds[0]) for m in models}, data_dir)
+    return summary
+
+
+def write_compare(rows: dict[str, dict], summary: dict, out: Path, first_runs: dict[str, Path], data_dir: Path) -> None:
+    """Write `compare`'s table.md and summary.json, the plot of AP against decoder parameters
+    and the predictions of ``first_runs`` (label -> run of the first seed) into ``out``, and
+    print the table, the parameter ratio and, for fewer than 4 seeds, where the 4-seed figures are."""
+    seeds = summary["seeds"]
+    table = results_table(rows)
+    plot = plot_ap(rows, out / "ap_vs_decoder_params.png", f"digits-on-photos val, mean over seeds {seeds}")
+    preds = draw_predictions(first_runs, data_dir, out / "predictions.png")
     written = write_summary(out, summary, table)
-    print(f"\nAdaMixer vs AdaMixer + LORS, seeds {list(opts.seeds)} "
+    print(f"\nAdaMixer vs AdaMixer + LORS, seeds {seeds} "
           f"(AP in %, mean ± sample std over seeds; CPU time per training step):\n")
     print(table)
     print(f"\nLORS decoder / vanilla decoder = {summary['decoder_params_ratio']:.1%}; "
           f"wall time {summary['wall_seconds'] / 60:.1f} min")
-    if len(opts.seeds) < 4:
-        print(f"The AP gap above is a {len(opts.seeds)}-seed estimate (its seed spread is about as large): "
+    if len(seeds) < 4:
+        print(f"The AP gap above is a {len(seeds)}-seed estimate (its seed spread is about as large): "
               "docs/results/detection.md, \"Four seeds\", has it over seeds 0-3. CPU floats differ between "
               "processor models, so on another processor the figures fall within that spread, not to the digit.")
     print(f"wrote {', '.join(map(str, written))}, {plot}, {preds}")
-    return summary
+
+
+@dataclass
+class PlannedRun:
+    """One (row, seed) of an ablation suite: its run, run directory (a hash of the resolved
+    config, shared by rows that train the same thing) and resolved config."""
+    label: str
+    seed: int
+    run: Run
+    run_dir: Path
+    cfg: object
 
 
 def ablate(opts: SweepOptions, suite: str, config: str | None = None, out_dir: str | Path = "runs/ablate",
@@ -296,6 +314,8 @@ def ablate(opts: SweepOptions, suite: str, config: str | None = None, out_dir: s
 
     A row trains its own config, else ``config``, else the suite's (``config`` cannot replace a
     row's own); its seeds are ``opts.seeds`` unless that is None, else its own, else [0].
+    Steps: `plan_suite` (the runs), `run_all` (train the chosen part's), `finished_results`,
+    `aggregate_rows` (mean over seeds per row), `write_ablation` (table, JSON, plots).
     """
     spec = load_suite(suite)
     own = [v.label for v in spec.variants if v.config]
@@ -303,69 +323,112 @@ def ablate(opts: SweepOptions, suite: str, config: str | None = None, out_dir: s
         raise ValueError(f"suite {suite!r} names the config of rows {own}, which --config would not change: "
                          "drop --config, or copy the suite and edit its rows")
     chosen = {v.label for v in spec.select(parts)}
-    base = config or spec.config
-    per_row_seeds = opts.seeds is None and any(v.seeds is not None for v in spec.variants)
-
-    def seeds_of(v: Variant) -> list[int]:
-        return list(opts.seeds if opts.seeds is not None else v.seeds if v.seeds is not None else [0])
-
     tic = time.perf_counter()
     data_dir = build_or_reuse(opts.data_dir, opts.data_set, progress=not opts.quiet)
+    planned = plan_suite(spec, opts, config or spec.config, data_dir, runs_dir)
+    jobs = {}  # run directory -> job: rows that train the same config share one run
+    for p in planned:
+        if p.label in chosen:
+            jobs.setdefault(p.run_dir, (f"{suite}: {p.label}, seed {p.seed}", p.run, p.run_dir))
+    results = dict(zip(jobs, run_all(list(jobs.values()), data_dir, opts, reuse=not retrain)))
+    results = finished_results(planned, results)
+    rows, pending = aggregate_rows(spec, opts, planned, results, config or spec.config)
+    shown = dataclasses.replace(opts, seeds=opts.seeds if opts.seeds is not None else None
+                                if _per_row_seeds(spec, opts) else [0])
+    command = " ".join(["lors detect ablate --suite", suite,
+                        *(["--config", config] if config and config != spec.config else []), *sweep_flags(shown)])
+    write_ablation(spec, Path(suite).stem, rows, pending, out_dir, command,
+                   seeds=None if _per_row_seeds(spec, opts) else shown.seeds,
+                   base=config or spec.config, wall=f"wall time{' of this call' if parts else ''} "
+                                                   f"{(time.perf_counter() - tic) / 60:.1f} min",
+                   epochs_plot=_epochs_plot(planned))
+    return rows
+
+
+def _per_row_seeds(spec: Suite, opts: SweepOptions) -> bool:
+    """Whether the rows keep seeds of their own (no --seeds and some row lists seeds)."""
+    return opts.seeds is None and any(v.seeds is not None for v in spec.variants)
+
+
+def _seeds_of(v: Variant, opts: SweepOptions) -> list[int]:
+    return list(opts.seeds if opts.seeds is not None else v.seeds if v.seeds is not None else [0])
+
+
+def _epochs_plot(planned: Sequence[PlannedRun]) -> bool:
+    """Whether rows differ in length or evaluate during training (then AP against epochs)."""
+    return len({p.cfg.train.epochs for p in planned}) > 1 or any(p.cfg.train.eval_every_epochs for p in planned)
+
+
+def plan_suite(spec: Suite, opts: SweepOptions, base: str, data_dir: Path, runs_dir: str | Path) -> list[PlannedRun]:
+    """Every (row, seed) of ``spec``, all parts: each row's config (else ``base``) with its
+    overrides, the common ones (the cached backbone, ``opts.overrides``) and its seed."""
     pretrained = pretrained_backbone(opts, data_dir, [Run(v.label, v.config or base, [*v.overrides, *opts.overrides], 0)
                                                       for v in spec.variants])  # every row: the same backbone per part
     common = [*([f"backbone.weights={pretrained}"] if pretrained else []), *opts.overrides]
-    planned = []  # (row label, seed, run, run directory, resolved config)
+    planned = []
     for v in spec.variants:
-        for seed in seeds_of(v):
+        for seed in _seeds_of(v, opts):
             run = Run(v.label, v.config or base, [*v.overrides, *common], seed)
             cfg = run.load(data_dir)
-            planned.append((v.label, seed, run, Path(runs_dir) / run_key(cfg, opts.max_steps), cfg))
-    jobs = {}  # run directory -> job: rows that train the same config share one run
-    for label, seed, run, run_dir, _ in planned:
-        if label in chosen:
-            jobs.setdefault(run_dir, (f"{suite}: {label}, seed {seed}", run, run_dir))
-    results = dict(zip(jobs, run_all(list(jobs.values()), data_dir, opts, reuse=not retrain)))
-    for _, _, _, run_dir, cfg in planned:  # the other parts' finished runs
-        if run_dir not in results and (run_dir / "result.json").exists():
-            results[run_dir] = read_result(cfg, run_dir)
+            planned.append(PlannedRun(v.label, seed, run, Path(runs_dir) / run_key(cfg, opts.max_steps), cfg))
+    return planned
 
-    epochs_plot = (len({cfg.train.epochs for *_, cfg in planned}) > 1
-                   or any(cfg.train.eval_every_epochs for *_, cfg in planned))
+
+def finished_results(planned: Sequence[PlannedRun], results: dict[Path, dict]) -> dict[Path, dict]:
+    """``results`` (run directory -> result of this call) plus the finished runs of the other
+    parts, read back from their ``result.json``."""
+    out = dict(results)
+    for p in planned:
+        if p.run_dir not in out and (p.run_dir / "result.json").exists():
+            out[p.run_dir] = read_result(p.cfg, p.run_dir)
+    return out
+
+
+def aggregate_rows(spec: Suite, opts: SweepOptions, planned: Sequence[PlannedRun], results: dict[Path, dict],
+                   base: str) -> tuple[dict[str, dict], list[Variant]]:
+    """The table's rows (label -> mean over the seeds whose runs are finished, their per-seed
+    results, overrides, config and seeds where needed, epochs and the mean AP curve where
+    rows differ in length) and the rows not run yet."""
+    own = any(v.config for v in spec.variants)
+    epochs_plot = _epochs_plot(planned)
     rows, pending = {}, []
     for v in spec.variants:
-        done = [(seed, run_dir, cfg) for label, seed, _, run_dir, cfg in planned if label == v.label and run_dir in results]
+        done = [p for p in planned if p.label == v.label and p.run_dir in results]
         if not done:
             pending.append(v)
             continue
-        per_seed = [results[run_dir] for _, run_dir, _ in done]
+        per_seed = [results[p.run_dir] for p in done]
         row = {**aggregate(per_seed), "n_seeds": len(per_seed), "per_seed": per_seed, "overrides": list(v.overrides)}
         if own:
             row["config"] = v.config or base
-        if per_row_seeds or len(done) < len(seeds_of(v)):
-            row["seeds"] = [seed for seed, _, _ in done]
+        if _per_row_seeds(spec, opts) or len(done) < len(_seeds_of(v, opts)):
+            row["seeds"] = [p.seed for p in done]
         if epochs_plot:
-            spe = [steps_per_epoch(cfg) for _, _, cfg in done]
+            spe = [steps_per_epoch(p.cfg) for p in done]
             row["epochs"] = statistics.fmean(r["steps"] / n for r, n in zip(per_seed, spe))
-            curves = [[(step / n, ap) for step, ap in val_curve(run_dir)] for (_, run_dir, _), n in zip(done, spe)]
+            curves = [[(step / n, ap) for step, ap in val_curve(p.run_dir)] for p, n in zip(done, spe)]
             if any(len(c) > 1 for c in curves):
                 row["curve"] = mean_curve(curves)
         rows[v.label] = row
+    return rows, pending
 
+
+def write_ablation(spec: Suite, name: str, rows: dict[str, dict], pending: Sequence[Variant], out_dir: str | Path,
+                   command: str, seeds: Sequence[int] | None, base: str, wall: str, epochs_plot: bool) -> list[Path]:
+    """Write ablation_NAME.md (the command, the table, each row's settings, the rows not run
+    yet), its JSON and plot (AP against decoder parameters; AP against epochs with
+    ``epochs_plot``) into ``out_dir``; print the markdown. ``seeds`` None: seeds per row."""
+    own = any(v.config for v in spec.variants)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = Path(suite).stem
     table = results_table(rows, "Variant")
-    shown = dataclasses.replace(opts, seeds=opts.seeds if opts.seeds is not None else None if per_row_seeds else [0])
-    command = " ".join(["lors detect ablate --suite", suite,
-                        *(["--config", config] if config and config != spec.config else []), *sweep_flags(shown)])
     what = ("Each row's config plus its overrides (below)" if own else f"Base config: `{base}` plus each row's overrides")
-    seeds = "seeds per row (below)" if per_row_seeds else f"seeds {shown.seeds}"
-    wall = f"wall time{' of this call' if parts else ''} {(time.perf_counter() - tic) / 60:.1f} min"
+    seeds_text = "seeds per row (below)" if seeds is None else f"seeds {list(seeds)}"
     md = (f"# {spec.title}\n\nCommand: `{command}`  \n"
           + (f"Run in parts, one call each (`{'`, `'.join('--part ' + p for p in spec.parts())}`); every call writes "
              "this table from the rows whose runs are finished.  \n" if spec.parts() else "")
-          + f"{what}; {seeds} (AP in %, mean ± sample std over seeds); {wall}.\n\n{table}\n\n"
-          + "\n".join(_row_line(label, r, bool(own)) for label, r in rows.items())
+          + f"{what}; {seeds_text} (AP in %, mean ± sample std over seeds); {wall}.\n\n{table}\n\n"
+          + "\n".join(_row_line(label, r, own) for label, r in rows.items())
           + "".join(f"\n- {v.label}: not run yet (`{command} --part {v.part}`)" if v.part else
                     f"\n- {v.label}: not run yet" for v in pending)
           + "\n")
@@ -376,7 +439,7 @@ def ablate(opts: SweepOptions, suite: str, config: str | None = None, out_dir: s
         plots.append(plot_ap_epochs(rows, out / f"ablation_{name}_epochs.png", spec.title))
     print(md)
     print(f"wrote {out / f'ablation_{name}.md'} and {', '.join(map(str, plots))}")
-    return rows
+    return [out / f"ablation_{name}.md", out / f"ablation_{name}.json", *plots]
 
 
 def _row_line(label: str, row: dict, with_config: bool) -> str:
