@@ -233,3 +233,14 @@ def test_private_only_mixing_starts_off_the_zero_saddle(init):
     e_grads = {n: p.grad for n, p in model.named_parameters() if n.startswith("decoder.mixing.generator") and ".E." in n}
     assert e_grads and all(g is not None and g.abs().sum() > 0 for g in e_grads.values()), \
         [n for n, g in e_grads.items() if g is None or g.abs().sum() == 0]
+
+
+def test_count_macs_leaves_the_model_in_the_mode_it_had():
+    """It counts in eval mode, then gives the model its mode back (the backbone's frozen parts
+    stay in eval mode through its own train())."""
+    model = build_detector(load_detector_config("adamixer_r50_1x"), device="meta")
+    for mode in (True, False):
+        model.train(mode)
+        before = {name: m.training for name, m in model.named_modules()}
+        count_macs(model)
+        assert {name: m.training for name, m in model.named_modules()} == before

@@ -174,3 +174,11 @@ def test_ablate_writes_under_runs_by_default_and_records_every_flag_that_changes
     assert " ".join(sweep_flags(opts)) == ("--data-dir d --data-set num_train=4 --no-pretrain --max-steps 2 "
                                           "train.epochs=2 --seeds 0 1")
     assert sweep_flags(SweepOptions(pretrain_steps=5)) == ["--pretrain-steps", "5", "--seeds", "0"]
+
+
+def test_the_val_curve_keeps_one_row_per_step_the_last(tmp_path):
+    """A finished run rerun appended its final evaluation again: the curve has each step once."""
+    from lors.experiments.detection.report import val_curve
+    assert val_curve(tmp_path) == []
+    (tmp_path / "val.csv").write_text("step,AP,AP50\n10,0.1,0.2\n20,0.2,0.3\n20,0.25,0.35\n")
+    assert val_curve(tmp_path) == [(10, 0.1), (20, 0.25)]

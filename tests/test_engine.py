@@ -187,3 +187,27 @@ def test_eval_steps_write_a_val_row_after_each_listed_step_and_the_end(tmp_path)
     rows = (tmp_path / "val.csv").read_text().splitlines()
     assert rows[0] == "step,score" and [r.split(",")[0] for r in rows[1:]] == ["2", "5", "6"]
     assert len(set(seen)) == 3  # measured on the weights of three different steps
+
+
+def test_evaluating_runs_in_eval_mode_and_gives_back_each_modules_mode_also_after_an_error():
+    from lors.engine.loop import evaluating
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Sequential(nn.BatchNorm1d(2)))
+    for mode in (True, False):
+        model.train(mode)
+        with evaluating(model) as inside:
+            assert inside is model and not any(m.training for m in model.modules())
+        assert all(m.training == mode for m in model.modules())
+    model.train()
+    with pytest.raises(RuntimeError, match="boom"), evaluating(model):
+        raise RuntimeError("boom")
+    assert all(m.training for m in model.modules())
+
+
+def test_read_val_keeps_one_row_per_step_the_last_and_sorts_by_step(tmp_path):
+    from lors.engine.loop import read_val
+    path = tmp_path / "val.csv"
+    assert read_val(path) == []
+    with pytest.raises(FileNotFoundError):
+        read_val(path, missing_ok=False)
+    path.write_text("step,AP,AP50\n4,0.1,0.2\n2,0.05,0.1\n4,0.3,0.4\n")  # step 4 evaluated twice
+    assert read_val(path) == [{"step": 2, "AP": 0.05, "AP50": 0.1}, {"step": 4, "AP": 0.3, "AP50": 0.4}]

@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import yaml
@@ -62,6 +62,21 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``with evaluating(model):`` runs its block in eval mode and then gives ``model`` back the
+    mode it had (also when the block raises): the one save-and-restore of train/eval mode around
+    an evaluation. The mode is restored as ``model.train(was_training)`` restores it, through
+    each module's own ``train`` (so a backbone that keeps frozen batch norms in eval mode keeps
+    them there)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 DECAY_RULES = ("weights", "all")
@@ -281,6 +296,19 @@ def _trim_log(path: Path, step: int) -> None:
     kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= step]
     with path.open("w", newline="") as f:
         csv.writer(f).writerows(kept)
+
+
+def read_val(path: Path, missing_ok: bool = True) -> list[dict[str, float]]:
+    """The evaluations in a run's ``val.csv`` (``RunLog.val``'s rows) at ``path``, by step, as
+    ``{"step": int, metric: float, ...}``: one per step, the last row of a step winning (a
+    finished run rerun, before `RunLog.val` replaced such rows, appended its final one again).
+    A missing file gives no rows, or FileNotFoundError unless ``missing_ok``."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        by_step = {int(r["step"]): {k: float(v) for k, v in r.items() if k != "step"} for r in csv.DictReader(f)}
+    return [{"step": step, **metrics} for step, metrics in sorted(by_step.items())]
 
 
 def _tensorboard(run_dir: Path):

@@ -17,7 +17,6 @@ mean over seeds).
 from __future__ import annotations
 
 import copy
-import csv
 import functools
 import json
 import statistics
@@ -31,6 +30,7 @@ from torch import nn
 from lors.config import to_dict
 from lors.core import count_parameters
 from lors.engine.checkpoint import find_checkpoint, read_state
+from lors.engine.loop import read_val
 from lors.engine.rundir import config_differences, describe
 from lors.experiments.report import Column, Series, markdown_table, mean_and_spread, plot_points, write_summary
 from lors.experiments.runner import Job, default_width, logged_step, run_jobs
@@ -134,9 +134,7 @@ def _percent(value: float | None) -> str:
 def val_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
     """(step, metric) of each evaluation in ``run_dir/val.csv``, one per step (a step evaluated
     twice, as a rerun of a finished run did before such rows were replaced, keeps its last)."""
-    with (run_dir / "val.csv").open() as f:
-        by_step = {int(r["step"]): float(r[metric]) for r in csv.DictReader(f)}
-    return sorted(by_step.items())
+    return [(r["step"], r[metric]) for r in read_val(run_dir / "val.csv", missing_ok=False)]
 
 
 def mean_curve(curves: Sequence[list[tuple[int, float]]]) -> list[tuple[int, float]]:

@@ -16,7 +16,6 @@ counts of the one run (fit's ``eval_steps``, rows of ``val.csv``).
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,7 +26,7 @@ from torch import nn
 
 from lors.core.basis import SharedBasis
 from lors.core.static import StaticLors
-from lors.engine.loop import RunSettings, adamw, fit
+from lors.engine.loop import RunSettings, adamw, evaluating, fit, read_val
 from lors.engine.schedule import Schedule
 
 
@@ -211,11 +210,8 @@ def uptrain(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor
                       dir_flag="--out", can_extend=False, key_names=FLAGS)
 
     def in_eval_mode() -> dict[str, float]:
-        student.eval()
-        try:
+        with evaluating(student):  # fit trains it in train mode, so it goes back to that
             return evaluate()
-        finally:
-            student.train()
     try:
         summary = fit(student, loss_fn, epoch_batches,
                       settings.steps, optimizer, schedule, run, evaluate=None if evaluate is None else in_eval_mode)
@@ -225,10 +221,7 @@ def uptrain(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor
 
 
 def read_curve(path: Path, tokens_per_step: int) -> list[dict]:
-    """The rows of a run's ``val.csv`` as ``{"step", "tokens", metric: value}`` (none if absent)."""
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    return [{"step": int(r["step"]), "tokens": int(r["step"]) * tokens_per_step,
-             **{k: float(v) for k, v in r.items() if k != "step"}} for r in rows]
+    """The rows of a run's ``val.csv`` as ``{"step", "tokens", metric: value}``, one per step
+    (`lors.engine.loop.read_val`; none if absent)."""
+    return [{"step": r["step"], "tokens": r["step"] * tokens_per_step, **{k: v for k, v in r.items() if k != "step"}}
+            for r in read_val(path)]

@@ -35,7 +35,7 @@ from pycocotools.cocoeval import COCOeval
 from lors.data.coco import CocoDetection, collate_fn, fill_eval_defaults
 from lors.engine.checkpoint import load_checkpoint
 from lors.experiments import families
-from lors.engine.loop import autocast_dtype
+from lors.engine.loop import autocast_dtype, evaluating
 from lors.experiments.detection.data import build_datasets, to_device
 from lors.models.adamixer import DetectorConfig, PostProcess, build_detector
 
@@ -158,12 +158,9 @@ def predict(model: nn.Module, images: torch.Tensor, sizes: torch.Tensor, orig_si
         one dict per image: ``boxes`` (n, 4) absolute xyxy, ``labels`` (n,), ``scores`` (n,),
         sorted by score, as float32 CPU tensors (labels int64).
     """
-    was_training = model.training
-    model.eval()
     device = images.device
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        outputs = model(images, sizes)
-    model.train(was_training)  # the caller's mode, as the LM and ViT evaluations leave it
+    with evaluating(model), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        outputs = model(images, sizes)  # in eval mode, then the caller's mode again
     dets = PostProcess(max_detections)(outputs, sizes, orig_sizes.to(device))
     return [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in d.items()} for d in dets]
 

@@ -3,7 +3,6 @@ decoder parameters, AP against epochs and a picture of predictions on val images
 `lors.experiments.report`)."""
 from __future__ import annotations
 
-import csv
 import statistics
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -13,6 +12,7 @@ from PIL import Image
 
 from lors.data.coco import CocoDetection, collate_fn
 from lors.data.transforms import make_coco_transforms
+from lors.engine.loop import read_val
 from lors.experiments.detection.evaluate import load_detector, predict
 from lors.experiments.report import Column, Series, draw_boxes, image_grid, markdown_table, mean_and_spread, plot_points
 
@@ -62,13 +62,10 @@ def plot_ap(rows: Mapping[str, dict], path: Path, title: str) -> Path:
 
 
 def val_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """(step, AP) of each row of a run's ``val.csv`` (its evaluations during and at the end of
-    training), by step; empty if it has none."""
-    path = Path(run_dir) / "val.csv"
-    if not path.exists():
-        return []
-    with path.open() as f:
-        return sorted((int(r["step"]), float(r["AP"])) for r in csv.DictReader(f))
+    """(step, AP) of each evaluation in a run's ``val.csv`` (during and at the end of training),
+    by step, one per step (`lors.engine.loop.read_val`: a step evaluated twice keeps its last
+    row); empty if it has none."""
+    return [(r["step"], r["AP"]) for r in read_val(Path(run_dir) / "val.csv")]
 
 
 def mean_curve(curves: Sequence[Sequence[tuple[float, float]]]) -> list[dict]:

@@ -23,7 +23,7 @@ from lors.core import count_parameters
 from lors.data.corpus import Tokens, codec, digest, load_corpus, tokenize
 from lors.engine import distributed
 from lors.engine.checkpoint import find_checkpoint, load_checkpoint, read_state
-from lors.engine.loop import RETRY_HINT, RunSettings, adamw, fit
+from lors.engine.loop import RETRY_HINT, RunSettings, adamw, evaluating, fit
 from lors.engine.schedule import Schedule
 from lors.experiments.families import run_config
 from lors.models.gpt import LMConfig, build_gpt, embedding_parameters
@@ -69,15 +69,13 @@ def load_tokens(cfg: LMConfig, tokenizer_json: str | None = None) -> Tokens:
 def evaluate(model: nn.Module, tokens: Tokens, cfg: LMConfig, device: torch.device) -> dict[str, float]:
     """Val loss over ``train.eval_batches`` fixed batches (the same for every model and run):
     bits per byte (the loss per token over the bytes per token) and perplexity per token."""
-    was_training = model.training
-    model.eval()
     g = torch.Generator().manual_seed(20240601)
     block, total = cfg.model.block_size, 0.0
-    for _ in range(cfg.train.eval_batches):
-        starts = torch.randint(len(tokens.val) - block - 1, (cfg.train.batch_size,), generator=g)
-        x, y = windows(tokens.val, starts, block)
-        total += lm_loss(model, x.to(device), y.to(device)).item()
-    model.train(was_training)
+    with evaluating(model):
+        for _ in range(cfg.train.eval_batches):
+            starts = torch.randint(len(tokens.val) - block - 1, (cfg.train.batch_size,), generator=g)
+            x, y = windows(tokens.val, starts, block)
+            total += lm_loss(model, x.to(device), y.to(device)).item()
     loss = total / cfg.train.eval_batches
     return {"val_loss": loss, "val_bpb": loss / LN2 / tokens.bytes_per_token, "val_ppl": math.exp(loss)}
 

@@ -15,7 +15,7 @@ from torch import nn
 from lors.config import to_dict
 from lors.data.fashion import load_fashion_mnist
 from lors.engine import distributed
-from lors.engine.loop import RETRY_HINT, RunSettings, adamw, fit
+from lors.engine.loop import RETRY_HINT, RunSettings, adamw, evaluating, fit
 from lors.engine.sampler import EpochSampler
 from lors.engine.schedule import Schedule
 from lors.models.vit import VitConfig, build_vit
@@ -34,15 +34,13 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
              batch: int = 500) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy on the test images."""
-    was_training = model.training
-    model.eval()
     correct, loss = 0, 0.0
-    for i in range(0, len(images), batch):
-        x, y = normalise(images[i:i + batch]).to(device), labels[i:i + batch].to(device)
-        logits = model(x)
-        correct += int((logits.argmax(-1) == y).sum())
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-    model.train(was_training)
+    with evaluating(model):
+        for i in range(0, len(images), batch):
+            x, y = normalise(images[i:i + batch]).to(device), labels[i:i + batch].to(device)
+            logits = model(x)
+            correct += int((logits.argmax(-1) == y).sum())
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
     return {"val_acc": 100.0 * correct / len(images), "val_loss": loss / len(images)}
 
 

@@ -76,14 +76,19 @@ def count_macs(model: AdaMixer, height: int = FLOP_INPUT[0], width: int = FLOP_I
     ``torch.utils.flop_counter.FlopCounterMode`` (which counts 2 FLOPs per multiply-add of
     matmuls, convolutions and attention; MACs = FLOPs / 2). Element-wise work (norms,
     activations, ``grid_sample``) is not counted, as in mmcv's ``get_flops`` that produced the
-    paper's GFLOPs columns."""
+    paper's GFLOPs columns. Counted in eval mode; the model keeps the mode it had."""
+    # lors.engine.loop.evaluating, written out: models/ may not import the engine (tests/test_layers.py)
+    was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    images = torch.zeros(1, 3, height, width, device=device)
-    with FlopCounterMode(display=False) as features_counter:
-        features = model.features(images)
-    with FlopCounterMode(display=False) as decoder_counter:
-        model.decode(features, [[height, width]])
+    try:
+        device = next(model.parameters()).device
+        images = torch.zeros(1, 3, height, width, device=device)
+        with FlopCounterMode(display=False) as features_counter:
+            features = model.features(images)
+        with FlopCounterMode(display=False) as decoder_counter:
+            model.decode(features, [[height, width]])
+    finally:
+        model.train(was_training)
     feats, dec = features_counter.get_total_flops() // 2, decoder_counter.get_total_flops() // 2
     return {"input": [height, width], "backbone_neck": feats, "decoder": dec, "model": feats + dec}
 
