@@ -267,3 +267,105 @@ def test_a_sequence_field_is_checked_like_a_list():
     assert load_config(Cfg, {"s": {"sizes": [2, 3]}}).s.sizes == [2, 3]
     with pytest.raises(ValueError, match=r"'s.sizes\[1\]' must be an integer"):
         load_config(Cfg, {"s": {"sizes": [2, "x"]}})
+
+
+# ---- one validation vocabulary ------------------------------------------------------------------
+
+RANGE_HELPERS = ("require", "at_least", "positive", "within", "multiple_of")
+
+
+def _shape(func) -> str:
+    """A function's body (no docstring) with every name and attribute blanked: a copy of a helper
+    under other names has the same shape."""
+    import ast
+    body = func.body[1:] if func.body and isinstance(func.body[0], ast.Expr) and isinstance(
+        getattr(func.body[0], "value", None), ast.Constant) else func.body
+    module = ast.Module(body=body, type_ignores=[])
+    for node in ast.walk(module):
+        if isinstance(node, ast.Name):
+            node.id = "_"
+        elif isinstance(node, ast.Attribute):
+            node.attr = "_"
+        elif isinstance(node, ast.arg):
+            node.arg = "_"
+    return ast.dump(module)
+
+
+def test_no_module_defines_its_own_range_helpers_besides_lors_config():
+    import ast
+    from pathlib import Path
+
+    import lors
+    import lors.config
+    package = Path(lors.__file__).parent
+    config = Path(lors.config.__file__).resolve()
+    own = {n.name: _shape(n) for n in ast.walk(ast.parse(config.read_text()))
+           if isinstance(n, ast.FunctionDef) and n.name in RANGE_HELPERS}
+    assert set(own) == set(RANGE_HELPERS)
+    names = set(RANGE_HELPERS) | {f"_{n}" for n in RANGE_HELPERS if n != "require"}  # data.coco's _require checks files
+    copies = set(own.values())
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.resolve() == config:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if node.name in names or _shape(node) in copies:
+                    found.append(f"{path.relative_to(package)}:{node.lineno} {node.name}")
+    assert not found, f"range helpers defined outside lors.config (import them from there): {found}"
+
+
+def test_check_rule_names_the_keys_then_what_is_wrong():
+    from lors.config import check_rule
+    check_rule(True, "a.b", "is never said")
+    with pytest.raises(ValueError, match=r"^config key 'a.b' is 3, but a.c is 2: fix it$"):
+        check_rule(False, "a.b", "is 3, but a.c is 2: fix it")
+    with pytest.raises(ValueError, match=r"^config key 'a.b': 3 exceeds 2$"):
+        check_rule(False, "a.b", ": 3 exceeds 2")
+    with pytest.raises(ValueError, match=r"^config keys 'a', 'b' and 'c' are all 0$"):
+        check_rule(False, ["a", "b", "c"], "are all 0")
+
+
+def test_a_sections_config_defaults_its_sections_and_validates_them_with_the_layer_count():
+    from lors.config import Sections
+
+    @dataclass
+    class Model:
+        depth: int = 3
+
+        def validate(self):
+            if self.depth < 1:
+                raise ValueError("depth")
+
+    @dataclass
+    class Lors:
+        rank: int = 2
+
+        def validate(self, layers):
+            seen.append(layers)
+
+    class Cfg(Sections, lors_layers="model.depth"):
+        model: Model
+        lors: Lors
+
+    seen = []
+    cfg = load_config(Cfg, {"model": {"depth": 5}})
+    assert (cfg.model.depth, cfg.lors.rank, seen) == (5, 2, [5])
+    assert Cfg().model is not Cfg().model and Cfg() == Cfg()  # a dataclass; each instance its own sections
+    with pytest.raises(ValueError, match="depth"):
+        load_config(Cfg, {"model": {"depth": 0}})
+
+
+def test_every_lors_section_shares_rank_and_groups_and_their_check():
+    from lors.models.adamixer.config import AdaptiveLorsConfig, StaticLorsConfig
+    from lors.models.gpt.config import LMConfig
+    from lors.models.sharing import LorsLayers, LorsSection
+    from lors.models.vit.model import VitConfig
+
+    for section in (LorsSection, AdaptiveLorsConfig, StaticLorsConfig):
+        assert issubclass(section, LorsLayers) and section.check_per_layer is LorsLayers.check_per_layer
+    assert all(isinstance(getattr(LorsConfig(), k), LorsLayers) for k in ("adaptive", "static"))  # the detector nests two
+    assert all(isinstance(cfg().lors, LorsSection) for cfg in (LMConfig, VitConfig))
+    # defaults as before
+    assert (AdaptiveLorsConfig().rank, AdaptiveLorsConfig().groups) == (16, [1, 1, 2, 2, 3, 3])
+    assert (StaticLorsConfig().rank, StaticLorsConfig().groups) == (LorsSection().rank, LorsSection().groups) == (8, 1)

@@ -19,6 +19,10 @@
 - A config class may define ``validate()`` (ranges, rules between keys). Every loader builds
   the dataclass once, from the merged files with all overrides applied, and then calls it: a
   preset whose values are only valid together with an override still loads.
+- A top-level config whose fields are all sections subclasses ``Sections``: each section gets
+  its defaults, and ``validate()`` validates them in field order (``validate_sections``). Rules
+  use one vocabulary: ``require``, ``at_least``, ``positive``, ``within``, ``multiple_of`` for a
+  key's range, ``check_rule`` for a rule between keys; each names the key and the fix in one line.
 - A config built in Python rather than loaded can check its own field types the same way by
   calling ``check_types(self)`` in ``__post_init__`` (and then its ``validate()``).
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
 import math
 import numbers
 import os
@@ -55,7 +60,7 @@ class ConfigTypeError(ValueError):
 def require(ok: bool, key: str, value: Any, rule: str) -> None:
     """ValueError naming ``key``, its ``value`` and the ``rule`` it breaks, unless ``ok``."""
     if not ok:
-        raise ValueError(f"config key '{key}' must be {rule}, got {value!r}")
+        raise ValueError(f"{config_keys(key)} must be {rule}, got {value!r}")
 
 
 def rule_note(why: str) -> str:
@@ -85,6 +90,75 @@ def within(key: str, value: float, low: float, high: float, interval: str, why: 
 def multiple_of(key: str, value: int, of_key: str, of: int) -> None:
     """ValueError unless ``value`` (config key ``key``) is a multiple of ``of`` (``of_key``)."""
     require(value % of == 0, key, value, f"a multiple of {of_key} ({of})")
+
+
+def config_keys(keys: str | Sequence[str]) -> str:
+    """``config key 'a'``, or ``config keys 'a', 'b' and 'c'``: how messages name config keys."""
+    if isinstance(keys, str):
+        return f"config key '{keys}'"
+    quoted = [f"'{k}'" for k in keys]
+    return f"config keys {', '.join(quoted[:-1])} and {quoted[-1]}" if len(quoted) > 1 else f"config key {quoted[0]}"
+
+
+def check_rule(ok: bool, keys: str | Sequence[str], broken: str) -> None:
+    """ValueError unless ``ok``: a rule between config keys, or one that "must be RULE, got VALUE"
+    (`require`) cannot say. The message names the key(s) (`config_keys`) and goes on with
+    ``broken``, what is wrong and how to fix it: a clause (``"is 0, but ..."``, ``"are both false,
+    ...: set one of them to true"``) or, starting with a colon, a sentence about the key."""
+    if not ok:
+        raise ValueError(f"{config_keys(keys)}{'' if broken.startswith(':') else ' '}{broken}")
+
+
+def validate_sections(cfg: Any, **arguments: Any) -> None:
+    """Call ``validate()`` of every section of the config ``cfg``, in field order; a section
+    named in ``arguments`` gets that value (``lors=depth``: the LORS section checks per-layer
+    lists against the number of layers)."""
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if f.name in arguments:
+            section.validate(arguments[f.name])
+        elif hasattr(section, "validate"):
+            section.validate()
+
+
+# tells type checkers that a subclass of Sections is a dataclass (typing has it from Python 3.11)
+_dataclass_transform = getattr(typing, "dataclass_transform", lambda **_: lambda cls: cls)
+
+
+@_dataclass_transform(field_specifiers=(dataclasses.field,))
+class Sections:
+    """The base of a top-level config (`DetectorConfig`, `LMConfig`, `VitConfig`), whose fields
+    are all sections: a subclass is made a dataclass (no ``@dataclass`` needed) in which a field
+    annotated with a section class and given no default gets that section's defaults
+    (``field(default_factory=SECTION)``). Its ``validate()`` calls every section's, in field
+    order (`validate_sections`), passing the ``lors`` section the value at the dotted key named
+    by the class keyword ``lors_layers``, the number of layers its per-layer lists must have::
+
+        class VitConfig(Sections, lors_layers="model.depth"):
+            model: VitModelConfig
+            lors: LorsSection
+
+    A subclass with rules between sections extends ``validate`` (``super().validate()`` first).
+    The section classes must be defined, at module level, before the config class.
+    """
+    lors_layers: typing.ClassVar[str | None] = None
+
+    def __init_subclass__(cls, lors_layers: str | None = None, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if lors_layers is not None:
+            cls.lors_layers = lors_layers
+        hints = typing.get_type_hints(cls)
+        for name in cls.__dict__.get("__annotations__", {}):
+            if name not in cls.__dict__ and dataclasses.is_dataclass(hints[name]):
+                setattr(cls, name, dataclasses.field(default_factory=hints[name]))
+        dataclasses.dataclass(cls)  # in place: the class keeps its identity (and pickles by name)
+
+    def validate(self) -> None:
+        """ValueError naming the first key out of its range; the loader calls this."""
+        arguments = {}
+        if self.lors_layers is not None:
+            arguments["lors"] = functools.reduce(getattr, self.lors_layers.split("."), self)
+        validate_sections(self, **arguments)
 
 
 def _type_name(tp: Any) -> str:

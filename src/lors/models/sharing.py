@@ -15,6 +15,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
+from lors.config import check_rule
 from lors.core import share_layers
 from lors.core.static import per_layer
 
@@ -68,12 +69,37 @@ def apply_sharing(blocks: nn.ModuleList, sharing: str, lors: "LorsSection",
 
 
 @dataclass
-class LorsSection:
-    """The ``lors:`` section of a model config: LORS^T on the block Linears (used when
-    ``model.sharing`` is "lors")."""
-    targets: list[str] = field(default_factory=lambda: list(BLOCK_LINEARS))
+class LorsLayers:
+    """What every ``lors:`` config section shares: the ``rank`` and ``groups`` of LORS's private
+    residuals over a stack, each an int (every layer) or a list of one per layer (per decoder
+    stage, for the detector), checked by `lors.core.static.per_layer` (`check_per_layer`).
+
+    The transformers' ``lors:`` section is one (`LorsSection`: one LORS^T over the blocks). The
+    detector's ``lors:`` section (`lors.models.adamixer.config.LorsConfig`) nests two, each one
+    of these with its own defaults: ``lors.adaptive`` (LORS^A on the generated mixing) and
+    ``lors.static`` (LORS^T on the output projection).
+    """
     rank: int | list[int] = 8
     groups: int | list[int] = 1
+
+    def check_per_layer(self, prefix: str, count: int, count_key: str, unit: str = "layer",
+                        keys: Sequence[str] = ("rank", "groups"), lengths: bool = True) -> None:
+        """ValueError unless each of ``keys`` that is set (not None), config key ``PREFIX.KEY``,
+        is an int >= 1 or a list of ``count`` of them (one per ``unit``; ``count_key`` is the key
+        ``count`` comes from). With ``lengths`` false (a section that is switched off) a list of
+        any length passes; its values are still checked."""
+        for key in keys:
+            value = getattr(self, key)
+            if value is not None:
+                n = count if lengths or not isinstance(value, list) else len(value)
+                per_layer(value, n, f"config key '{prefix}.{key}'", unit=unit, count_key=count_key, minimum=1)
+
+
+@dataclass
+class LorsSection(LorsLayers):
+    """The ``lors:`` section of a model config: LORS^T on the block Linears (used when
+    ``model.sharing`` is "lors"); ``rank`` and ``groups`` come from `LorsLayers`."""
+    targets: list[str] = field(default_factory=lambda: list(BLOCK_LINEARS))
     init: Literal["paper", "official"] = "paper"
     attn_rank: int | list[int] | None = None  # instead of rank for attn.* targets (e.g. more in deeper layers)
     mlp_rank: int | list[int] | None = None   # instead of rank for mlp.* targets
@@ -84,9 +110,6 @@ class LorsSection:
 
     def validate(self, n_layer: int) -> None:
         unknown = [t for t in self.targets if t not in BLOCK_LINEARS]
-        if unknown or not self.targets:
-            raise ValueError(f"config key 'lors.targets' has {unknown or 'no targets'}: choose from {list(BLOCK_LINEARS)}")
-        for key in ("rank", "groups", "attn_rank", "mlp_rank"):
-            if getattr(self, key) is not None:
-                per_layer(getattr(self, key), n_layer, f"config key 'lors.{key}'", count_key="model.n_layer",
-                          minimum=1)
+        check_rule(not unknown and bool(self.targets), "lors.targets",
+                   f"has {unknown or 'no targets'}: choose from {list(BLOCK_LINEARS)}")
+        self.check_per_layer("lors", n_layer, "model.n_layer", keys=("rank", "groups", "attn_rank", "mlp_rank"))

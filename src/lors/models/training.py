@@ -5,12 +5,11 @@ change defaults or add keys.
 """
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Literal
 
-from lors.config import at_least, positive
+from lors.config import at_least, positive, validate_sections  # noqa: F401 (re-exported: defined here before)
 
 
 @dataclass
@@ -42,14 +41,3 @@ class StepTrainConfig:
                           f"{self.steps / max(1, self.warmup_steps):.0%} of it); use fewer warm-up steps",
                           stacklevel=2)
 
-
-def validate_sections(cfg, **arguments) -> None:
-    """Call ``validate()`` of every section of the config ``cfg``, in field order; a section
-    named in ``arguments`` gets that value (``lors=depth``: the LORS section checks per-layer
-    lists against the number of layers)."""
-    for f in dataclasses.fields(cfg):
-        section = getattr(cfg, f.name)
-        if f.name in arguments:
-            section.validate(arguments[f.name])
-        elif hasattr(section, "validate"):
-            section.validate()

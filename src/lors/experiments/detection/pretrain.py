@@ -118,16 +118,12 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """ValueError naming the first setting out of its range."""
-        for name in ("steps", "batch_size", "image_size", "backgrounds", "levels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"pretraining {name} must be a positive int, got {getattr(self, name)!r}")
-        if self.image_size < 32:
-            raise ValueError(f"pretraining image_size must be >= 32 (ResNet-18 strides by 32), "
-                             f"got {self.image_size}")
-        if self.levels > 4:
-            raise ValueError(f"pretraining levels must be 1..4 (ResNet-18 has 4 stages), got {self.levels}")
-        if not self.lr > 0:
-            raise ValueError(f"pretraining lr must be > 0, got {self.lr!r}")
+        from lors.config import at_least, positive, within  # the range checks every config uses
+        for name in ("steps", "batch_size", "backgrounds"):
+            at_least(f"PretrainConfig.{name}", getattr(self, name), 1)
+        at_least("PretrainConfig.image_size", self.image_size, 32, "ResNet-18 strides by 32")
+        within("PretrainConfig.levels", self.levels, 1, 4, "[]", "ResNet-18 has 4 stages")
+        positive("PretrainConfig.lr", self.lr)
 
     def key(self, device: str | torch.device = "cpu") -> dict:
         """Everything that makes the weights: this config, the recipe version, the train

@@ -15,28 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from lors.config import at_least as _at_least
-from lors.core.static import per_layer
-from lors.config import load_config
-from lors.config import positive as _positive
-from lors.config import require as _require
-from lors.config import rule_note as _note
+from lors.config import Sections, at_least, check_rule, load_config, positive, require, within
 from lors.core.static import DEFAULT_INIT
+from lors.models.sharing import LorsLayers
 
 RESNET_DEPTHS = (18, 34, 50, 101, 152)  # torchvision's ResNets
-
-
-def _within(key: str, value: float, low: float, high: float, interval: str, why: str = "") -> None:
-    """``interval`` is "[]", "[)", "(]" or "()": which ends are allowed (NaN never is)."""
-    ok = ((low <= value if interval[0] == "[" else low < value)
-          and (value <= high if interval[1] == "]" else value < high))
-    _require(ok, key, value, f"in {interval[0]}{low}, {high}{interval[1]}{_note(why)}")
-
-
-def _per_stage(key: str, value: int | list[int], num_stages: int, enabled: bool) -> None:
-    """A LORS rank or group count: one int >= 1, or (when used) one per decoder stage."""
-    count = num_stages if enabled or not isinstance(value, list) else len(value)
-    per_layer(value, count, f"config key '{key}'", unit="stage", count_key="decoder.num_stages", minimum=1)
 
 
 @dataclass
@@ -48,17 +31,15 @@ class BackboneConfig:
     num_levels: int = 4                   # feature maps C2..C(1+num_levels); 4 = C2..C5
 
     def validate(self) -> None:
-        _require(self.depth in RESNET_DEPTHS, "backbone.depth", self.depth, f"one of {list(RESNET_DEPTHS)}")
-        _require(self.weights is None or bool(self.weights.strip()), "backbone.weights", self.weights,
-                 "null (random init), a local file or a torchvision weights name")
-        if not 1 <= self.num_levels <= 4:
-            raise ValueError(f"config key 'backbone.num_levels' is {self.num_levels}, but num_levels must be "
-                             f"in 1..4 (C2 up to C2..C5)")
-        _at_least("backbone.frozen_stages", self.frozen_stages, -1, "-1 freezes nothing, 0 the stem only")
-        if self.frozen_stages > self.num_levels:
-            raise ValueError(f"config key 'backbone.frozen_stages': frozen_stages {self.frozen_stages} "
-                             f"exceeds num_levels {self.num_levels} (only {self.num_levels} residual stages "
-                             f"are built): use -1..{self.num_levels}")
+        require(self.depth in RESNET_DEPTHS, "backbone.depth", self.depth, f"one of {list(RESNET_DEPTHS)}")
+        require(self.weights is None or bool(self.weights.strip()), "backbone.weights", self.weights,
+                "null (random init), a local file or a torchvision weights name")
+        check_rule(1 <= self.num_levels <= 4, "backbone.num_levels",
+                   f"is {self.num_levels}, but num_levels must be in 1..4 (C2 up to C2..C5)")
+        at_least("backbone.frozen_stages", self.frozen_stages, -1, "-1 freezes nothing, 0 the stem only")
+        check_rule(self.frozen_stages <= self.num_levels, "backbone.frozen_stages",
+                   f": frozen_stages {self.frozen_stages} exceeds num_levels {self.num_levels} (only "
+                   f"{self.num_levels} residual stages are built): use -1..{self.num_levels}")
 
 
 @dataclass
@@ -67,10 +48,10 @@ class NeckConfig:
     gn_groups: int = 32                   # GroupNorm groups
 
     def validate(self) -> None:
-        _at_least("neck.dim", self.dim, 1)
-        _at_least("neck.gn_groups", self.gn_groups, 1)
-        _require(self.dim % self.gn_groups == 0, "neck.gn_groups", self.gn_groups,
-                 f"a divisor of neck.dim={self.dim} (GroupNorm splits the channels evenly)")
+        at_least("neck.dim", self.dim, 1)
+        at_least("neck.gn_groups", self.gn_groups, 1)
+        require(self.dim % self.gn_groups == 0, "neck.gn_groups", self.gn_groups,
+                f"a divisor of neck.dim={self.dim} (GroupNorm splits the channels evenly)")
 
 
 @dataclass
@@ -90,17 +71,18 @@ class DecoderConfig:
     def validate(self) -> None:
         for name in ("num_classes", "num_queries", "num_stages", "query_dim", "num_heads", "ffn_dim",
                      "num_groups", "in_points", "out_points"):
-            _at_least(f"decoder.{name}", getattr(self, name), 1)
-        _require(self.query_dim % self.num_heads == 0, "decoder.num_heads", self.num_heads,
-                 f"a divisor of decoder.query_dim={self.query_dim} (each head gets query_dim / num_heads "
-                 f"channels)")
-        _within("decoder.dropout", self.dropout, 0, 1, "[)")
-        _within("decoder.prior_prob", self.prior_prob, 0, 1, "()", "a probability")
+            at_least(f"decoder.{name}", getattr(self, name), 1)
+        require(self.query_dim % self.num_heads == 0, "decoder.num_heads", self.num_heads,
+                f"a divisor of decoder.query_dim={self.query_dim} (each head gets query_dim / num_heads "
+                f"channels)")
+        within("decoder.dropout", self.dropout, 0, 1, "[)")
+        within("decoder.prior_prob", self.prior_prob, 0, 1, "()", "a probability")
 
 
 @dataclass
-class AdaptiveLorsConfig:
-    """LORS^A on the channel and spatial mixing generators of all stages (paper Tables 4-6)."""
+class AdaptiveLorsConfig(LorsLayers):
+    """LORS^A on the channel and spatial mixing generators of all stages (paper Tables 4-6);
+    ``rank`` (r) and ``groups`` (K), one value or one per stage, come from `LorsLayers`."""
     enabled: bool = False
     rank: int | list[int] = 16            # r, one value or one per stage
     groups: int | list[int] = field(default_factory=lambda: [1, 1, 2, 2, 3, 3])  # K per stage
@@ -108,27 +90,29 @@ class AdaptiveLorsConfig:
     use_private: bool = True              # sum_k B E(q) A term (Table 5)
 
     def validate(self, num_stages: int) -> None:
-        _per_stage("lors.adaptive.rank", self.rank, num_stages, self.enabled)
-        _per_stage("lors.adaptive.groups", self.groups, num_stages, self.enabled)
-        if self.enabled and not (self.use_shared or self.use_private):
-            raise ValueError("config keys 'lors.adaptive.use_shared' and 'lors.adaptive.use_private' are "
-                             "both false, which leaves LORS^A no weight: set one of them to true")
+        # one int >= 1, or (when used) one per decoder stage
+        self.check_per_layer("lors.adaptive", num_stages, "decoder.num_stages", unit="stage", lengths=self.enabled)
+        check_rule(not self.enabled or self.use_shared or self.use_private,
+                   ["lors.adaptive.use_shared", "lors.adaptive.use_private"],
+                   "are both false, which leaves LORS^A no weight: set one of them to true")
 
 
 @dataclass
-class StaticLorsConfig:
-    """LORS^T on the mixing output projection of all stages (paper Tables 4 and 7)."""
+class StaticLorsConfig(LorsLayers):
+    """LORS^T on the mixing output projection of all stages (paper Tables 4 and 7); ``rank``
+    (default 8) and ``groups`` (default 1), one value or one per stage, come from `LorsLayers`."""
     enabled: bool = False
-    rank: int | list[int] = 8
-    groups: int | list[int] = 1
 
     def validate(self, num_stages: int) -> None:
-        _per_stage("lors.static.rank", self.rank, num_stages, self.enabled)
-        _per_stage("lors.static.groups", self.groups, num_stages, self.enabled)
+        # one int >= 1, or (when used) one per decoder stage
+        self.check_per_layer("lors.static", num_stages, "decoder.num_stages", unit="stage", lengths=self.enabled)
 
 
 @dataclass
 class LorsConfig:
+    """The detector's ``lors:`` section. Unlike the transformers' (`lors.models.sharing.LorsSection`,
+    one `LorsLayers`), it nests two `LorsLayers`, each with its own ``rank`` and ``groups``:
+    ``adaptive`` (LORS^A) and ``static`` (LORS^T); ``init`` is shared by both."""
     adaptive: AdaptiveLorsConfig = field(default_factory=AdaptiveLorsConfig)
     static: StaticLorsConfig = field(default_factory=StaticLorsConfig)
     # "paper": section 4.1 (Kaiming generator), the core's default; "official": the authors'
@@ -154,15 +138,14 @@ class LossConfig:
     match_giou_weight: float = 2.0
 
     def validate(self) -> None:
-        _within("loss.focal_alpha", self.focal_alpha, 0, 1, "[]", "the weight of positives")
-        _at_least("loss.focal_gamma", self.focal_gamma, 0)
+        within("loss.focal_alpha", self.focal_alpha, 0, 1, "[]", "the weight of positives")
+        at_least("loss.focal_gamma", self.focal_gamma, 0)
         for kind in ("", "match_"):
             names = [f"{kind}{term}_weight" for term in ("cls", "l1", "giou")]
             for name in names:
-                _at_least(f"loss.{name}", getattr(self, name), 0, "0 turns the term off")
-            if not any(getattr(self, name) > 0 for name in names):
-                raise ValueError(f"config keys {', '.join('loss.' + n for n in names)} are all 0, which "
-                                 f"leaves the {'matching cost' if kind else 'loss'} empty: make one > 0")
+                at_least(f"loss.{name}", getattr(self, name), 0, "0 turns the term off")
+            check_rule(any(getattr(self, name) > 0 for name in names), [f"loss.{n}" for n in names],
+                       f"are all 0, which leaves the {'matching cost' if kind else 'loss'} empty: make one > 0")
 
 
 @dataclass
@@ -189,27 +172,26 @@ class TrainConfig:
     private_weight_decay: float | None = None  # weight decay of the private factors; None: train.weight_decay
 
     def validate(self) -> None:
-        _at_least("train.batch_size", self.batch_size, 1, "images per step over all processes")
-        _positive("train.lr", self.lr)
-        _at_least("train.weight_decay", self.weight_decay, 0)
-        _at_least("train.clip_grad", self.clip_grad, 0, "0 disables clipping")
-        _at_least("train.epochs", self.epochs, 1)
-        if not all(1 <= e <= self.epochs for e in self.lr_steps):
-            raise ValueError(f"config key 'train.lr_steps' is {self.lr_steps} but train.epochs={self.epochs} "
-                             f"and a step after the schedule never happens: give epochs in [1, {self.epochs}] "
-                             f"(or train.lr_steps=[]) when you change train.epochs")
-        _within("train.lr_gamma", self.lr_gamma, 0, 1, "(]", "the lr factor at each of train.lr_steps")
-        _at_least("train.warmup_iters", self.warmup_iters, 0, "0: no warm-up")
-        _within("train.warmup_ratio", self.warmup_ratio, 0, 1, "[]", "the lr factor at step 0 of the warm-up")
-        _at_least("train.seed", self.seed, 0)
-        _require(bool(self.output_dir.strip()), "train.output_dir", self.output_dir, "a folder path")
-        _at_least("train.checkpoint_every", self.checkpoint_every, 1, "iterations between checkpoints")
-        _at_least("train.log_every", self.log_every, 1, "iterations between log flushes")
-        _at_least("train.eval_every_epochs", self.eval_every_epochs, 0, "0 evaluates at the end only")
-        _positive("train.shared_lr_scale", self.shared_lr_scale)
-        _positive("train.private_lr_scale", self.private_lr_scale)
+        at_least("train.batch_size", self.batch_size, 1, "images per step over all processes")
+        positive("train.lr", self.lr)
+        at_least("train.weight_decay", self.weight_decay, 0)
+        at_least("train.clip_grad", self.clip_grad, 0, "0 disables clipping")
+        at_least("train.epochs", self.epochs, 1)
+        check_rule(all(1 <= e <= self.epochs for e in self.lr_steps), "train.lr_steps",
+                   f"is {self.lr_steps} but train.epochs={self.epochs} and a step after the schedule never "
+                   f"happens: give epochs in [1, {self.epochs}] (or train.lr_steps=[]) when you change train.epochs")
+        within("train.lr_gamma", self.lr_gamma, 0, 1, "(]", "the lr factor at each of train.lr_steps")
+        at_least("train.warmup_iters", self.warmup_iters, 0, "0: no warm-up")
+        within("train.warmup_ratio", self.warmup_ratio, 0, 1, "[]", "the lr factor at step 0 of the warm-up")
+        at_least("train.seed", self.seed, 0)
+        require(bool(self.output_dir.strip()), "train.output_dir", self.output_dir, "a folder path")
+        at_least("train.checkpoint_every", self.checkpoint_every, 1, "iterations between checkpoints")
+        at_least("train.log_every", self.log_every, 1, "iterations between log flushes")
+        at_least("train.eval_every_epochs", self.eval_every_epochs, 0, "0 evaluates at the end only")
+        positive("train.shared_lr_scale", self.shared_lr_scale)
+        positive("train.private_lr_scale", self.private_lr_scale)
         if self.private_weight_decay is not None:
-            _at_least("train.private_weight_decay", self.private_weight_decay, 0)
+            at_least("train.private_weight_decay", self.private_weight_decay, 0)
 
     def lors_groups(self) -> bool:
         """Whether LORS's shared and private tensors get their own parameter groups."""
@@ -231,12 +213,12 @@ class DataConfig:
 
     def validate(self) -> None:
         for name in ("train_images", "train_annotations", "val_images", "val_annotations"):
-            _require(bool(getattr(self, name).strip()), f"data.{name}", getattr(self, name), "a path")
-        _at_least("data.min_size", self.min_size, 1, "pixels of the shorter side")
-        _at_least("data.max_size", self.max_size, 1, "pixels of the longer side at most")
-        _within("data.flip_prob", self.flip_prob, 0, 1, "[]", "a probability")
-        _at_least("data.size_divisor", self.size_divisor, 1, "batches are padded to a multiple of it")
-        _at_least("data.num_workers", self.num_workers, 0, "0 loads in the main process")
+            require(bool(getattr(self, name).strip()), f"data.{name}", getattr(self, name), "a path")
+        at_least("data.min_size", self.min_size, 1, "pixels of the shorter side")
+        at_least("data.max_size", self.max_size, 1, "pixels of the longer side at most")
+        within("data.flip_prob", self.flip_prob, 0, 1, "[]", "a probability")
+        at_least("data.size_divisor", self.size_divisor, 1, "batches are padded to a multiple of it")
+        at_least("data.num_workers", self.num_workers, 0, "0 loads in the main process")
 
 
 @dataclass
@@ -244,33 +226,31 @@ class TestConfig:
     max_detections: int = 100             # top-k over (query, class) scores per image
 
     def validate(self) -> None:
-        _at_least("test.max_detections", self.max_detections, 1)
+        at_least("test.max_detections", self.max_detections, 1)
 
 
-@dataclass
-class DetectorConfig:
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    neck: NeckConfig = field(default_factory=NeckConfig)
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    lors: LorsConfig = field(default_factory=LorsConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    test: TestConfig = field(default_factory=TestConfig)
+class DetectorConfig(Sections, lors_layers="decoder.num_stages"):
+    backbone: BackboneConfig
+    neck: NeckConfig
+    decoder: DecoderConfig
+    lors: LorsConfig
+    loss: LossConfig
+    train: TrainConfig
+    data: DataConfig
+    test: TestConfig
 
     def validate(self) -> None:
-        """ValueError naming the first key out of its range; the loader calls this."""
-        for section in (self.backbone, self.neck, self.decoder, self.loss, self.train, self.data, self.test):
-            section.validate()
-        self.lors.validate(self.decoder.num_stages)
+        """ValueError naming the first key out of its range (each section's, in field order, then
+        the rules between sections); the loader calls this."""
+        super().validate()
         a, t = self.lors.adaptive, self.lors.static
-        if self.train.log_private_norms and not ((a.enabled and a.use_private) or t.enabled):
-            raise ValueError("config key 'train.log_private_norms' is true but this detector has no LORS private "
-                             "term to measure (lors.adaptive with use_private, or lors.static): enable LORS or "
-                             "set train.log_private_norms=false")
-        _require(self.neck.dim % self.decoder.num_groups == 0, "decoder.num_groups", self.decoder.num_groups,
-                 f"a divisor of neck.dim={self.neck.dim} (each sampling group mixes neck.dim / num_groups "
-                 f"channels)")
+        check_rule(not self.train.log_private_norms or (a.enabled and a.use_private) or t.enabled,
+                   "train.log_private_norms", "is true but this detector has no LORS private term to measure "
+                   "(lors.adaptive with use_private, or lors.static): enable LORS or set "
+                   "train.log_private_norms=false")
+        require(self.neck.dim % self.decoder.num_groups == 0, "decoder.num_groups", self.decoder.num_groups,
+                f"a divisor of neck.dim={self.neck.dim} (each sampling group mixes neck.dim / num_groups "
+                f"channels)")
 
 
 def load_detector_config(name_or_path: str | Path | None = None, overrides: Sequence[str] = ()) -> DetectorConfig:

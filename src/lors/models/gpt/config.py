@@ -4,13 +4,12 @@ Load one with ``load_lm_config("gpt_small_lors", ["lors.rank=16"])`` (``lors/con
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from lors.config import at_least, load_config, multiple_of, within
-
+from lors.config import Sections, at_least, check_rule, load_config, multiple_of, within
 from lors.models.sharing import LorsSection
-from lors.models.training import StepTrainConfig, validate_sections
+from lors.models.training import StepTrainConfig
 
 
 @dataclass
@@ -30,9 +29,9 @@ class ModelConfig:
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
             at_least(f"model.{key}", getattr(self, key), 1)  # first: n_embd % n_head needs n_head >= 1
         multiple_of("model.n_embd", self.n_embd, "model.n_head", self.n_head)
-        if self.positions == "rotary" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rotary positions need an even head width, got n_embd / n_head = "
-                             f"{self.n_embd // self.n_head}: change model.n_embd or model.n_head")
+        check_rule(self.positions != "rotary" or (self.n_embd // self.n_head) % 2 == 0, "model.positions",
+                   f"is rotary, which needs an even head width, but model.n_embd / model.n_head is "
+                   f"{self.n_embd // self.n_head}: change model.n_embd or model.n_head")
         within("model.dropout", self.dropout, 0, 1, "[)")
 
 
@@ -57,21 +56,21 @@ class DataSection:
         within("data.val_fraction", self.val_fraction, 0, 1, "()")
 
 
-@dataclass
-class LMConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lors: LorsSection = field(default_factory=LorsSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    data: DataSection = field(default_factory=DataSection)
+class LMConfig(Sections, lors_layers="model.n_layer"):
+    model: ModelConfig
+    lors: LorsSection
+    train: TrainSection
+    data: DataSection
 
     def validate(self) -> None:
-        validate_sections(self, lors=self.model.n_layer)
-        if self.data.tokenizer == "bytes" and self.model.vocab_size != 256:
-            raise ValueError(f"config key 'model.vocab_size' is {self.model.vocab_size}, but byte tokens need 256: "
-                             "set model.vocab_size=256, or data.tokenizer=bpe to train a BPE of that size")
-        if self.data.tokenizer == "bpe" and self.model.vocab_size <= 256:
-            raise ValueError(f"a BPE needs model.vocab_size > 256 (the 256 bytes plus merges), got "
-                             f"{self.model.vocab_size}: e.g. model.vocab_size=1024")
+        super().validate()
+        vocab = self.model.vocab_size
+        check_rule(self.data.tokenizer != "bytes" or vocab == 256, "model.vocab_size",
+                   f"is {vocab}, but byte tokens need 256: set model.vocab_size=256, or data.tokenizer=bpe to "
+                   "train a BPE of that size")
+        check_rule(self.data.tokenizer != "bpe" or vocab > 256, "model.vocab_size",
+                   f"is {vocab}, but a BPE needs model.vocab_size > 256 (the 256 bytes plus merges): e.g. "
+                   "model.vocab_size=1024")
 
 
 def load_lm_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> LMConfig:

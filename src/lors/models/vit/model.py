@@ -6,15 +6,15 @@ Load a config with ``load_vit_config("vit_small_lors", ["lors.rank=16"])`` (``lo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
-from lors.config import at_least, load_config, multiple_of, positive, within
+from lors.config import Sections, at_least, load_config, multiple_of, positive, within
 from lors.models.sharing import LorsSection, apply_sharing
-from lors.models.training import StepTrainConfig, validate_sections
+from lors.models.training import StepTrainConfig
 
 
 @dataclass
@@ -59,15 +59,11 @@ class VitDataConfig:
         within("data.test_images", self.test_images, 1, 10000, "[]", "the test split's size")
 
 
-@dataclass
-class VitConfig:
-    model: VitModelConfig = field(default_factory=VitModelConfig)
-    lors: LorsSection = field(default_factory=LorsSection)
-    train: VitTrainConfig = field(default_factory=VitTrainConfig)
-    data: VitDataConfig = field(default_factory=VitDataConfig)
-
-    def validate(self) -> None:
-        validate_sections(self, lors=self.model.depth)
+class VitConfig(Sections, lors_layers="model.depth"):
+    model: VitModelConfig
+    lors: LorsSection
+    train: VitTrainConfig
+    data: VitDataConfig
 
 
 def load_vit_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> VitConfig:
