@@ -132,14 +132,9 @@ def _mode_restores(path: Path) -> int:
     return found
 
 
-# experiments/finetune/run.py's evaluate still has its own copy: pending, its owner switches it to
-# lors.engine.loop.evaluating (then this entry can go)
-PENDING_MODE_RESTORES = {"experiments/finetune/run.py"}
-
-
 def test_train_eval_mode_is_saved_and_restored_in_one_place():
     """docs/architecture.md: `lors.engine.loop.evaluating` is the one save-and-restore of a
     model's train/eval mode around an evaluation. `count_macs` (models/, which may not import
     the engine) writes it out once, as the one exception."""
     homes = {p.relative_to(SRC).as_posix() for p in MODULES if _mode_restores(p)}
-    assert homes - PENDING_MODE_RESTORES == {"engine/loop.py", "models/adamixer/report.py"}
+    assert homes == {"engine/loop.py", "models/adamixer/report.py"}

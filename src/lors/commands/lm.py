@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from lors.commands._args import DEVICE_HELP, add_compare_parser, add_sweep_parser, add_train_parser, family_parser, json_only, positive_int
+from lors.commands._args import (DEVICE_HELP, FamilyExperiments, add_family_experiments, add_train_parser, family_parser,
+                                 json_only, positive_int)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -37,14 +38,10 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare():
-    from lors.experiments.lm.compare import compare_lm
-    return compare_lm
-
-
-def _sweep():
-    from lors.experiments.lm.compare import sweep_lm
-    return sweep_lm
+EXPERIMENTS = FamilyExperiments(
+    family="GPT", what="byte-level GPTs", metric="val bits per byte", dense="gpt_small", lors="gpt_small_lors",
+    tied="gpt_small_tied", alloc="gpt_small_lors_alloc", widths=(48, 64, 96, 128), ranks=(4, 8, 16, 32),
+    module="lors.experiments.lm.compare", suffix="lm", out="runs/lm")
 
 
 def register(sub) -> None:
@@ -76,7 +73,4 @@ def register(sub) -> None:
                                                          "(the same text, as fast as a dense model)")
     p.set_defaults(func=run_sample)
 
-    add_compare_parser(cmds, "GPT", "byte-level GPTs", "val bits per byte", "gpt_small", "gpt_small_lors",
-                       "gpt_small_tied", "runs/lm_compare", _compare)
-    add_sweep_parser(cmds, "GPT", "GPTs", "val bits per byte", "gpt_small", "gpt_small_lors", "gpt_small_lors_alloc",
-                     [48, 64, 96, 128], [4, 8, 16, 32], "runs/lm_sweep", _sweep)
+    add_family_experiments(cmds, EXPERIMENTS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lors.commands._args import add_compare_parser, add_sweep_parser, add_train_parser, family_parser
+from lors.commands._args import FamilyExperiments, add_family_experiments, add_train_parser, family_parser
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -20,14 +20,10 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare():
-    from lors.experiments.vit.compare import compare_vit
-    return compare_vit
-
-
-def _sweep():
-    from lors.experiments.vit.compare import sweep_vit
-    return sweep_vit
+EXPERIMENTS = FamilyExperiments(
+    family="ViT", what="ViTs", metric="test accuracy", dense="vit_small", lors="vit_small_lors", tied="vit_small_tied",
+    alloc="vit_small_lors_alloc", widths=(32, 40, 48, 64), ranks=(4, 8, 16, 32), module="lors.experiments.vit.compare",
+    suffix="vit", out="runs/vit")
 
 
 def register(sub) -> None:
@@ -36,7 +32,4 @@ def register(sub) -> None:
     add_train_parser(cmds, "vit", "a ViT (lors/configs/vit) on Fashion-MNIST", "vit_small", run_train,
                      "print the run summary as JSON")
 
-    add_compare_parser(cmds, "ViT", "ViTs", "test accuracy", "vit_small", "vit_small_lors", "vit_small_tied",
-                       "runs/vit_compare", _compare)
-    add_sweep_parser(cmds, "ViT", "ViTs", "test accuracy", "vit_small", "vit_small_lors", "vit_small_lors_alloc",
-                     [32, 40, 48, 64], [4, 8, 16, 32], "runs/vit_sweep", _sweep)
+    add_family_experiments(cmds, EXPERIMENTS)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from lors.adapters import serial_lora
 from lors.data.text import TextSplit
 from lors.engine.checkpoint import checkpoints, read_state
-from lors.engine.loop import NonFiniteLossError, RunSettings, adamw, fit
+from lors.engine.loop import NonFiniteLossError, RunSettings, adamw, evaluating, fit
 from lors.engine.memory import PeakMemory
 from lors.engine.rundir import config_differences, describe
 from lors.engine.schedule import Schedule
@@ -219,14 +219,12 @@ def epoch_order(lengths: torch.Tensor, batch_size: int, seed: int, epoch: int) -
 def evaluate(model: TextClassifier, data: dict[str, torch.Tensor], device: torch.device,
              batch_size: int = 64) -> float:
     """Accuracy in percent; the model's train/eval mode is left as it was."""
-    was_training = model.training
-    model.eval()
     correct = 0
     by_length = data["attention_mask"].sum(1).argsort()  # less padding; the order does not change accuracy
-    for idx in by_length.split(batch_size):
-        b = _batch(data, idx, device)
-        correct += int((model(b["input_ids"], b["attention_mask"]).argmax(-1) == b["labels"]).sum())
-    model.train(was_training)
+    with evaluating(model):
+        for idx in by_length.split(batch_size):
+            b = _batch(data, idx, device)
+            correct += int((model(b["input_ids"], b["attention_mask"]).argmax(-1) == b["labels"]).sum())
     return 100.0 * correct / len(data["labels"])
 
 
