@@ -202,3 +202,21 @@ def test_adaptive_rejects_input_of_wrong_shape():
         lors.mix(torch.randn(4, 3, 3, 6), torch.randn(4, 8), 0)
     with pytest.raises(ValueError, match="query has width 7"):
         lors.weight(torch.randn(4, 7), 0)
+
+
+def test_every_stack_module_implements_the_layer_stack_interface():
+    """Counting and serialization read a stack module through `LayerStack` alone (its kind and
+    shared parameters), so each kind implements every method and is found again by its kind."""
+    import inspect
+    from lors.core.stack import LayerStack
+    assert set(LayerStack.kinds()) == {"static", "basis"}
+    for kind in LayerStack.kinds():
+        cls = LayerStack.of_kind(kind)
+        assert cls.kind == kind
+        for name in ("weight", "layer_bias", "forward", "config", "layer_repr", "select", "shared_parameters"):
+            assert getattr(cls, name) is not getattr(LayerStack, name), (cls.__name__, name)
+            assert not inspect.isabstract(cls)
+    with pytest.raises(ValueError, match="unknown LORS stack kind 'dense'.*static, basis"):
+        LayerStack.of_kind("dense")
+    with pytest.raises(TypeError, match="kind 'static' is taken by StaticLors"):
+        type("Again", (LayerStack,), {}, kind="static")

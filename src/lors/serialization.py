@@ -22,10 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lors.core.adaptive import AdaptiveLors
-from lors.core.basis import SharedBasis
 from lors.core.share import LorsLinear, attach, find_layers, merge
 from lors.core.stack import OWNER, LayerStack, check_owner, owned, shared_stacks
-from lors.core.static import StaticLors
 
 FORMAT_VERSION = 2  # 2: shared modules owned by their stack (<layers>.lors.<target>.<group>)
 LAYOUT_KEY = "lors"  # the safetensors metadata entry that holds the layout (JSON)
@@ -126,7 +124,7 @@ def describe(model: nn.Module) -> dict:
     for path, stack in shared_stacks(model):
         for target, group in owned(stack).items():
             for gi, m in enumerate(group):
-                entry = {"kind": "static" if isinstance(m, StaticLors) else "basis",
+                entry = {"kind": m.kind,
                          "path": _join(path, OWNER, target, str(gi)), "config": m.config()}
                 if _in_place(m, path, placements.get(id(m), [])):
                     entry.update(layers=path, target=target, members=list(m.members))
@@ -135,8 +133,8 @@ def describe(model: nn.Module) -> dict:
     for name, m in model.named_modules():  # stack modules used directly (the detector's)
         if id(m) in seen:
             continue
-        if isinstance(m, (StaticLors, SharedBasis)):
-            stacks.append({"kind": "static" if isinstance(m, StaticLors) else "basis", "path": name,
+        if isinstance(m, LayerStack):
+            stacks.append({"kind": m.kind, "path": name,
                            "config": m.config()})
         elif isinstance(m, AdaptiveLors):
             stacks.append({"kind": "adaptive", "path": name, "config": m.config()})
@@ -252,7 +250,7 @@ def _plan_layout(model: nn.Module, layout: dict) -> list[tuple[nn.Module, dict, 
     checked against ``model`` before anything changes."""
     plan = []
     for entry in layout["stacks"]:
-        if entry["kind"] not in ("static", "basis") or "target" not in entry:
+        if entry["kind"] not in LayerStack.kinds() or "target" not in entry:
             continue
         cfg, target = entry["config"], entry["target"]
         try:
@@ -297,7 +295,7 @@ def apply_layout(model: nn.Module, layout: dict):
     for stack, entry, members in _plan_layout(model, layout):
         ref = stack[members[0]].get_submodule(entry["target"])
         kw = dict(device=ref.weight.device, dtype=ref.weight.dtype)
-        cls = StaticLors if entry["kind"] == "static" else SharedBasis
+        cls = LayerStack.of_kind(entry["kind"])
         replaced += [(stack[i], entry["target"], stack[i].get_submodule(entry["target"])) for i in members]
         attach(stack, entry["target"], cls(**entry["config"], **kw), members)
 

@@ -159,6 +159,10 @@ class AdaptiveLors(nn.Module):
         return (f"num_layers={self.num_layers}, query_dim={self.query_dim}, shape={self.shape}, "
                 f"rank={self.ranks}, groups={self.groups}, init={self.init!r}")
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The shared generator's parameters (none without one); the E generators are the layers' own."""
+        return [] if self.generator is None else list(self.generator.parameters())
+
     def config(self) -> dict:
         return dict(num_layers=self.num_layers, query_dim=self.query_dim, shape=list(self.shape),
                     rank=self.ranks, groups=self.groups, bias=self.has_bias, init=self.init,

@@ -20,7 +20,7 @@ from lors.core.stack import LayerStack
 SIDES = ("in", "out")
 
 
-class SharedBasis(LayerStack):
+class SharedBasis(LayerStack, kind="basis"):
     """The weights of N stacked Linears as one shared basis and per-layer coefficients.
 
     Args:
@@ -100,6 +100,10 @@ class SharedBasis(LayerStack):
             if self.bias is not None:
                 new.bias.copy_(self.bias[layers])
         return new
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The basis."""
+        return [self.basis]
 
     def config(self) -> dict:
         """Constructor arguments, for checkpoints."""

@@ -6,8 +6,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from lors.core.adaptive import AdaptiveLors
-from lors.core.basis import SharedBasis
-from lors.core.static import StaticLors
+from lors.core.stack import LayerStack
 
 
 @dataclass(frozen=True)
@@ -26,17 +25,11 @@ class ParamCount:
 
 
 def lors_split(lors: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(shared, private) parameters of one StaticLors or AdaptiveLors."""
-    if isinstance(lors, StaticLors):
-        shared = [lors.shared_weight]
-        if lors.bias is not None and lors.shared_bias:
-            shared.append(lors.bias)
-    elif isinstance(lors, AdaptiveLors):
-        shared = [] if lors.generator is None else list(lors.generator.parameters())
-    elif isinstance(lors, SharedBasis):
-        shared = [lors.basis]
-    else:
+    """(shared, private) parameters of one stack module (StaticLors, SharedBasis) or AdaptiveLors:
+    its ``shared_parameters()`` and the rest."""
+    if not isinstance(lors, (LayerStack, AdaptiveLors)):
         raise TypeError(f"{type(lors).__name__} is not a LORS module")
+    shared = lors.shared_parameters()
     ids = {id(p) for p in shared}
     return shared, [p for p in lors.parameters() if id(p) not in ids]
 
@@ -51,7 +44,7 @@ def count_parameters(module: nn.Module) -> ParamCount:
     """
     seen, shared, private = set(), 0, 0
     for m in module.modules():
-        if isinstance(m, (StaticLors, AdaptiveLors, SharedBasis)):
+        if isinstance(m, (LayerStack, AdaptiveLors)):
             sh, pr = lors_split(m)
             shared += sum(p.numel() for p in sh if id(p) not in seen)
             private += sum(p.numel() for p in pr if id(p) not in seen)

@@ -43,17 +43,47 @@ class LayerStack(nn.Module):
     """The weights of ``num_layers`` stacked Linears, applied by layer index: what a
     ``LorsLinear`` reads, what counting and serialization see.
 
-    Subclasses set ``num_layers``, ``in_features``, ``out_features`` and implement
-    ``weight``, ``layer_bias``, ``forward``, ``config``, ``layer_repr`` and ``select``.
-    ``target`` and ``members`` say where the module is wired in (``attach`` sets them): layer
-    j of the module is ``<stack>[members[j]].<target>``.
+    Subclasses name their ``kind`` (the class statement's ``kind=...``: the name saved layouts
+    give it, `LayerStack.of_kind` finds the class again), set ``num_layers``, ``in_features``,
+    ``out_features`` and implement ``weight``, ``layer_bias``, ``forward``, ``config``,
+    ``layer_repr``, ``select`` and ``shared_parameters``. ``target`` and ``members`` say where
+    the module is wired in (``attach`` sets them): layer j of the module is
+    ``<stack>[members[j]].<target>``.
     """
 
+    kind: str
     num_layers: int
     in_features: int
     out_features: int
     target: str | None = None
     members: list[int] | None = None
+    _kinds: dict[str, type["LayerStack"]] = {}
+
+    def __init_subclass__(cls, kind: str | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            if kind in LayerStack._kinds:
+                raise TypeError(f"LayerStack kind {kind!r} is taken by {LayerStack._kinds[kind].__name__}")
+            cls.kind = kind
+            LayerStack._kinds[kind] = cls
+
+    @staticmethod
+    def kinds() -> tuple[str, ...]:
+        """The registered kinds ("static", "basis")."""
+        return tuple(LayerStack._kinds)
+
+    @staticmethod
+    def of_kind(kind: str) -> type["LayerStack"]:
+        """The class of ``kind`` ("static", "basis"); ValueError naming the known ones."""
+        try:
+            return LayerStack._kinds[kind]
+        except KeyError:
+            raise ValueError(f"unknown LORS stack kind {kind!r}: known kinds are "
+                             f"{', '.join(LayerStack.kinds())}") from None
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The tensors every layer reads (counted as shared); the others are the layers' own."""
+        raise NotImplementedError
 
     def weight(self, i: int) -> torch.Tensor:
         """W_i, shape (out, in)."""

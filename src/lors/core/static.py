@@ -114,7 +114,7 @@ class _FactoredLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_a, grad_b, grad_bias
 
 
-class StaticLors(LayerStack):
+class StaticLors(LayerStack, kind="static"):
     """The weights of N stacked Linears: a shared part and per-layer low-rank residuals.
 
     Args:
@@ -241,6 +241,10 @@ class StaticLors(LayerStack):
             if self.bias is not None:
                 new.bias.copy_(self.bias if self.shared_bias else self.bias[layers])
         return new
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """W_shared, and the bias when it is one for all layers (``shared_bias``)."""
+        return [self.shared_weight, *([self.bias] if self.bias is not None and self.shared_bias else [])]
 
     def config(self) -> dict:
         """Constructor arguments, for checkpoints."""
