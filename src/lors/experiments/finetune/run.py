@@ -25,9 +25,9 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -52,13 +52,16 @@ FAIL_HINT = (f"{RETRY}: lors finetune trains other settings in folders of their 
              "finetune() needs another run_dir or resume=False")
 
 
-@dataclass
-class FinetuneConfig:
-    """One training run. lr=None picks 5e-5 for full fine-tuning and 1e-3 for the adapters."""
+COUNTS = ("steps", "batch_size", "max_len")           # >= 1, in a run and in a sweep
+RATES = ("alpha", "lr", "head_lr", "lora_plus_ratio")  # > 0 (a sweep may leave alpha and lr null)
 
-    method: str = "serial-lora"
-    rank: int = 8
-    alpha: float = 16.0
+
+@dataclass
+class TrainingFields:
+    """The training settings that a run (`FinetuneConfig`) and a sweep
+    (`lors.experiments.finetune.sweep.FinetuneSweep`) share: a sweep hands them to each of its
+    runs as they are (`training_fields`)."""
+
     lr: float | None = None
     head_lr: float = 1e-3
     lora_plus_ratio: float = 1.0  # > 1: LoRA+, B matrices learn this many times faster
@@ -66,6 +69,35 @@ class FinetuneConfig:
     steps: int = 150
     batch_size: int = 16
     max_len: int = 64
+
+    def check_training_fields(self, counts: Sequence[str] = ()) -> None:
+        """The checks a run and a sweep share: steps, batch_size, max_len and ``counts`` at
+        least 1, the rates positive (None: the default), the warm-up a fraction."""
+        for name in (*COUNTS, *counts):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+        for name in RATES:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} {value} must be positive" + (" (or null for the default)"
+                                                                       if name in ("alpha", "lr") else ""))
+        warmup = getattr(self, "warmup", 0.0)
+        if not 0.0 <= warmup < 1.0:
+            raise ValueError(f"warmup {warmup} is a fraction of the steps: use 0 <= warmup < 1, e.g. 0.1")
+
+
+def training_fields(cfg: TrainingFields) -> dict:
+    """The `TrainingFields` of ``cfg`` (a sweep) by name, for the runs it plans."""
+    return {f.name: getattr(cfg, f.name) for f in fields(TrainingFields)}
+
+
+@dataclass
+class FinetuneConfig(TrainingFields):
+    """One training run. lr=None picks 5e-5 for full fine-tuning and 1e-3 for the adapters."""
+
+    method: str = "serial-lora"
+    rank: int = 8
+    alpha: float = 16.0
     warmup: float = 0.1  # fraction of steps with a linear warm-up, then linear decay to 0
     seed: int = 0
 
@@ -77,27 +109,7 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method '{self.method}': use one of {METHODS}")
-        check_training_fields(self, ("rank", "steps", "batch_size", "max_len"))
-
-
-COUNTS = ("steps", "batch_size", "max_len")           # >= 1, in a run and in a sweep
-RATES = ("alpha", "lr", "head_lr", "lora_plus_ratio")  # > 0 (a sweep may leave alpha and lr null)
-
-
-def check_training_fields(cfg, counts=COUNTS) -> None:
-    """The checks a run (``FinetuneConfig``) and a sweep (``FinetuneSweep``) share: ``counts``
-    at least 1, the rates positive (None: the default), the warm-up a fraction."""
-    for name in counts:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} {getattr(cfg, name)} must be at least 1")
-    for name in RATES:
-        value = getattr(cfg, name)
-        if value is not None and not value > 0:
-            raise ValueError(f"{name} {value} must be positive" + (" (or null for the default)"
-                                                                   if name in ("alpha", "lr") else ""))
-    warmup = getattr(cfg, "warmup", 0.0)
-    if not 0.0 <= warmup < 1.0:
-        raise ValueError(f"warmup {warmup} is a fraction of the steps: use 0 <= warmup < 1, e.g. 0.1")
+        self.check_training_fields(("rank",))
 
 
 class TextClassifier(nn.Module):

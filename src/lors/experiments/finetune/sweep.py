@@ -25,7 +25,7 @@ import torch
 from lors.config import load_config, to_dict
 from lors.data.text import CATEGORIES, FORTUNES_DIR, TextSplit, load_fortunes
 from lors.experiments.finetune.report import _write, comparison, summarize, table, write_plot, write_report
-from lors.experiments.finetune.run import (COUNTS, METHODS, PRESET, FinetuneConfig, check_training_fields,
+from lors.experiments.finetune.run import (METHODS, PRESET, FinetuneConfig, TrainingFields, training_fields,
                                            finetune, load_minilm, run_config)
 from lors.experiments.runner import Job, run_jobs
 
@@ -33,20 +33,15 @@ RUNS_DIR = "runs/finetune"
 
 
 @dataclass
-class FinetuneSweep:
+class FinetuneSweep(TrainingFields):
     """What `lors finetune` compares: every method at every rank (full fine-tuning once), each
-    seed, on the same data and budget. alpha=None is 2 x rank; lr=None as in FinetuneConfig."""
+    seed, on the same data and budget; the `TrainingFields` (steps, batch_size, max_len, lr,
+    head_lr, lora_plus_ratio, adapt_out) go to every run as they are. alpha=None is 2 x rank;
+    lr=None as in FinetuneConfig."""
 
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     ranks: list[int] = field(default_factory=lambda: [8])  # full fine-tuning runs at the first only
     alpha: float | None = None
-    steps: int = 150
-    batch_size: int = 16
-    max_len: int = 64
-    lr: float | None = None
-    head_lr: float = 1e-3
-    lora_plus_ratio: float = 1.0
-    adapt_out: bool = False
     train_per_class: int = 64
     test_per_class: int = 80
     data_dir: str = str(FORTUNES_DIR)
@@ -63,7 +58,7 @@ class FinetuneSweep:
                              f"e.g. ranks=[4,8,16,32]")
         if len(set(self.methods)) < len(self.methods) or len(set(self.ranks)) < len(self.ranks):
             raise ValueError(f"methods {self.methods} and ranks {self.ranks} must not repeat an entry")
-        check_training_fields(self, (*COUNTS, "train_per_class", "test_per_class"))
+        self.check_training_fields(("train_per_class", "test_per_class"))
 
 
 def load_sweep(config: str | Path = PRESET, overrides: Sequence[str] = ()) -> FinetuneSweep:
@@ -77,9 +72,7 @@ def plan(sweep: FinetuneSweep, seeds: Sequence[int]) -> list[FinetuneConfig]:
     """The runs of a sweep, rank-major (an interrupted sweep still holds complete comparisons);
     full fine-tuning, which has no rank, runs at the first rank only."""
     return [FinetuneConfig(method=method, rank=rank, alpha=2.0 * rank if sweep.alpha is None else sweep.alpha,
-                           lr=sweep.lr, head_lr=sweep.head_lr, lora_plus_ratio=sweep.lora_plus_ratio,
-                           adapt_out=sweep.adapt_out, steps=sweep.steps, batch_size=sweep.batch_size,
-                           max_len=sweep.max_len, seed=seed)
+                           seed=seed, **training_fields(sweep))
             for rank in sweep.ranks for method in sweep.methods
             if method != "full" or rank == sweep.ranks[0] for seed in seeds]
 
