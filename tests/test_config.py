@@ -369,3 +369,12 @@ def test_every_lors_section_shares_rank_and_groups_and_their_check():
     # defaults as before
     assert (AdaptiveLorsConfig().rank, AdaptiveLorsConfig().groups) == (16, [1, 1, 2, 2, 3, 3])
     assert (StaticLorsConfig().rank, StaticLorsConfig().groups) == (LorsSection().rank, LorsSection().groups) == (8, 1)
+
+
+def test_a_per_layer_list_of_the_wrong_length_names_the_key_of_the_depth_of_its_model():
+    from lors.models.gpt import load_lm_config
+    from lors.models.vit import load_vit_config
+    with pytest.raises(ValueError, match=r"'lors.rank' has 2 values \[1, 2\] but model.depth is 6"):
+        load_vit_config("vit_small_lors", ["lors.rank=[1,2]"])
+    with pytest.raises(ValueError, match=r"'lors.rank' has 2 values \[1, 2\] but model.n_layer is 6"):
+        load_lm_config("gpt_small_lors", ["lors.rank=[1,2]"])

@@ -109,6 +109,17 @@ def check_rule(ok: bool, keys: str | Sequence[str], broken: str) -> None:
         raise ValueError(f"{config_keys(keys)}{'' if broken.startswith(':') else ' '}{broken}")
 
 
+class LayerCount(int):
+    """The number of layers that a config's per-layer lists must have, and the config ``key``
+    that sets it (``model.depth``), so that a message names the key of the config at hand."""
+    key: str
+
+    def __new__(cls, value: int, key: str) -> "LayerCount":
+        count = super().__new__(cls, value)
+        count.key = key
+        return count
+
+
 def validate_sections(cfg: Any, **arguments: Any) -> None:
     """Call ``validate()`` of every section of the config ``cfg``, in field order; a section
     named in ``arguments`` gets that value (``lors=depth``: the LORS section checks per-layer
@@ -157,7 +168,7 @@ class Sections:
         """ValueError naming the first key out of its range; the loader calls this."""
         arguments = {}
         if self.lors_layers is not None:
-            arguments["lors"] = functools.reduce(getattr, self.lors_layers.split("."), self)
+            arguments["lors"] = LayerCount(functools.reduce(getattr, self.lors_layers.split("."), self), self.lors_layers)
         validate_sections(self, **arguments)
 
 

@@ -109,7 +109,8 @@ class LorsSection(LorsLayers):
         return self.rank if own is None else own
 
     def validate(self, n_layer: int) -> None:
+        """``n_layer``: the model's number of blocks (a `lors.config.LayerCount` names its key)."""
         unknown = [t for t in self.targets if t not in BLOCK_LINEARS]
         check_rule(not unknown and bool(self.targets), "lors.targets",
                    f"has {unknown or 'no targets'}: choose from {list(BLOCK_LINEARS)}")
-        self.check_per_layer("lors", n_layer, "model.n_layer", keys=("rank", "groups", "attn_rank", "mlp_rank"))
+        self.check_per_layer("lors", n_layer, getattr(n_layer, "key", "model.n_layer"), keys=("rank", "groups", "attn_rank", "mlp_rank"))
