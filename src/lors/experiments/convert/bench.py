@@ -9,7 +9,6 @@ parts; any pair of `texts.resolve_text` texts, recorded in the summary), and wri
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ from lors.experiments.convert.evaluate import (drop_layers, layer_similarity, la
                                                record_moments, sentence_embeddings)
 from lors.experiments.convert.run import ConvertSettings, calibration_inputs, convert_pretrained
 from lors.experiments.convert.texts import resolve_text, text_windows
-from lors.experiments.report import Column, Series, markdown_table, plot_points
+from lors.experiments.report import Column, Series, markdown_table, plot_points, write_summary
 from lors.models.pretrained import CAUSAL, Pretrained, load_pretrained
 from lors.models.sharing import writes_residual
 
@@ -185,8 +184,7 @@ def compare_conversion(model: str = "smollm2", budgets: Sequence[float] = (0.75,
 
 def write_results(summary: dict, out: Path) -> None:
     """``summary.json``, ``table.md`` and ``quality_vs_params.png`` of a comparison in ``out``."""
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "table.md").write_text(results_table(summary) + "\n")
+    write_summary(out, summary, results_table(summary))
     plot_results(summary, out / "quality_vs_params.png")
 
 
