@@ -94,8 +94,8 @@ def add_compare_parser(cmds, spec: FamilyExperiments) -> argparse.ArgumentParser
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"{spec.family} config overrides for all four models")
 
     def run(args: argparse.Namespace) -> int:
-        spec.function("compare")(args.seeds, args.out, args.dense, args.lors, args.tied, args.overrides, args.jobs,
-                                 args.quiet)
+        spec.function("compare")(seeds=args.seeds, out=args.out, dense=args.dense, lors=args.lors, tied=args.tied,
+                                 overrides=args.overrides, jobs=args.jobs, quiet=args.quiet)
         return 0
 
     p.set_defaults(func=run)
@@ -126,8 +126,9 @@ def add_sweep_parser(cmds, spec: FamilyExperiments) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"{spec.family} config overrides for every model")
 
     def run(args: argparse.Namespace) -> int:
-        spec.function("sweep")(args.seeds, args.out, args.dense, args.lors, args.widths, args.ranks,
-                               None if args.alloc == "none" else args.alloc, args.overrides, args.jobs, args.quiet)
+        spec.function("sweep")(seeds=args.seeds, out=args.out, dense=args.dense, lors=args.lors, widths=args.widths,
+                               ranks=args.ranks, alloc=None if args.alloc == "none" else args.alloc,
+                               overrides=args.overrides, jobs=args.jobs, quiet=args.quiet)
         return 0
 
     p.set_defaults(func=run)

@@ -2,8 +2,7 @@
 the Pareto sweep (`lors.experiments.sweep`) for the byte-level GPT."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Sequence
+from functools import partial
 
 from lors.experiments.compare import Task, compare
 import torch
@@ -33,14 +32,8 @@ GPT_TASK = Task(title="byte-level GPT", load=load_lm_config, build=build_gpt, em
                 resume_free=RESUME_FREE, example_loss=_example_loss)
 
 
-def compare_lm(seeds: Sequence[int] = (0, 1), out: str | Path = "runs/lm_compare", dense: str = "gpt_small",
-               lors: str = "gpt_small_lors", tied: str = "gpt_small_tied", overrides: Sequence[str] = (),
-               jobs: int | None = None, quiet: bool = False) -> dict:
-    return compare(GPT_TASK, seeds, out, dense, lors, tied, overrides, jobs, quiet)
-
-
-def sweep_lm(seeds: Sequence[int] = (0,), out: str | Path = "runs/lm_sweep", dense: str = "gpt_small",
-             lors: str = "gpt_small_lors", widths: Sequence[int] = (48, 64, 96, 128), ranks: Sequence[int] = (4, 8, 16, 32),
-             alloc: str | None = "gpt_small_lors_alloc", overrides: Sequence[str] = (), jobs: int | None = None,
-             quiet: bool = False) -> dict:
-    return sweep(GPT_TASK, seeds, out, dense, lors, widths, ranks, alloc, overrides, jobs, quiet)
+# `lors lm compare` and `lors lm sweep` with their defaults (keywords of `compare` and `sweep`)
+compare_lm = partial(compare, GPT_TASK, seeds=(0, 1), out="runs/lm_compare", dense="gpt_small", lors="gpt_small_lors",
+                     tied="gpt_small_tied")
+sweep_lm = partial(sweep, GPT_TASK, seeds=(0,), out="runs/lm_sweep", dense="gpt_small", lors="gpt_small_lors",
+                   widths=(48, 64, 96, 128), ranks=(4, 8, 16, 32), alloc="gpt_small_lors_alloc")

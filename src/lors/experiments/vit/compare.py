@@ -2,8 +2,7 @@
 the Pareto sweep (`lors.experiments.sweep`) for the ViT."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +40,8 @@ VIT_TASK = Task(title="ViT on Fashion-MNIST", load=load_vit_config, build=build_
                 units_per_step=_images, resume_free=RESUME_FREE, example_loss=_example_loss)
 
 
-def compare_vit(seeds: Sequence[int] = (0, 1), out: str | Path = "runs/vit_compare", dense: str = "vit_small",
-                lors: str = "vit_small_lors", tied: str = "vit_small_tied", overrides: Sequence[str] = (),
-                jobs: int | None = None, quiet: bool = False) -> dict:
-    return compare(VIT_TASK, seeds, out, dense, lors, tied, overrides, jobs, quiet)
-
-
-def sweep_vit(seeds: Sequence[int] = (0,), out: str | Path = "runs/vit_sweep", dense: str = "vit_small",
-              lors: str = "vit_small_lors", widths: Sequence[int] = (32, 40, 48, 64), ranks: Sequence[int] = (4, 8, 16, 32),
-              alloc: str | None = "vit_small_lors_alloc", overrides: Sequence[str] = (), jobs: int | None = None,
-              quiet: bool = False) -> dict:
-    return sweep(VIT_TASK, seeds, out, dense, lors, widths, ranks, alloc, overrides, jobs, quiet)
+# `lors vit compare` and `lors vit sweep` with their defaults (keywords of `compare` and `sweep`)
+compare_vit = partial(compare, VIT_TASK, seeds=(0, 1), out="runs/vit_compare", dense="vit_small", lors="vit_small_lors",
+                      tied="vit_small_tied")
+sweep_vit = partial(sweep, VIT_TASK, seeds=(0,), out="runs/vit_sweep", dense="vit_small", lors="vit_small_lors",
+                    widths=(32, 40, 48, 64), ranks=(4, 8, 16, 32), alloc="vit_small_lors_alloc")
