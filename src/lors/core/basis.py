@@ -79,11 +79,6 @@ class SharedBasis(LayerStack, kind="basis"):
         first, second = (self.basis, self.coeffs[i]) if self.side == "in" else (self.coeffs[i], self.basis)
         return F.linear(F.linear(x, first), second, self.layer_bias(i))  # (..., k) -> (..., out)
 
-    def extra_repr(self) -> str:
-        return (f"num_layers={self.num_layers}, in_features={self.in_features}, "
-                f"out_features={self.out_features}, rank={self.rank}, side={self.side!r}, "
-                f"bias={self.bias is not None}")
-
     def layer_repr(self, i: int) -> str:
         return f"basis={self.side}put side, rank={self.rank}"
 

@@ -100,6 +100,10 @@ class LayerStack(nn.Module):
         """Constructor arguments, for checkpoints."""
         raise NotImplementedError
 
+    def extra_repr(self) -> str:
+        """The constructor arguments (`config`), as ``print(model)`` shows them."""
+        return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+
     def layer_repr(self, i: int) -> str:
         """What ``LorsLinear``'s repr says of layer i (its rank, groups or basis)."""
         raise NotImplementedError

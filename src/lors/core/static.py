@@ -218,11 +218,6 @@ class StaticLors(LayerStack, kind="static"):
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, torch.addmm(self.shared_weight, b, a), self.layer_bias(i))
 
-    def extra_repr(self) -> str:
-        return (f"num_layers={self.num_layers}, in_features={self.in_features}, "
-                f"out_features={self.out_features}, rank={self.ranks}, groups={self.groups}, "
-                f"bias={self.bias is not None}, shared_bias={self.shared_bias}, init={self.init!r}")
-
     def layer_repr(self, i: int) -> str:
         return f"rank={self.ranks[i]}, groups={self.groups[i]}"
 
