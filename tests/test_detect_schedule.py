@@ -167,6 +167,20 @@ def test_private_norms_are_measured_only_on_logged_steps(tmp_path):
     assert [math.isnan(float(r["private_a0"])) for r in log] == [True, False]  # row 2 of 2 is logged
 
 
+
+def test_the_norms_plot_reads_the_logged_steps_as_epochs_relative_to_the_shared_term(tmp_path):
+    from lors.experiments.detection.report import plot_lors_norms, read_norms
+    train(_config(tmp_path, "tiny_lors", "train.log_private_norms=true", "train.log_every=2", "train.epochs=2",
+                  "train.lr_steps=[2]"), tmp_path / "run", progress=False, evaluate_at_end=False)
+    log = _log(tmp_path / "run")
+    norms = read_norms(tmp_path / "run", steps_per_epoch=2)
+    assert [e for e, _ in norms["private_a1"]] == [1.0, 2.0]  # steps 2 and 4 of 2 per epoch: no nan rows
+    assert norms["shared_t"][-1] == (2.0, float(log[-1]["shared_t"]))
+    assert plot_lors_norms(norms, tmp_path / "norms.png", "tiny").read_bytes()[:4] == b"\x89PNG"
+    assert read_norms(tmp_path / "nowhere", 2) == {}
+    with pytest.raises(ValueError, match="train.log_private_norms=true"):
+        plot_lors_norms({}, tmp_path / "none.png", "tiny")
+
 def test_private_norms_are_the_norms_of_the_merged_generators_private_part():
     torch.manual_seed(0)
     cfg = load_detector_config("tiny_lors", ["backbone.weights=null"])

@@ -29,7 +29,7 @@ from lors.engine.checkpoint import find_checkpoint
 from lors.engine.sampler import EpochSampler
 from lors.experiments.detection.pretrain import PretrainConfig
 from lors.experiments.detection.report import (KEYS, SHOWN_METRICS, aggregate, draw_predictions, mean_curve, plot_ap,
-                                               plot_ap_epochs, results_table, val_curve)
+                                               plot_ap_epochs, plot_lors_norms, read_norms, results_table, val_curve)
 from lors.experiments.report import write_summary
 from lors.experiments.runner import Job, check_width, default_width, logged_step, run_jobs
 
@@ -341,8 +341,19 @@ def ablate(opts: SweepOptions, suite: str, config: str | None = None, out_dir: s
                    seeds=None if _per_row_seeds(spec, opts) else shown.seeds,
                    base=config or spec.config, wall=f"wall time{' of this call' if parts else ''} "
                                                    f"{(time.perf_counter() - tic) / 60:.1f} min",
-                   epochs_plot=_epochs_plot(planned))
+                   epochs_plot=_epochs_plot(planned), norms=norms_run(planned, results))
     return rows
+
+
+def norms_run(planned: Sequence[PlannedRun], results: dict[Path, dict]) -> tuple[str, dict] | None:
+    """(label, norms) of the suite's first finished run that logged LORS's norms
+    (``train.log_private_norms``), for ablation_SUITE_norms.png; None if none did."""
+    for p in planned:
+        if p.run_dir in results and p.cfg.train.log_private_norms:
+            norms = read_norms(p.run_dir, steps_per_epoch(p.cfg))
+            if norms:
+                return f"{p.label}, seed {p.seed}", norms
+    return None
 
 
 def _per_row_seeds(spec: Suite, opts: SweepOptions) -> bool:
@@ -414,10 +425,13 @@ def aggregate_rows(spec: Suite, opts: SweepOptions, planned: Sequence[PlannedRun
 
 
 def write_ablation(spec: Suite, name: str, rows: dict[str, dict], pending: Sequence[Variant], out_dir: str | Path,
-                   command: str, seeds: Sequence[int] | None, base: str, wall: str, epochs_plot: bool) -> list[Path]:
+                   command: str, seeds: Sequence[int] | None, base: str, wall: str, epochs_plot: bool,
+                   norms: tuple[str, dict] | None = None) -> list[Path]:
     """Write ablation_NAME.md (the command, the table, each row's settings, the rows not run
     yet), its JSON and plot (AP against decoder parameters; AP against epochs with
-    ``epochs_plot``) into ``out_dir``; print the markdown. ``seeds`` None: seeds per row."""
+    ``epochs_plot``; LORS's private norms against epochs, ablation_NAME_norms.png, with
+    ``norms``: (run label, `read_norms`)) into ``out_dir``; print the markdown. ``seeds`` None:
+    seeds per row."""
     own = any(v.config for v in spec.variants)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -437,6 +451,9 @@ def write_ablation(spec: Suite, name: str, rows: dict[str, dict], pending: Seque
     plots = [plot_ap(rows, out / f"ablation_{name}.png", spec.title)]
     if epochs_plot:
         plots.append(plot_ap_epochs(rows, out / f"ablation_{name}_epochs.png", spec.title))
+    if norms is not None:
+        plots.append(plot_lors_norms(norms[1], out / f"ablation_{name}_norms.png",
+                                     f"{spec.title}\nLORS's private terms per stage: {norms[0]}"))
     print(md)
     print(f"wrote {out / f'ablation_{name}.md'} and {', '.join(map(str, plots))}")
     return [out / f"ablation_{name}.md", out / f"ablation_{name}.json", *plots]

@@ -3,6 +3,7 @@ decoder parameters, AP against epochs and a picture of predictions on val images
 `lors.experiments.report`)."""
 from __future__ import annotations
 
+import csv
 import statistics
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -99,6 +100,40 @@ def plot_ap_epochs(rows: Mapping[str, dict], path: Path, title: str) -> Path:
     top = max((y + (e or 0)) for s in series for y, e in zip(s.y, s.err or [0] * len(s.y)))
     return plot_points(series, path, "epochs", "COCO AP on val (%)", title,
                        xlim=(0, 1.05 * max(x for s in series for x in s.x)), ylim=(0, max(5.0, 1.15 * top)))
+
+
+def read_norms(run_dir: Path, steps_per_epoch: int) -> dict[str, list[tuple[float, float]]]:
+    """The LORS norms a run logged (``train.log_private_norms``: ``shared_a``, ``private_a<i>``,
+    ``shared_t``, ``private_t<i>`` columns of log.csv) as {column: [(epoch, norm)]}, the
+    steps where they were measured; {} for a run that logged none."""
+    path = Path(run_dir) / "log.csv"
+    if not path.exists():
+        return {}
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    columns = [c for c in (rows[0] if rows else {}) if c.startswith(("shared_", "private_"))]
+    return {c: [(int(r["step"]) / steps_per_epoch, float(r[c])) for r in rows if r[c] not in ("", "nan")]
+            for c in columns}
+
+
+def plot_lors_norms(norms: Mapping[str, Sequence[tuple[float, float]]], path: Path, title: str) -> Path:
+    """Each stage's private LORS term relative to the shared one (||private_i|| / ||shared||, in
+    percent) against epochs: LORS^A (the mixing generators, solid) and LORS^T (the output
+    projection, dashed). Where the private terms stay near zero, the private path learns late."""
+    series = []
+    for kind, style, name in (("a", "-", "LORS^A"), ("t", "--", "LORS^T")):
+        shared = dict(norms.get(f"shared_{kind}", ()))
+        for column in sorted(c for c in norms if c.startswith(f"private_{kind}")):
+            points = [(e, 100 * v / shared[e]) for e, v in norms[column] if shared.get(e)]
+            if points:
+                series.append(Series(f"{name} stage {column[len('private_' + kind):]}", [e for e, _ in points],
+                                     [v for _, v in points], style=style))
+    if not series:
+        raise ValueError("no LORS norms to plot: the run did not log them (train.log_private_norms=true) "
+                         "or has no shared term to compare with")
+    top = max(max(s.y) for s in series)
+    return plot_points(series, path, "epochs", "||private|| / ||shared|| (%)", title,
+                       xlim=(0, 1.02 * max(max(s.x) for s in series)), ylim=(0, 1.1 * top))
 
 
 def draw_predictions(runs: Mapping[str, Path], data_dir: Path, path: Path, num_images: int = 4,
