@@ -31,6 +31,11 @@ def _writer_groups(text: str) -> int | str | None:
     return text if text == "same" else _groups(text)
 
 
+# the held-out measures of --eval-tokens by the summary's key (held_out_METRIC): printed label, format
+HELD_OUT = {"perplexity": ("held-out perplexity (lower is better)", ".2f"),
+            "cosine": ("held-out cosine to the original's sentence embeddings (higher is better)", ".4f")}
+
+
 def run_convert(args: argparse.Namespace) -> int:
     if args.model == "compare":
         return run_compare(args)
@@ -40,7 +45,8 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ValueError("pass --out DIR, the folder for the converted model")
     shaping = [flag for flag, given in (("--eval-at-tokens", args.eval_at_tokens),
                                         ("--uptrain-schedule", args.uptrain_schedule != "cosine"),
-                                        ("--uptrain-loss", args.uptrain_loss != "distill"),
+                                        ("--uptrain-loss", args.uptrain_loss is not None),
+                                        ("--uptrain-hidden-weight", args.uptrain_hidden_weight is not None),
                                         ("--uptrain-params", args.uptrain_params is not None),
                                         ("--uptrain-amp", args.uptrain_amp != "fp32")) if given]
     if not args.uptrain_steps and shaping:
@@ -49,8 +55,9 @@ def run_convert(args: argparse.Namespace) -> int:
     up = None if not args.uptrain_steps else UptrainSettings(
         steps=args.uptrain_steps, lr=args.uptrain_lr, batch_size=args.uptrain_batch,
         checkpoint_every=min(args.uptrain_steps, 50), schedule=args.uptrain_schedule,
-        text_tokens=args.uptrain_tokens, eval_at_tokens=list(args.eval_at_tokens or []), loss=args.uptrain_loss,
-        params=params, amp=args.uptrain_amp)
+        text_tokens=args.uptrain_tokens, eval_at_tokens=list(args.eval_at_tokens or []),
+        loss=args.uptrain_loss, params=params, amp=args.uptrain_amp,  # loss None: the model kind's default
+        **({} if args.uptrain_hidden_weight is None else {"hidden_weight": args.uptrain_hidden_weight}))
     settings = ConvertSettings(budget=None if args.rank is not None else args.budget, rank=args.rank,
                                form=args.form, side=args.side, groups=args.groups, writer_groups=args.writer_groups,
                                allocation=args.allocation,
@@ -66,13 +73,18 @@ def run_convert(args: argparse.Namespace) -> int:
     print(f"blocks' Linears: {summary['params_before']:,} -> {summary['params_after']:,} parameters "
           f"({summary['kept']:.1%}); whole model: {summary['total_params_before']:,} -> "
           f"{summary['total_params_after']:,}; {summary['seconds']:.0f} s")
-    if "held_out_perplexity" in summary:
+    for metric, (label, fmt) in HELD_OUT.items():
+        held = summary.get(f"held_out_{metric}")
+        if held is None:
+            continue
         text = summary["texts"]["evaluation"]
-        print("held-out perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["held_out_perplexity"].items()
-                                                  if k != "tokens")
-              + f" ({summary['held_out_perplexity']['tokens']:,} tokens of {text['name']}, {text['part']})")
-    for point in (summary.get("uptrain") or {}).get("curve", [])[:-1]:
-        print(f"  after {point['tokens']:,} uptraining tokens (step {point['step']}): {point['perplexity']:.2f}")
+        on = f"{held['sentences']:,} entries, " if "sentences" in held else ""
+        print(f"{label}: " + ", ".join(f"{k} {held[k]:{fmt}}" for k in ("original", "converted", "uptrained")
+                                       if k in held)
+              + f" ({on}{held['tokens']:,} tokens of {text['name']}, {text['part']})")
+        for point in (summary.get("uptrain") or {}).get("curve", [])[:-1]:
+            print(f"  after {point['tokens']:,} uptraining tokens (step {point['step']}): {metric} "
+                  f"{point[metric]:{fmt}}")
     print(f"wrote {summary['checkpoint']} and {args.out}/conversion.json"
           + (f"; the merged plain model to {summary['merged']}" if args.merged else ""))
     return 0
@@ -113,18 +125,23 @@ def register(sub) -> None:
     one.add_argument("--targets", nargs="+", metavar="NAME", help="Linear names in a layer (default: every Linear)")
     one.add_argument("--merged", action="store_true", help="also write DIR/merged, a plain model (save_pretrained)")
     one.add_argument("--uptrain-steps", type=int, default=0, metavar="N",
-                     help="heal the converted model for N steps before saving (causal LMs; default 0): distil the "
-                          "original into it, or see --uptrain-loss")
-    one.add_argument("--uptrain-loss", choices=["distill", "lm"], default="distill",
-                     help="distill: KL to the original's next-token distributions + the next-token loss "
-                          "(default); lm: the next-token loss alone, no teacher kept or run (cheaper)")
+                     help="heal the converted model for N steps before saving (default 0): distil the original "
+                          "into it, or see --uptrain-loss")
+    one.add_argument("--uptrain-loss", choices=["distill", "lm", "embed"],
+                     help="causal LMs: distill, KL to the original's next-token distributions + the next-token "
+                          "loss (their default); lm, the next-token loss alone, no teacher kept or run (cheaper). "
+                          "Encoders (minilm): embed, 1 - cosine of the mean-pooled last hidden states to the "
+                          "original's + the relative MSE of the token hidden states (their default and only loss)")
+    one.add_argument("--uptrain-hidden-weight", type=float, metavar="W",
+                     help="--uptrain-loss embed: the weight of the token hidden states' MSE (default 1; 0: the "
+                          "sentence embeddings' cosine alone)")
     one.add_argument("--uptrain-params", choices=["converted", "all"],
                      help="what trains: converted, only the converted tensors (default); all, every tensor but the "
                           "token embeddings (the norms too, and the head unless tied to them): the default, and "
                           "the only choice, for --form drop")
     one.add_argument("--uptrain-amp", choices=["fp32", "bf16"], default="fp32",
                      help="uptraining arithmetic: float32 (default) or bfloat16 autocast, on CPU too (the held-out "
-                          "perplexity is measured in float32 either way)")
+                          "measure is taken in float32 either way)")
     one.add_argument("--uptrain-lr", type=float, default=1e-4, help="uptraining learning rate (default 1e-4)")
     one.add_argument("--uptrain-batch", type=positive_int, default=4, help="windows per uptraining step (default 4)")
     one.add_argument("--uptrain-schedule", choices=["cosine", "constant", "linear"], default="cosine",
@@ -134,15 +151,20 @@ def register(sub) -> None:
                      help="uptraining windows are drawn from the first T tokens of the calibration text, or all "
                           "of it if shorter (default 131072)")
     one.add_argument("--eval-at-tokens", type=positive_int, nargs="+", metavar="T",
-                     help="also measure the held-out perplexity after T uptraining tokens (multiples of "
-                          "--uptrain-batch x --seq-len), to DIR/uptrain/val.csv; needs --eval-tokens")
+                     help="also take the held-out measure (perplexity; an encoder's cosine to the original) after "
+                          "T uptraining tokens (multiples of --uptrain-batch x --seq-len), to DIR/uptrain/val.csv; "
+                          "needs --eval-tokens")
     one.add_argument("--no-resume", action="store_true", help="start the uptraining afresh even if DIR/uptrain has a checkpoint")
     both = p.add_argument_group("both")
     both.add_argument("--out", help="output folder")
     both.add_argument("--json", action="store_true", help="print the summary as JSON")
     both.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens, 0 for none (default 16384)")
     both.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default 512)")
-    both.add_argument("--eval-tokens", type=int, help="held-out tokens for perplexity (convert: default 0, none; compare: 8192)")
+    both.add_argument("--eval-tokens", type=int,
+                      help="held-out tokens (convert: default 0, none; compare: 8192): a causal LM's perplexity "
+                           "on windows of --seq-len; convert of an encoder: the cosine of its sentence embeddings "
+                           "to the original's on the first held-out entries holding T tokens (each cut at 128, "
+                           "as compare --model minilm reads them)")
     both.add_argument("--calibration", metavar="TEXT",
                       help="calibration (and uptraining) text: 'fortunes' (default: the Debian fortunes' train part), "
                            "'pydoc' (Python's help topics' train part) or a UTF-8 text file")

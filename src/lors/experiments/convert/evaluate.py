@@ -46,9 +46,21 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> 
     return float(torch.exp(torch.tensor(total / count)))
 
 
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``hidden`` (B, T, C) over the tokens that ``mask`` (B, T; 1 for a token, 0 for
+    padding) keeps: (B, C). MiniLM's sentence embedding before its L2 normalisation."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+# the longest sentence `sentence_embeddings` reads (tokens, [CLS] and [SEP] included): MiniLM's
+# training length, and what `lors convert compare --model minilm` measures with
+SENTENCE_TOKENS = 128
+
+
 @torch.no_grad()
 def sentence_embeddings(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 32,
-                        max_length: int = 128) -> torch.Tensor:
+                        max_length: int = SENTENCE_TOKENS) -> torch.Tensor:
     """Mean-pooled, L2-normalised last hidden states (the sentence-transformers recipe of MiniLM),
     (len(texts), hidden)."""
     out = []
@@ -56,9 +68,32 @@ def sentence_embeddings(model: nn.Module, tokenizer, texts: Sequence[str], batch
         enc = tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")
         h = model(**enc).last_hidden_state                                  # (B, T, C)
-        mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-        out.append(F.normalize((h * mask).sum(1) / mask.sum(1).clamp_min(1.0), dim=-1))
+        out.append(F.normalize(mean_pool(h, enc["attention_mask"]), dim=-1))
     return torch.cat(out)
+
+
+def embedding_cosine(model: nn.Module, tokenizer, texts: Sequence[str], reference: torch.Tensor) -> float:
+    """The mean cosine similarity of ``model``'s `sentence_embeddings` of ``texts`` to
+    ``reference`` (the original's, the same call): 1.0 for a model that embeds every text as the
+    original does. What `lors convert compare --model minilm` and an encoder's
+    ``lors convert --eval-tokens`` report."""
+    return float((sentence_embeddings(model, tokenizer, texts) * reference).sum(-1).mean())
+
+
+def sentences_for_tokens(tokenizer, entries: Sequence[str], tokens: int,
+                         max_length: int = SENTENCE_TOKENS) -> tuple[list[str], int]:
+    """The fewest first ``entries`` that hold at least ``tokens`` tokens as `sentence_embeddings`
+    reads them (special tokens included, each cut at ``max_length``), and their token count; all
+    of them, and fewer tokens, if the entries hold fewer (the caller names that as an error)."""
+    chosen, count = [], 0
+    for i in range(0, len(entries), 256):  # tokenised in chunks: a few hundred entries are usually enough
+        chunk = list(entries[i:i + 256])
+        for text, ids in zip(chunk, tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]):
+            if count >= tokens:
+                return chosen, count
+            chosen.append(text)
+            count += len(ids)
+    return chosen, count
 
 
 def record_moments(model: nn.Module, targets: Sequence[str] | None, inputs: Sequence[dict]) -> InputMoments:

@@ -12,6 +12,13 @@ to reload to the same outputs). ``form="drop"`` (layer dropping) removes whole b
 with fewer layers, written with ``save_pretrained`` to ``DIR/model/`` and checked to reload. ``conversion.json`` is written last, so it marks a finished run:
 a run that fails after its first write leaves none (an earlier run's is removed first), and the
 merged folder is written under ``merged.tmp`` and renamed once complete.
+
+Held-out measure (``eval_tokens``) and healing (``up``, `uptrain.uptrain`) by the model's kind: a
+causal LM's perplexity on windows of held-out text, healed by next-token distillation ("distill")
+or next-token loss ("lm"); an encoder's cosine similarity to the original's sentence embeddings
+on the first held-out entries holding ``eval_tokens`` tokens (`HeldOut`, as `lors convert compare
+--model minilm` measures), healed by distilling the original's embeddings and hidden states
+("embed", on windows read as sentences: `heal_windows`).
 """
 from __future__ import annotations
 
@@ -20,9 +27,9 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -30,11 +37,13 @@ from torch import nn
 import lors
 from lors.core.convert import FORMS, Conversion, check_options, convert_layers, convert_targets
 from lors.core.share import find_layers
-from lors.experiments.convert.evaluate import (batches, drop_layers, layer_similarity, layers_to_drop, perplexity,
-                                               record_moments)
+from lors.experiments.convert.evaluate import (batches, drop_layers, embedding_cosine, layer_similarity,
+                                               layers_to_drop, perplexity, record_moments, sentence_embeddings,
+                                               sentences_for_tokens)
 from lors.engine.checkpoint import find_checkpoint
 from lors.experiments.convert.texts import Text, resolve_text, text_windows
-from lors.experiments.convert.uptrain import RESUME_FREE, UptrainSettings, uptrain
+from lors.experiments.convert.uptrain import (CAUSAL_LOSSES, ENCODER_LOSSES, RESUME_FREE, UptrainSettings,
+                                              check_loss, uptrain)
 
 DROP = "drop"  # the form that removes whole blocks instead of converting their Linears
 from lors.models.pretrained import CAUSAL, Pretrained, load_pretrained
@@ -95,6 +104,73 @@ def calibration_inputs(pre: Pretrained, text: Text, tokens: int, seq_len: int, b
     if pre.kind == CAUSAL:
         return [dict(input_ids=b, use_cache=False) for b in batches(ids, batch_size)]
     return [dict(input_ids=b, attention_mask=torch.ones_like(b)) for b in batches(ids, batch_size)]
+
+
+def heal_windows(pre: Pretrained, text: Text, tokens: int, seq_len: int) -> torch.Tensor:
+    """The uptraining pool (N, ``seq_len``): windows from the first ``tokens`` tokens of ``text``
+    (fewer windows if it is shorter, but one at least). An encoder reads each window as it reads a
+    sentence, between its tokenizer's special tokens ([CLS] ... [SEP]: ``seq_len`` - 2 tokens of
+    text), as its held-out sentences have them; a causal LM reads plain windows."""
+    flag = "--uptrain-tokens"
+    if pre.kind == CAUSAL:
+        return text_windows(pre.tokenizer, text, tokens, seq_len, flag, at_most=True)
+    before, after = special_tokens(pre.tokenizer)
+    extra = len(before) + len(after)
+    if seq_len <= extra or tokens < seq_len:
+        raise ValueError(f"an encoder's uptraining window holds {extra} special tokens and the text's: --seq-len "
+                         f"{seq_len} must be above {extra} and {flag} {tokens} at least --seq-len")
+    body = text_windows(pre.tokenizer, text, tokens, seq_len - extra, flag, at_most=True)
+    n = len(body)
+    return torch.cat([torch.tensor(before, dtype=body.dtype).expand(n, -1), body,
+                      torch.tensor(after, dtype=body.dtype).expand(n, -1)], dim=1)
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids that ``tokenizer`` puts before and after one text ([CLS] and [SEP] for BERT)."""
+    bare, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i], full[i + len(bare):]
+    raise ValueError(f"{type(tokenizer).__name__} changes a text's own tokens when it adds its special ones, so "
+                     "uptraining windows cannot be framed as it frames a sentence")
+
+
+@dataclass
+class HeldOut:
+    """The held-out measure of ``--eval-tokens``: ``measure(model)`` is ``metric`` ("perplexity",
+    lower is better, or "cosine", higher is better) on ``tokens`` held-out tokens (``sentences``
+    of them for an encoder); the summary records it under ``key``."""
+
+    metric: str
+    measure: Callable[[nn.Module], float]
+    tokens: int
+    sentences: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"held_out_{self.metric}"
+
+    def record(self, quality: dict) -> dict:
+        """What ``conversion.json`` holds of it: the values of ``quality`` and what they were measured on."""
+        return quality | {"tokens": self.tokens} | ({} if self.sentences is None else {"sentences": self.sentences})
+
+
+def held_out(pre: Pretrained, text: Text, tokens: int, seq_len: int) -> HeldOut:
+    """The measure of ``pre`` (the original, before conversion) on ``tokens`` tokens of ``text``:
+    a causal LM's perplexity on windows of ``seq_len``; an encoder's mean cosine similarity of its
+    sentence embeddings (`evaluate.embedding_cosine`) to the original's, on the first entries of
+    ``text`` (fortunes, paragraphs) that hold ``tokens`` tokens, each read as `lors convert compare`
+    reads one (special tokens included, cut at 128)."""
+    if pre.kind == CAUSAL:
+        windows = text_windows(pre.tokenizer, text, tokens, seq_len, "--eval-tokens")
+        return HeldOut("perplexity", lambda m: perplexity(m, windows), int(windows.numel()))
+    sentences, count = sentences_for_tokens(pre.tokenizer, text.entries(), tokens)
+    if count < tokens:
+        raise ValueError(f"the {text.role} text {text.name} ({text.part}) holds {count:,} tokens in {len(sentences):,} "
+                         f"entries, fewer than the {tokens:,} that --eval-tokens {tokens} asks for: lower "
+                         f"--eval-tokens (to {count} for all of it), or pass a longer text as {text.flag}")
+    reference = sentence_embeddings(pre.model, pre.tokenizer, sentences)
+    return HeldOut("cosine", lambda m: embedding_cosine(m, pre.tokenizer, sentences, reference), count, len(sentences))
 
 
 @dataclass
@@ -190,6 +266,9 @@ def check_earlier(out: Path, source: str, settings: ConvertSettings, up: Uptrain
         before = (done.get("source"), done.get("settings"), _weights((done.get("uptrain") or {}).get("settings")))
         now = (source, json.loads(json.dumps(asdict(settings))), _weights(None if up is None else asdict(up)))
         old, new = before[2], now[2]
+        if old and new and new["loss"] is None:  # the model kind's default, not known yet: checked again once it is
+            new = new | {"loss": old["loss"]}
+            now = (*now[:2], new)
         if old and new and new["schedule"] == "constant" and old.get("steps", 0) < new["steps"]:
             before = (*before[:2], old | {"steps": new["steps"]})  # a constant rate continues exactly
         if before != now:
@@ -279,19 +358,19 @@ def check_arguments(settings: ConvertSettings, merged: bool, eval_tokens: int, e
 def check_model(pre: Pretrained, source: str, settings: ConvertSettings, merged: bool, eval_tokens: int,
                 up: UptrainSettings | None) -> None:
     """Refuse a loaded model the asked-for steps cannot handle (not a language model, an
-    encoder asked for perplexity or uptraining, no tokenizer where text is read, not savable)."""
+    encoder asked for a next-token loss or a causal LM for the embedding loss, no tokenizer where
+    text is read, not savable)."""
     if getattr(pre.model, "main_input_name", "input_ids") != "input_ids":
         raise ValueError(f"{source} is a {type(pre.model).__name__}, which reads {pre.model.main_input_name}: "
                          "lors convert handles language models (token ids); convert its layers from Python "
                          "with lors.convert_layers (docs/convert.md)")
     if merged or settings.form == DROP:
         check_serializable(pre)
-    causal = pre.kind == CAUSAL
-    if up is not None and not causal:
-        raise ValueError(f"{source} is an encoder: uptraining distils next-token predictions, so it needs a causal LM")
-    if eval_tokens and not causal:
-        raise ValueError(f"{source} is an encoder: --eval-tokens measures next-token perplexity, which it does not "
-                         "predict; drop --eval-tokens (lors convert compare --model minilm measures encoders)")
+    if up is not None:
+        check_loss(up.loss, pre.kind == CAUSAL, source)
+        if up.loss not in ENCODER_LOSSES and up.hidden_weight != UptrainSettings.hidden_weight:
+            raise ValueError(f"--uptrain-hidden-weight weighs the hidden states' term of --uptrain-loss embed (an "
+                             f"encoder's), and this run's loss is {up.loss}: leave it out")
     needs_text = settings.calib_tokens or eval_tokens or up is not None
     if needs_text and pre.tokenizer is None:
         raise ValueError(f"{source} has no tokenizer that transformers can load ({pre.tokenizer_error}), and "
@@ -322,11 +401,13 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
                   eval_tokens: int = 0, eval_text: str | None = None, up: UptrainSettings | None = None,
                   resume: bool = True, quiet: bool = False) -> dict:
     """Load, convert, verify, save (see the module docstring); with ``eval_tokens``, the held-out
-    perplexity of a causal LM before and after, on ``eval_text`` (a text for
-    `texts.resolve_text`; None: the fortunes' held-out part); with ``up``, uptrain (`uptrain.uptrain`:
-    by distillation from the original, or next-token loss alone without it; in ``DIR/uptrain``,
-    resumable; the perplexity at ``up.eval_at_tokens`` to its val.csv) before saving. ``quiet``:
-    no progress lines or bars. Returns the summary it writes."""
+    measure before and after (`held_out`: a causal LM's perplexity, an encoder's cosine to the
+    original's sentence embeddings), on ``eval_text`` (a text for `texts.resolve_text`; None: the
+    fortunes' held-out part); with ``up``, uptrain (`uptrain.uptrain`: by distillation from the
+    original, or next-token loss alone without it; ``up.loss`` None: "distill" for a causal LM,
+    "embed" for an encoder; in ``DIR/uptrain``, resumable; the measure at ``up.eval_at_tokens``
+    to its val.csv) before saving. ``quiet``: no progress lines or bars. Returns the summary it
+    writes."""
     check_arguments(settings, merged, eval_tokens, eval_text, up)
     drop = settings.form == DROP
     out = Path(out)
@@ -339,39 +420,39 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
         texts["evaluation"] = resolve_text(eval_text, "evaluation", other=settings.calibration)
     start = time.perf_counter()
     pre = load_pretrained(source)
+    if up is not None and up.loss is None:  # the default of the model's kind, now that it is known
+        up = replace(up, loss=CAUSAL_LOSSES[0] if pre.kind == CAUSAL else ENCODER_LOSSES[0])
+        check_earlier(out, source, settings, up)
     check_model(pre, source, settings, merged, eval_tokens, up)
     total_before = lors.count_parameters(pre.model).total
     if not quiet:
         print(f"loaded {source}: {total_before:,} parameters ({time.perf_counter() - start:.0f} s)")
-    held_out = None
-    if eval_tokens:
-        held_out = text_windows(pre.tokenizer, texts["evaluation"], eval_tokens, settings.seq_len, "--eval-tokens")
+    held = held_out(pre, texts["evaluation"], eval_tokens, settings.seq_len) if eval_tokens else None
     pool = None
     if up is not None:  # checked before the conversion's minutes are spent
-        pool = text_windows(pre.tokenizer, texts["calibration"], up.text_tokens, settings.seq_len, "--uptrain-tokens",
-                            at_most=True)
+        pool = heal_windows(pre, texts["calibration"], up.text_tokens, settings.seq_len)
     quality = {}
-    if held_out is not None:
-        quality["original"] = perplexity(pre.model, held_out)
+    if held is not None:
+        quality["original"] = held.measure(pre.model)
     # the plain model: teacher for distillation, then what the saved file is loaded into (reloaded from
     # the source after next-token uptraining, which runs without it; a dropped model reloads by itself)
-    teacher = up is not None and up.loss == "distill"
+    teacher = up is not None and up.loss != "lm"
     original = copy.deepcopy(pre.model) if teacher or (up is None and not drop) else None
     conversion = convert_pretrained(pre, settings, text=texts.get("calibration"))
     total_after = lors.count_parameters(pre.model).total
     seconds = time.perf_counter() - start
-    if held_out is not None:
-        quality["converted"] = perplexity(pre.model, held_out)
+    if held is not None:
+        quality["converted"] = held.measure(pre.model)
     up_summary = None
     if up is not None:
-        evaluate = None if held_out is None else lambda: {"perplexity": perplexity(pre.model, held_out)}
+        evaluate = None if held is None else lambda: {held.metric: held.measure(pre.model)}
         fitted = uptrain(pre.model, original, pool, up, out / "uptrain", asdict(settings), resume=resume,
                          progress=not quiet, evaluate=evaluate)
         up_summary = dict(settings=asdict(up), tokens=up.steps * up.batch_size * settings.seq_len,
                           steps=fitted.get("steps"), run_dir=str(out / "uptrain"), text_tokens=int(pool.numel()))
-        if held_out is not None:
-            quality["uptrained"] = (fitted.get("metrics") or evaluate())["perplexity"]  # fit's, after the last step
-            up_summary["curve"] = fitted["curve"]  # DIR/uptrain/val.csv: perplexity against tokens trained
+        if held is not None:
+            quality["uptrained"] = (fitted.get("metrics") or evaluate())[held.metric]  # fit's, after the last step
+            up_summary["curve"] = fitted["curve"]  # DIR/uptrain/val.csv: the measure against tokens trained
     marker = out / "conversion.json"
     marker.unlink(missing_ok=True)  # from here on DIR holds this run's files, unfinished until the marker is back
     probe = torch.randint(0, min(1000, getattr(pre.model.config, "vocab_size", 1000)), (1, 32))
@@ -384,8 +465,8 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
     summary = dict(source=source, settings=asdict(settings), total_params_before=total_before,
                    total_params_after=total_after, seconds=round(seconds, 1), checkpoint=str(path),
                    texts={role: t.describe() for role, t in texts.items()}, **conversion.summary())
-    if quality:
-        summary["held_out_perplexity"] = quality | {"tokens": int(held_out.numel())}
+    if held is not None:
+        summary[held.key] = held.record(quality)
     if up_summary is not None:
         summary["uptrain"] = up_summary
     if merged:
