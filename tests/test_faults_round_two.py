@@ -165,15 +165,20 @@ def test_a_folder_without_a_tokenizer_converts_without_text_and_says_why_text_ne
     assert _convert(tiny_llama, tmp_path / "out", "--calib-tokens", "0") == 0  # weight-space SVD: no text
 
 
-def test_eval_tokens_on_an_encoder_is_refused_not_ignored(tmp_path, capsys):
+def test_eval_tokens_on_an_encoder_is_measured_not_ignored(tmp_path, capsys):
+    """--eval-tokens on an encoder measures what an encoder is judged by (the cosine of its
+    sentence embeddings to the original's), instead of being dropped silently."""
+    import json
     from transformers import BertConfig, BertModel
     from test_convert_cli import _tokenizer
     folder = tmp_path / "bert"
     BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=64)).save_pretrained(folder)
     _tokenizer().save_pretrained(folder)
-    assert _convert(folder, tmp_path / "out", "--calib-tokens", "0", "--eval-tokens", "64") == 2
-    assert "is an encoder: --eval-tokens measures next-token perplexity" in capsys.readouterr().err
+    assert _convert(folder, tmp_path / "out", "--calib-tokens", "0", "--eval-tokens", "64") == 0
+    held = json.loads((tmp_path / "out" / "conversion.json").read_text())["held_out_cosine"]
+    assert held["original"] == pytest.approx(1.0) and 0.0 < held["converted"] < 1.0 and held["tokens"] >= 64
+    assert "perplexity" not in capsys.readouterr().out
 
 
 def test_an_image_model_is_refused_with_what_to_do(tmp_path, capsys):

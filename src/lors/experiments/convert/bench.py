@@ -20,8 +20,8 @@ from torch import nn
 from tqdm import tqdm
 
 from lors.core.share import find_layers
-from lors.experiments.convert.evaluate import (drop_layers, layer_similarity, layers_to_drop, perplexity,
-                                               record_moments, sentence_embeddings)
+from lors.experiments.convert.evaluate import (drop_layers, embedding_cosine, layer_similarity, layers_to_drop,
+                                               perplexity, record_moments, sentence_embeddings)
 from lors.experiments.convert.run import ConvertSettings, calibration_inputs, convert_pretrained
 from lors.experiments.convert.texts import resolve_text, text_windows
 from lors.experiments.report import Column, Series, markdown_table, plot_points, write_summary
@@ -117,7 +117,7 @@ def prepare(pre: Pretrained, calib, held, calib_tokens: int, eval_tokens: int, s
     else:
         texts = held.entries()[:eval_texts]
         reference = sentence_embeddings(pre.model, pre.tokenizer, texts)
-        measure = lambda m: float((sentence_embeddings(m, pre.tokenizer, texts) * reference).sum(-1).mean())  # noqa: E731
+        measure = lambda m: embedding_cosine(m, pre.tokenizer, texts, reference)  # noqa: E731
         metric, label, better = "cosine", "cosine similarity to the original's sentence embeddings", "higher"
         evaluated = f"{len(texts):,} held-out entries of {held.name}"
     return Measure(pre, inputs, moments, calib_seconds, measure, metric, label, better, evaluated,
