@@ -109,6 +109,14 @@ def is_complete(ckpt: Path) -> bool:
     return all((ckpt / name).is_file() for name in ("state.json", "model.safetensors", "optimizer.safetensors"))
 
 
+def drop_checkpoints(run_dir: str | Path) -> None:
+    """Delete every ``ckpt_*`` folder of ``run_dir`` and its ``last.json``: for a finished run
+    whose result is written elsewhere (its log and config stay)."""
+    for ckpt in Path(run_dir).glob("ckpt_*"):
+        shutil.rmtree(ckpt, ignore_errors=True)
+    (Path(run_dir) / "last.json").unlink(missing_ok=True)
+
+
 def checkpoints(run_dir: str | Path) -> list[Path]:
     """The complete ``ckpt_*`` folders of ``run_dir``, newest first."""
     return sorted((p for p in Path(run_dir).glob("ckpt_*") if p.is_dir() and is_complete(p)), reverse=True)

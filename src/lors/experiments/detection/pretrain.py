@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import nn
 from lors.config import check_types
 from lors.data.benchmark import DIGIT_SPLIT_SEED, TRAIN_PHOTOS, digit_split, load_digits, load_photo
 from lors.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lors.engine.checkpoint import drop_checkpoints
 from lors.engine.loop import RunSettings, adamw, fit
 from lors.engine.schedule import Schedule
 
@@ -249,9 +249,7 @@ def cached_digit_backbone(cache_dir: str | Path, cfg: PretrainConfig = PretrainC
     tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
     tmp.replace(path)  # weights first: metadata without matching weights reads as incomplete
     tmp_meta.replace(path.with_suffix(".json"))
-    for ckpt in run_dir.glob("ckpt_*"):  # the weights are written: the run's log and config stay
-        shutil.rmtree(ckpt)
-    (run_dir / "last.json").unlink(missing_ok=True)
+    drop_checkpoints(run_dir)  # the weights are written: the run's log and config stay
     return path
 
 

@@ -23,7 +23,6 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 
 from lors.adapters import serial_lora
 from lors.data.text import TextSplit
-from lors.engine.checkpoint import checkpoints, read_state
+from lors.engine.checkpoint import checkpoints, drop_checkpoints, read_state
 from lors.engine.loop import NonFiniteLossError, RunSettings, adamw, evaluating, fit
 from lors.engine.memory import PeakMemory
 from lors.engine.rundir import config_differences, describe
@@ -281,9 +280,7 @@ def _write_result(run_dir: Path, config: dict, result: dict) -> None:
     tmp = run_dir / (RESULT + ".tmp")
     tmp.write_text(json.dumps({"config": config, "result": result}, indent=1) + "\n")
     os.replace(tmp, run_dir / RESULT)
-    for ckpt in run_dir.glob("ckpt_*"):
-        shutil.rmtree(ckpt, ignore_errors=True)
-    (run_dir / "last.json").unlink(missing_ok=True)
+    drop_checkpoints(run_dir)
 
 
 def _stored_losses(run_dir: Path) -> dict[int, list[float]]:
