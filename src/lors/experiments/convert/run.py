@@ -477,3 +477,46 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(marker)
     return summary | {"table": conversion.table()}
+
+
+def converted_model(folder: Path, done: dict, pre: Pretrained) -> nn.Module:
+    """The model a finished conversion in ``folder`` saved (``done``: its conversion.json): the
+    plain ``DIR/model`` folder of a dropped model, or ``DIR/model.safetensors`` loaded into
+    ``pre.model`` (the original, converted in place by the file's layout)."""
+    if done["settings"]["form"] == DROP:
+        return load_pretrained(folder / "model").model
+    return lors.load(pre.model, folder / "model.safetensors").eval()
+
+
+def evaluate_converted(folder: str | Path, eval_tokens: int, eval_text: str | None = None,
+                       seq_len: int | None = None, quiet: bool = False) -> dict:
+    """Measure a finished `convert_model` folder (converted, maybe healed) on held-out text: the
+    original's measure and the saved model's, ``eval_tokens`` tokens of ``eval_text`` (as in
+    `convert_model`; ``seq_len`` None: the conversion's). The entry is added to the folder's
+    ``conversion.json`` under ``evaluations`` (replacing one on the same text, tokens and
+    window) and returned: how a healed model is read on a text it never trained on."""
+    folder = Path(folder)
+    marker = folder / "conversion.json"
+    if not marker.is_file():
+        raise ValueError(f"{folder} holds no finished conversion (no conversion.json): pass the --out folder of a "
+                         "lors convert run that finished")
+    done = json.loads(marker.read_text())
+    seq_len = seq_len or done["settings"]["seq_len"]
+    if eval_tokens < 1:
+        raise ValueError("lors convert evaluate measures held-out text: pass --eval-tokens T (T >= 1)")
+    text = resolve_text(eval_text, "evaluation", other=done["settings"].get("calibration"))
+    start = time.perf_counter()
+    pre = load_pretrained(done["source"])
+    held = held_out(pre, text, eval_tokens, seq_len)
+    quality = {"original": held.measure(pre.model)}
+    label = "uptrained" if done.get("uptrain") else "converted"
+    quality[label] = held.measure(converted_model(folder, done, pre))
+    entry = dict(metric=held.metric, text=text.describe(), seq_len=seq_len, **held.record(quality),
+                 seconds=round(time.perf_counter() - start, 1))
+    same = lambda e: (e["text"]["sha256"], e["tokens"], e["seq_len"]) == (entry["text"]["sha256"], entry["tokens"],
+                                                                          seq_len)
+    done["evaluations"] = [e for e in done.get("evaluations", []) if not same(e)] + [entry]
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(json.dumps(done, indent=2))
+    tmp.replace(marker)
+    return entry
