@@ -11,10 +11,10 @@ measured here.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Sequence
 
+from lors.experiments.convert.run import read_conversion
 from lors.experiments.report import Column, Series, markdown_table, plot_points, write_summary
 
 LOWER_IS_BETTER = {"perplexity": True, "cosine": False}
@@ -48,11 +48,7 @@ def read_healing(folder: str | Path) -> dict:
     """One folder's row: name, method, budget, loss, params, metric, original/converted/healed
     measures, curve (tokens -> measure, 0 the converted model), other texts and wall times."""
     folder = Path(folder)
-    marker = folder / "conversion.json"
-    if not marker.is_file():
-        raise ValueError(f"{folder} holds no finished conversion (no conversion.json): finish its lors convert run "
-                         "or leave it out")
-    done = json.loads(marker.read_text())
+    done = read_conversion(folder)
     held = next(((k.removeprefix("held_out_"), v) for k, v in done.items() if k.startswith("held_out_")), None)
     if held is None:
         raise ValueError(f"{folder} was converted without --eval-tokens, so it has no held-out measure to report: "

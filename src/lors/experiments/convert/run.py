@@ -488,6 +488,15 @@ def converted_model(folder: Path, done: dict, pre: Pretrained) -> nn.Module:
     return lors.load(pre.model, folder / "model.safetensors").eval()
 
 
+def read_conversion(folder: Path) -> dict:
+    """The ``conversion.json`` of a finished `convert_model` folder (a named error if there is none)."""
+    marker = folder / "conversion.json"
+    if not marker.is_file():
+        raise ValueError(f"{folder} holds no finished conversion (no conversion.json): pass the --out folder of a "
+                         "lors convert run that finished")
+    return json.loads(marker.read_text())
+
+
 def evaluate_converted(folder: str | Path, eval_tokens: int, eval_text: str | None = None,
                        seq_len: int | None = None, quiet: bool = False) -> dict:
     """Measure a finished `convert_model` folder (converted, maybe healed) on held-out text: the
@@ -496,11 +505,8 @@ def evaluate_converted(folder: str | Path, eval_tokens: int, eval_text: str | No
     ``conversion.json`` under ``evaluations`` (replacing one on the same text, tokens and
     window) and returned: how a healed model is read on a text it never trained on."""
     folder = Path(folder)
+    done = read_conversion(folder)
     marker = folder / "conversion.json"
-    if not marker.is_file():
-        raise ValueError(f"{folder} holds no finished conversion (no conversion.json): pass the --out folder of a "
-                         "lors convert run that finished")
-    done = json.loads(marker.read_text())
     seq_len = seq_len or done["settings"]["seq_len"]
     if eval_tokens < 1:
         raise ValueError("lors convert evaluate measures held-out text: pass --eval-tokens T (T >= 1)")
