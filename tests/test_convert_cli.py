@@ -644,12 +644,14 @@ def test_evaluate_measures_a_healed_folder_on_another_text_as_convert_did(tiny_l
     summary = _uptrain(tiny_llama, out, 4, schedule="constant", form=form,
                        **({"params": "all"} if form == "drop" else {}), budget=0.75 if form == "drop" else 0.5)
     args = ["convert", "evaluate", str(out), "--eval-tokens", "32", "--seq-len", "16"]
-    # on the text it was measured on: the figures convert_model wrote, from the saved files alone
+    # on the text it was measured on: the figures convert_model wrote, from the saved files alone;
+    # without --seq-len the windows are the conversion's (16 here), not the convert default of 512
     text = summary["texts"]["evaluation"]["name"]
-    assert main(args + ["--eval-text", text]) == 0
+    assert main(["convert", "evaluate", str(out), "--eval-tokens", "32", "--eval-text", text]) == 0
     assert "added to" in capsys.readouterr().out
     done = json.loads((out / "conversion.json").read_text())
     same = done["evaluations"][0]
+    assert same["seq_len"] == 16
     assert same["original"] == pytest.approx(summary["held_out_perplexity"]["original"], rel=1e-6)
     assert same["uptrained"] == pytest.approx(summary["held_out_perplexity"]["uptrained"], rel=1e-4)
     # on another text: a second entry; measuring it again replaces it rather than adding one

@@ -67,7 +67,7 @@ def run_convert(args: argparse.Namespace) -> int:
                                form=args.form, side=args.side, groups=args.groups, writer_groups=args.writer_groups,
                                allocation=args.allocation,
                                damping=args.damping, targets=args.targets, calibration=args.calibration,
-                               calib_tokens=args.calib_tokens, seq_len=args.seq_len)
+                               calib_tokens=args.calib_tokens, seq_len=args.seq_len or 512)
     summary = convert_model(args.model, args.out, settings, merged=args.merged, eval_tokens=args.eval_tokens or 0,
                             eval_text=args.eval_text, up=up, resume=not args.no_resume, quiet=args.json)
     table = summary.pop("table")
@@ -128,7 +128,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from lors.experiments.convert.bench import ROW_NAMES, compare_conversion, results_table
     summary = compare_conversion(args.compare_model, args.budgets, args.rows or ROW_NAMES,
                                  args.out or f"runs/convert_compare/{args.compare_model}", args.calib_tokens,
-                                 args.eval_tokens or 8192, args.seq_len, calibration=args.calibration,
+                                 args.eval_tokens or 8192, args.seq_len or 512, calibration=args.calibration,
                                  eval_text=args.eval_text, quiet=args.quiet)
     print(json.dumps(summary, indent=2) if args.json else results_table(summary))
     return 0
@@ -200,7 +200,8 @@ def register(sub) -> None:
     both.add_argument("--out", help="output folder")
     both.add_argument("--json", action="store_true", help="print the summary as JSON")
     both.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens, 0 for none (default 16384)")
-    both.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default 512)")
+    both.add_argument("--seq-len", type=positive_int, default=None,
+                      help="tokens per window (default 512; evaluate: the conversion's)")
     both.add_argument("--eval-tokens", type=int,
                       help="held-out tokens (convert: default 0, none; compare: 8192): a causal LM's perplexity "
                            "on windows of --seq-len; convert of an encoder: the cosine of its sentence embeddings "
