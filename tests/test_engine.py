@@ -1,6 +1,7 @@
 """The engine's one schedule, one memory measure and the loop on a toy model."""
 import math
 from pathlib import Path
+import warnings
 
 import pytest
 import torch
@@ -211,3 +212,17 @@ def test_read_val_keeps_one_row_per_step_the_last_and_sorts_by_step(tmp_path):
         read_val(path, missing_ok=False)
     path.write_text("step,AP,AP50\n4,0.1,0.2\n2,0.05,0.1\n4,0.3,0.4\n")  # step 4 evaluated twice
     assert read_val(path) == [{"step": 2, "AP": 0.05, "AP50": 0.1}, {"step": 4, "AP": 0.3, "AP50": 0.4}]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_autocast_on_a_cpu_without_bf16_units_warns_and_names_the_fix(monkeypatch, native):
+    from lors.engine import loop
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert loop.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+        assert loop.autocast_dtype("fp32", torch.device("cpu")) is None
+    slow = [w for w in caught if "without bfloat16 instructions" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
+    if slow:
+        assert "--uptrain-amp fp32" in str(slow[0].message)

@@ -26,6 +26,7 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -61,7 +62,17 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     "auto": bf16 on GPU, float32 on CPU (where bf16 is slow without bf16 units)."""
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
+    if amp == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        warnings.warn("bf16 autocast on a CPU without bfloat16 instructions (this one has "
+                      f"{torch.backends.cpu.get_cpu_capability()}): each matmul is emulated and a step is several "
+                      "times slower than float32; use amp fp32 (--uptrain-amp fp32) here", stacklevel=2)
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (oneDNN's check: AVX-512 or newer); on an
+    AVX2-only processor a bfloat16 matmul is about 5x slower than a float32 one."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @contextlib.contextmanager
