@@ -30,6 +30,15 @@ from pathlib import Path
 import torch
 
 
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo on Linux), which decides the CPU floats and speeds."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "cpu"
+    return next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "cpu")
+
+
 def tiny_llama() -> torch.nn.Module:
     """A random Llama small enough to step in milliseconds, with SmolLM2's shape of block."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -97,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     fns = step_fns(student, teacher, variants, args.tokens, student.config.vocab_size)
     times = interleaved(fns, repeats=args.repeats, warmup=args.warmup, progress="uptrain steps")
     base = next(iter(fns))  # fp32 distill converted at the longest window when all are asked for
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    from lors.engine.loop import cpu_has_bf16
+    machine = (f"{platform.machine()}, {cpu_name()} with {torch.backends.cpu.get_cpu_capability()}"
+               f" (native bfloat16: {'yes' if cpu_has_bf16() else 'no'}), {torch.get_num_threads()} threads, "
+               f"torch {torch.__version__}")
     print(f"{args.model} at {args.budget:.0%}: one uptraining step of {args.tokens} tokens, median of "
           f"{args.repeats} ({machine}); ratio to {base!r} (first and third quartiles)")
     print(f"{'amp loss params window':<32}{'s / step':>10}{'ratio':>8}  quartiles")

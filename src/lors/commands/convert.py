@@ -182,7 +182,9 @@ def register(sub) -> None:
                           "the only choice, for --form drop")
     one.add_argument("--uptrain-amp", choices=["fp32", "bf16"], default="fp32",
                      help="uptraining arithmetic: float32 (default) or bfloat16 autocast, on CPU too (the held-out "
-                          "measure is taken in float32 either way)")
+                          "measure is taken in float32 either way); bf16 is faster only where the processor "
+                          "multiplies bfloat16 natively (a GPU, AVX-512 CPUs): on an AVX2-only CPU it is several "
+                          "times slower, and a warning says so")
     one.add_argument("--uptrain-lr", type=float, default=1e-4, help="uptraining learning rate (default 1e-4)")
     one.add_argument("--uptrain-batch", type=positive_int, default=4, help="windows per uptraining step (default 4)")
     one.add_argument("--uptrain-schedule", choices=["cosine", "constant", "linear"], default="cosine",
