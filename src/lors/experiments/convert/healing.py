@@ -113,7 +113,8 @@ STYLES = ("o-", "s--", "^-", "D--", "v-", "P--", "X-", "*--")
 def plot_healing(rows: Sequence[dict], path: str | Path) -> Path:
     """The measure against healing tokens, one line per folder, the original as a dashed line."""
     metric = rows[0]["metric"]
-    series = [Series(f"{r['method']}, {r['kept']:.0%}" + (f", {r['loss']}" if r["loss"] else ""),
+    series = [Series(f"{r['method']}, {r['kept']:.0%}" + (f", {r['loss']}" if r["loss"] else "")
+                     + (", all tensors" if r["params"] == "all" and r["method"] != "layer dropping" else ""),
                      [t / 1024 for t in sorted(r["curve"])], [r["curve"][t] for t in sorted(r["curve"])],
                      style=STYLES[k % len(STYLES)]) for k, r in enumerate(rows)]
     originals = sorted({round(r["original"], 6) for r in rows})
