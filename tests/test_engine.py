@@ -225,4 +225,4 @@ def test_bf16_autocast_on_a_cpu_without_bf16_units_warns_and_names_the_fix(monke
     slow = [w for w in caught if "without bfloat16 instructions" in str(w.message)]
     assert len(slow) == (0 if native else 1)
     if slow:
-        assert "--uptrain-amp fp32" in str(slow[0].message)
+        assert "set amp to fp32" in str(slow[0].message)

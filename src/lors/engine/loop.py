@@ -65,7 +65,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "bf16" and device.type == "cpu" and not cpu_has_bf16():
         warnings.warn("bf16 autocast on a CPU without bfloat16 instructions (this one has "
                       f"{torch.backends.cpu.get_cpu_capability()}): each matmul is emulated and a step is several "
-                      "times slower than float32; use amp fp32 (--uptrain-amp fp32) here", stacklevel=2)
+                      "times slower than float32; set amp to fp32 on this CPU", stacklevel=2)
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
 
 

@@ -17,9 +17,6 @@ from typing import Sequence
 from lors.experiments.convert.run import read_conversion
 from lors.experiments.report import Column, Series, markdown_table, plot_points, write_summary
 
-LOWER_IS_BETTER = {"perplexity": True, "cosine": False}
-
-
 def method(settings: dict) -> str:
     """The method a conversion's settings name, in the words of docs/results/convert.md."""
     if settings["form"] == "drop":

@@ -453,8 +453,7 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
         if held is not None:
             quality["uptrained"] = (fitted.get("metrics") or evaluate())[held.metric]  # fit's, after the last step
             up_summary["curve"] = fitted["curve"]  # DIR/uptrain/val.csv: the measure against tokens trained
-    marker = out / "conversion.json"
-    marker.unlink(missing_ok=True)  # from here on DIR holds this run's files, unfinished until the marker is back
+    (out / "conversion.json").unlink(missing_ok=True)  # from here on DIR holds this run's files, unfinished until the marker is back
     probe = torch.randint(0, min(1000, getattr(pre.model.config, "vocab_size", 1000)), (1, 32))
     key = "logits" if pre.kind == CAUSAL else "last_hidden_state"
     with torch.no_grad():
@@ -473,9 +472,7 @@ def convert_model(source: str, out: str | Path, settings: ConvertSettings, merge
         lors.merge(original)
         save_merged(original, pre.tokenizer, out / "merged", probe, a[key], key)
         summary["merged"] = str(out / "merged")
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(marker)
+    write_conversion(out, summary)
     return summary | {"table": conversion.table()}
 
 
@@ -488,6 +485,15 @@ def converted_model(folder: Path, done: dict, pre: Pretrained) -> nn.Module:
     return lors.load(pre.model, folder / "model.safetensors").eval()
 
 
+def write_conversion(folder: Path, done: dict) -> None:
+    """Write ``done`` as ``folder``'s ``conversion.json``, atomically (a crash leaves the old file
+    or none, never half of one): the marker that a conversion finished."""
+    marker = folder / "conversion.json"
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(json.dumps(done, indent=2))
+    tmp.replace(marker)
+
+
 def read_conversion(folder: Path) -> dict:
     """The ``conversion.json`` of a finished `convert_model` folder (a named error if there is none)."""
     marker = folder / "conversion.json"
@@ -498,7 +504,7 @@ def read_conversion(folder: Path) -> dict:
 
 
 def evaluate_converted(folder: str | Path, eval_tokens: int, eval_text: str | None = None,
-                       seq_len: int | None = None, quiet: bool = False) -> dict:
+                       seq_len: int | None = None) -> dict:
     """Measure a finished `convert_model` folder (converted, maybe healed) on held-out text: the
     original's measure and the saved model's, ``eval_tokens`` tokens of ``eval_text`` (as in
     `convert_model`; ``seq_len`` None: the conversion's). The entry is added to the folder's
@@ -506,7 +512,6 @@ def evaluate_converted(folder: str | Path, eval_tokens: int, eval_text: str | No
     window) and returned: how a healed model is read on a text it never trained on."""
     folder = Path(folder)
     done = read_conversion(folder)
-    marker = folder / "conversion.json"
     seq_len = seq_len or done["settings"]["seq_len"]
     if eval_tokens < 1:
         raise ValueError("lors convert evaluate measures held-out text: pass --eval-tokens T (T >= 1)")
@@ -522,7 +527,5 @@ def evaluate_converted(folder: str | Path, eval_tokens: int, eval_text: str | No
     same = lambda e: (e["text"]["sha256"], e["tokens"], e["seq_len"]) == (entry["text"]["sha256"], entry["tokens"],
                                                                           seq_len)
     done["evaluations"] = [e for e in done.get("evaluations", []) if not same(e)] + [entry]
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps(done, indent=2))
-    tmp.replace(marker)
+    write_conversion(folder, done)
     return entry
