@@ -71,7 +71,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (oneDNN's check: AVX-512 or newer); on an
-    AVX2-only processor a bfloat16 matmul is about 5x slower than a float32 one."""
+    AVX2-only processor a bfloat16 matmul is emulated, several times slower than a float32 one."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
